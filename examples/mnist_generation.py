@@ -44,16 +44,19 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategy", default="diffusionblocks", choices=["diffusionblocks", "auto"])
     p.add_argument("--num-blocks", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 4500 / B for auto)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 6000; 6000 / B for auto)")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--patch", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100, help="warmup steps, counted per group")
+    p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--gamma", type=float, default=0.05)
     p.add_argument("--stem", default="per_group", choices=["per_group", "shared"])
+    p.add_argument("--offload", action="store_true", help="keep inactive groups on disk (BlockOffload)")
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--per-class", type=int, default=10, help="samples per digit in the grid")
@@ -67,7 +70,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     blockwise = args.strategy == "diffusionblocks"
-    steps = args.steps or (4500 if blockwise else 4500 // args.num_blocks)
+    steps = args.steps or (6000 if blockwise else 6000 // args.num_blocks)
     out = Path(args.out or f"outputs/mnist_{args.strategy}")
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(args.seed, verbose=False)
@@ -83,17 +86,25 @@ def main() -> None:
         stem=args.stem,
         gamma=args.gamma,
         lr=args.lr,
+        warmup_steps=args.warmup,
+        lr_schedule=args.lr_schedule,
         ema_decay=args.ema,
         seed=args.seed,
     )
     data = ldb.data.MNISTDataModule(args.data_dir, batch_size=args.batch_size, seed=args.seed)
     tracker = LossTracker()
+    monitor = ldb.callbacks.BlockMemoryMonitor(log=False)
+    callbacks = [tracker, monitor]
+    if args.offload:
+        if not blockwise:
+            raise SystemExit("--offload needs --strategy diffusionblocks (there are no inactive groups end to end).")
+        callbacks.insert(0, ldb.callbacks.BlockOffload())
     trainer = L.Trainer(
         strategy=args.strategy,
         accelerator=args.accelerator,
         devices=1,
         max_steps=steps,
-        callbacks=[tracker],
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         default_root_dir=out,
@@ -129,8 +140,12 @@ def main() -> None:
         "guidance": args.guidance,
         "samples": str(grid),
     }
+    summary["memory_mib"] = {
+        k: {f: round(v / 2**20, 2) if f != "steps" else v for f, v in vars(g).items()}
+        for k, g in monitor.groups.items()
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = [f"{k}: {v}" for k, v in summary.items()]
+    lines = [f"{k}: {v}" for k, v in summary.items() if k != "memory_mib"] + ["", monitor.table()]
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -6,7 +6,7 @@ Importing this package registers ``Trainer(strategy="diffusionblocks")`` (and
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_diffusionblocks import data, models, noise, tasks
+from lightning_diffusionblocks import callbacks, data, models, noise, tasks
 from lightning_diffusionblocks.module import DiffusionBlocksModule, NonFiniteLossError
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.partition import BlockStack, BlockwiseNetwork, find_block_stack, split_layers
@@ -29,6 +29,7 @@ __all__ = [
     "RandomSchedule",
     "Schedule",
     "SequentialSchedule",
+    "callbacks",
     "data",
     "find_block_stack",
     "models",

@@ -176,9 +176,11 @@ class BlockwiseNetwork(nn.Module):
         path, blocks = find_block_stack(net, block_path)
         self.block_path = path
         self.groups = split_layers(len(blocks), num_groups, group_sizes)
-        self.stack = BlockStack(blocks, self.groups)
+        stack = BlockStack(blocks, self.groups)
         parent_path, _, attr = path.rpartition(".")
-        setattr(_get(net, parent_path) if parent_path else net, attr, self.stack)
+        setattr(_get(net, parent_path) if parent_path else net, attr, stack)
+        # a plain attribute, not a submodule: the stack's only state-dict home is inside `net`
+        object.__setattr__(self, "stack", stack)
         self.net = net
         self.stem_mode = stem
         self.stems = nn.ModuleList()

@@ -9,7 +9,11 @@ and the device handling, and keeps the rest.
 from __future__ import annotations
 
 import math
+import os
+import pickle
+import zipfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -62,6 +66,9 @@ class DiffusionBlocksStrategy(SingleDeviceStrategy):
         self.seed = seed
         self.schedule: Schedule | None = schedule if isinstance(schedule, Schedule) else None
         self._parallel_devices: list[torch.device] | None = None
+        #: the BlockOffload callback, when one is attached (it registers itself in its setup)
+        self.offloader: Any = None
+        self._exposed: list[int] = []
 
     # ------------------------------------------------------------------ devices
     # The accelerator connector only hands devices to strategies with `parallel_devices`; without it a
@@ -167,6 +174,42 @@ class DiffusionBlocksStrategy(SingleDeviceStrategy):
             return super().training_step(*args, **kwargs)
         finally:
             module.active_group = None
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self.offloader is not None:
+            self._exposed = self.offloader.expose_for_checkpoint()
+        return super().lightning_module_state_dict()
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write to a temporary file and rename it, so a crash mid-write never replaces a good checkpoint."""
+        try:
+            if self.is_global_zero and isinstance(filepath, (str, os.PathLike)) and "://" not in str(filepath):
+                path = Path(filepath)
+                tmp = path.with_name(path.name + ".partial")
+                self.checkpoint_io.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+                os.replace(tmp, path)
+            else:
+                super().save_checkpoint(checkpoint, filepath, storage_options)
+        finally:
+            exposed, self._exposed = self._exposed, []
+            for group in exposed:
+                self.offloader.offload(group)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # `weights_only` exists from Lightning 2.6 on; pass through whatever this version sends
+        try:
+            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+            siblings = sorted(p.name for p in Path(checkpoint_path).parent.glob("*.ckpt") if p != Path(checkpoint_path))
+            hint = f" Other checkpoints there: {', '.join(siblings)}." if siblings else ""
+            raise RuntimeError(
+                f"Checkpoint {checkpoint_path} is corrupt or truncated ({type(err).__name__}: {err})."
+                f" It was not loaded and nothing was overwritten; resume from an earlier checkpoint.{hint}"
+            ) from err
 
     @classmethod
     @override

@@ -1,6 +1,7 @@
 """Offline data sets."""
 
 from lightning_diffusionblocks.data.idx import read_idx
+from lightning_diffusionblocks.data.loaders import EpochShuffleSampler, make_loader
 from lightning_diffusionblocks.data.mnist import IDXDataModule, MNISTDataModule, find_mnist_dir
 
-__all__ = ["IDXDataModule", "MNISTDataModule", "find_mnist_dir", "read_idx"]
+__all__ = ["EpochShuffleSampler", "IDXDataModule", "make_loader", "MNISTDataModule", "find_mnist_dir", "read_idx"]

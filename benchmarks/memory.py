@@ -1,0 +1,171 @@
+"""Training memory: end-to-end vs DiffusionBlocks on the same model and batch, one process per configuration.
+
+    python benchmarks/memory.py                       # CPU: disk offload, B in 2 3 4 6
+    python benchmarks/memory.py --accelerator gpu     # GPU: pinned-CPU offload, adds CUDA peaks
+
+For every configuration a fresh Python process trains a few steps with `BlockMemoryMonitor` (and, for
+DiffusionBlocks, `BlockOffload`) under sequential phases, so each group is measured. It reports the
+exact accounting (parameters, gradients and optimizer state resident on the compute device, bytes
+saved for backward) of the most expensive group, and the process's peak RSS (or CUDA peak) during
+training steps. Results go to benchmarks/results/memory_<device>.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MIB = 2**20
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child(args: argparse.Namespace) -> dict:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_diffusionblocks as ldb
+    from lightning_diffusionblocks.callbacks import BlockMemoryMonitor, BlockOffload
+
+    torch.manual_seed(0)
+    net = ldb.models.DiT(
+        image_size=args.image_size,
+        channels=3,
+        patch=args.patch,
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        num_classes=10,
+    )
+    blocks = args.blocks or 1
+    module = ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=blocks, stem="per_group")
+    n = args.batch_size * 64
+    data = TensorDataset(torch.rand(n, 3, args.image_size, args.image_size) * 2 - 1, torch.randint(0, 10, (n,)))
+    loader = DataLoader(data, batch_size=args.batch_size)
+    monitor = BlockMemoryMonitor(log=False)
+    callbacks = [monitor]
+    if args.blocks:
+        strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=args.steps_per_group)
+        steps = args.steps_per_group * blocks
+        if not args.no_offload:
+            callbacks.insert(0, BlockOffload())
+    else:
+        strategy, steps = "auto", args.steps_per_group
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator=args.accelerator,
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, loader)
+    seconds = time.perf_counter() - start
+    worst = max(monitor.groups.values(), key=lambda g: g.total)
+    return {
+        "mode": "diffusionblocks" if args.blocks else "end_to_end",
+        "blocks": blocks,
+        "offload": bool(args.blocks) and not args.no_offload,
+        "params_total_mib": sum(p.numel() * p.element_size() for p in module.network.parameters()) / MIB,
+        "per_group": {
+            k: {f: v / MIB if f != "steps" else v for f, v in vars(g).items()} for k, g in monitor.groups.items()
+        },
+        "worst": {f: v / MIB if f != "steps" else v for f, v in vars(worst).items()},
+        "device": str(trainer.strategy.root_device),
+        "seconds": seconds,
+    }
+
+
+def markdown(rows: list[dict], cuda: bool) -> str:
+    base = next(r for r in rows if r["mode"] == "end_to_end")
+    peak = "cuda_peak" if cuda else "peak_rss"
+    head = [
+        "config",
+        "params",
+        "grads",
+        "optimizer",
+        "activations",
+        "total",
+        "total ratio",
+        "1/B",
+        "CUDA peak" if cuda else "peak RSS",
+        "peak ratio",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        w = r["worst"]
+        name = "end-to-end" if r["mode"] == "end_to_end" else f"DiffusionBlocks B={r['blocks']}"
+        cells = [name] + [f"{w[k]:.1f}" for k in ("params", "grads", "optimizer", "activations", "total")]
+        cells += [
+            f"{w['total'] / base['worst']['total']:.3f}",
+            f"{1 / r['blocks']:.3f}",
+            f"{w[peak]:.0f}",
+            f"{w[peak] / base['worst'][peak]:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--blocks-list", default="2,3,4,6")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--patch", type=int, default=4)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps-per-group", type=int, default=2)
+    p.add_argument("--no-offload", action="store_true")
+    p.add_argument("--blocks", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)))
+        return
+    rows = []
+    for blocks in [0] + [int(b) for b in args.blocks_list.split(",")]:
+        cmd = [sys.executable, __file__, "--child", "--blocks", str(blocks)] + [
+            a for a in sys.argv[1:] if a != "--child"
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"configuration B={blocks} failed:\n{out.stderr[-4000:]}")
+        rows.append(json.loads(line[len("RESULT ") :]))
+        print(f"done: {rows[-1]['mode']} B={rows[-1]['blocks']} total={rows[-1]['worst']['total']:.1f} MiB", flush=True)
+    cuda = rows[0]["device"].startswith("cuda")
+    table = markdown(rows, cuda)
+    meta = {
+        "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+    if cuda:
+        import torch
+
+        meta["gpu"] = torch.cuda.get_device_name(0)
+    device = "cuda" if cuda else "cpu"
+    path = Path(args.out or ROOT / "benchmarks" / "results" / f"memory_{device}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2))
+    print(table)
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()

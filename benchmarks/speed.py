@@ -1,0 +1,188 @@
+"""Speed: one DiffusionBlocks step vs one end-to-end step, offload overhead per phase, and sampling.
+
+    python benchmarks/speed.py                     # CPU
+    python benchmarks/speed.py --accelerator gpu   # GPU (adds CUDA synchronisation around timings)
+
+All ratios come from one process and the same model and batch. Writes benchmarks/results/speed_<device>.json
+and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_diffusionblocks as ldb
+from lightning_diffusionblocks.callbacks import BlockOffload
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StepTimer(Callback):
+    """Wall time of every training batch (start of the batch hooks to the end of the optimizer step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.groups: list[int | None] = []
+
+    def _sync(self, trainer: L.Trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+        self._sync(trainer)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+        self._sync(trainer)
+        self.times.append(time.perf_counter() - self._start)
+
+
+def build(args: argparse.Namespace) -> ldb.DiffusionBlocksModule:
+    torch.manual_seed(0)
+    net = ldb.models.DiT(
+        image_size=args.image_size,
+        channels=3,
+        patch=args.patch,
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        num_classes=10,
+    )
+    return ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=args.blocks)
+
+
+def loader(args: argparse.Namespace) -> DataLoader:
+    n = args.batch_size * 8
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.rand(n, 3, args.image_size, args.image_size, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g)
+    )
+    return DataLoader(data, batch_size=args.batch_size)
+
+
+def train(args: argparse.Namespace, strategy, steps: int, callbacks=()):  # noqa: ANN001, ANN201
+    module = build(args)
+    timer = StepTimer()
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator=args.accelerator,
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer, *callbacks],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, loader(args))
+    return module, timer, time.perf_counter() - start
+
+
+def median_after_warmup(times: list[float], warmup: int) -> float:
+    return statistics.median(times[warmup:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--blocks", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--patch", type=int, default=4)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
+    p.add_argument("--steps-per-phase", type=int, default=20)
+    p.add_argument("--sample-steps", type=int, default=30)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    warm = 5
+    B = args.blocks
+
+    _, e2e, _ = train(args, "auto", args.steps + warm)
+    _, db, _ = train(args, ldb.DiffusionBlocksStrategy(schedule="random"), args.steps + warm)
+    step_e2e, step_db = median_after_warmup(e2e.times, warm), median_after_warmup(db.times, warm)
+
+    offload = BlockOffload()
+    phased = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=args.steps_per_phase)
+    module, timer, fit_seconds = train(args, phased, args.steps_per_phase * B, callbacks=[offload])
+    phase_seconds = sum(timer.times)
+    offload_overhead = offload.stats["seconds"] / phase_seconds
+
+    # sampling: group-routed vs the whole network at every step, same module and steps
+    labels = torch.arange(10).repeat(2)
+    if args.accelerator == "gpu":
+        module.cuda()
+    timings = {}
+    for routed in (True, False):
+        module.trained_blockwise.fill_(routed)
+        module.sample(labels=labels, steps=3)  # warm-up
+        if args.accelerator == "gpu":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(3):
+            module.sample(labels=labels, steps=args.sample_steps, guidance=2.0)
+        if args.accelerator == "gpu":
+            torch.cuda.synchronize()
+        timings[routed] = (time.perf_counter() - start) / 3
+
+    rows = {
+        "train_step_seconds_end_to_end": step_e2e,
+        "train_step_seconds_diffusionblocks": step_db,
+        "train_step_ratio": step_db / step_e2e,
+        "train_step_target": 1.1 / B,
+        "offload_seconds": offload.stats["seconds"],
+        "offload_moves": offload.stats["offloads"] + offload.stats["loads"],
+        "offload_mib_moved": offload.stats["bytes_moved"] / 2**20,
+        "phased_train_seconds": phase_seconds,
+        "offload_overhead_fraction": offload_overhead,
+        "sample_seconds_routed": timings[True],
+        "sample_seconds_end_to_end": timings[False],
+        "sample_ratio": timings[True] / timings[False],
+        "sample_target": 1.1 / B,
+    }
+    device = "cuda" if args.accelerator == "gpu" else "cpu"
+    meta = {
+        "command": "python benchmarks/speed.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(0)
+    table = "\n".join(
+        [
+            "| measure | DiffusionBlocks | end-to-end | ratio | target |",
+            "|---|---|---|---|---|",
+            f"| training step (s, median) | {step_db:.4f} | {step_e2e:.4f} | {rows['train_step_ratio']:.3f} |"
+            f" ≤ {1.1 / B:.3f} |",
+            f"| sampling, {args.sample_steps} steps, CFG (s) | {timings[True]:.3f} | {timings[False]:.3f} |"
+            f" {rows['sample_ratio']:.3f} | ≤ {1.1 / B:.3f} |",
+            f"| offload time / phased training time | {offload.stats['seconds']:.3f} s of {phase_seconds:.2f} s | – |"
+            f" {offload_overhead:.3f} | < 0.05 |",
+        ]
+    )
+    path = Path(args.out or ROOT / "benchmarks" / "results" / f"speed_{device}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": rows, "table": table}, indent=2))
+    print(table)
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""Callbacks for block-wise training."""
+
+from lightning_diffusionblocks.callbacks.memory_monitor import BlockMemoryMonitor
+from lightning_diffusionblocks.callbacks.offload import BlockOffload, OffloadError
+
+__all__ = ["BlockMemoryMonitor", "BlockOffload", "OffloadError"]

@@ -1,0 +1,158 @@
+"""`BlockMemoryMonitor`: per-group memory peaks, logged to every logger and printed as a table at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_diffusionblocks.memory import (
+    SavedTensorMeter,
+    gradient_bytes,
+    optimizer_bytes,
+    parameter_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
+
+MIB = 2**20
+
+
+@dataclass
+class GroupMemory:
+    """Peak bytes seen while one group trained (end-to-end runs report one row, ``all``)."""
+
+    steps: int = 0
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    total: int = 0
+    peak_rss: int = 0
+    cuda_peak: int = 0
+
+    def update(self, other: GroupMemory) -> None:
+        self.steps += 1
+        for f in fields(self):
+            if f.name != "steps":
+                setattr(self, f.name, max(getattr(self, f.name), getattr(other, f.name)))
+
+
+def current_group(trainer: pl.Trainer) -> str:
+    from lightning_diffusionblocks.strategy import DiffusionBlocksStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, DiffusionBlocksStrategy) and strategy.schedule is not None:
+        return str(strategy.select_group(trainer.global_step))
+    return "all"
+
+
+class BlockMemoryMonitor(Callback):
+    """Measures, for every training step, what the compute device holds and the process's peak.
+
+    Exact accounting (any device): parameters, gradients and optimizer state resident on the compute
+    device, and the bytes autograd saved for backward. Peaks: on CUDA ``max_memory_allocated`` (reset
+    at each step, so each group's peak is its own); on the CPU the process's peak RSS (reset at each
+    step on Linux). Logged as ``memory/group_{k}/<kind>_mib``; a table is printed at the end of fit.
+    """
+
+    def __init__(self, log: bool = True) -> None:
+        self.log = log
+        self.groups: dict[str, GroupMemory] = {}
+        self._meter: SavedTensorMeter | None = None
+        self._step = GroupMemory()
+        self._group = "all"
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._group = current_group(trainer)
+        self._step = GroupMemory()
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            reset_peak_rss()
+        self._meter = SavedTensorMeter(exclude=pl_module.parameters())
+        self._meter.__enter__()
+
+    def _close_meter(self) -> None:
+        if self._meter is not None:
+            self._meter.__exit__(None, None, None)
+            self._step.activations = self._meter.bytes
+            self._meter = None
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._close_meter()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._step.grads = gradient_bytes(pl_module.parameters(), trainer.strategy.root_device)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._close_meter()
+        device = trainer.strategy.root_device
+        step = self._step
+        step.params = parameter_bytes(pl_module.parameters(), device)
+        step.optimizer = sum(optimizer_bytes(opt, device) for opt in trainer.optimizers)
+        step.total = step.params + step.grads + step.optimizer + step.activations
+        if device.type == "cuda":
+            step.cuda_peak = torch.cuda.max_memory_allocated(device)
+        else:
+            step.peak_rss = peak_rss_bytes()
+        self.groups.setdefault(self._group, GroupMemory()).update(step)
+        if self.log and trainer.loggers and trainer._logger_connector.should_update_logs:
+            metrics = {
+                f"memory/group_{self._group}/{f.name}_mib": getattr(step, f.name) / MIB
+                for f in fields(step)
+                if f.name != "steps"
+                and (f.name != "cuda_peak" or device.type == "cuda")
+                and (f.name != "peak_rss" or device.type != "cuda")
+            }
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_meter()
+
+    def table(self) -> str:
+        """Per-group peaks as a fixed-width table (MiB)."""
+        cuda = any(g.cuda_peak for g in self.groups.values())
+        peak_name = "CUDA peak" if cuda else "peak RSS"
+        header = ["group", "steps", "params", "grads", "optimizer", "activations", "total", peak_name]
+        rows = [header]
+        for name in sorted(self.groups, key=lambda k: (k == "all", k.zfill(4))):
+            g = self.groups[name]
+            peak = g.cuda_peak if cuda else g.peak_rss
+            values = (g.params, g.grads, g.optimizer, g.activations, g.total, peak)
+            rows.append([name, str(g.steps)] + [f"{v / MIB:.2f}" for v in values])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "Per-group training memory (MiB, peak per step)\n" + "\n".join(lines)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.groups and trainer.is_global_zero:
+            rank_zero_info(self.table())
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {name: vars(g).copy() for name, g in self.groups.items()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.groups = {name: GroupMemory(**values) for name, values in state_dict.items()}

@@ -1,0 +1,289 @@
+"""`BlockOffload`: only the active group's weights and optimizer state stay on the compute device.
+
+On a GPU, inactive groups live in pinned CPU memory and the next group is copied in on a side stream
+while the current step runs. On the CPU, inactive groups are written to disk and their memory is freed,
+so the process's own footprint drops. Under sequential phases this happens once per phase; under the
+random schedule it happens whenever the drawn group changes (the overhead is measured in ``stats``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+Target = Literal["auto", "cpu", "disk"]
+
+
+class OffloadError(RuntimeError):
+    """Writing or reading an offloaded group failed; nothing in memory was released."""
+
+
+class BlockOffload(Callback):
+    """Keep inactive block groups (weights, EMA weights, optimizer state) off the compute device.
+
+    Args:
+        target: ``"cpu"`` (pinned host memory; for GPU training), ``"disk"`` (files in ``directory``;
+            for CPU training) or ``"auto"`` (cpu on a GPU, disk on the CPU).
+        directory: where ``"disk"`` writes ``group_{k}.pt`` (default a fresh temporary directory,
+            removed at the end of fit).
+        prefetch: on a GPU, copy the next step's group in on a side stream ahead of time.
+    """
+
+    def __init__(self, target: Target = "auto", directory: str | os.PathLike | None = None, prefetch: bool = True):
+        if target not in ("auto", "cpu", "disk"):
+            raise ValueError(f"target must be 'auto', 'cpu' or 'disk', got {target!r}.")
+        self.target = target
+        self.directory = Path(directory) if directory is not None else None
+        self.prefetch = prefetch
+        self.stats = {"offloads": 0, "loads": 0, "seconds": 0.0, "bytes_moved": 0}
+        self._own_directory = False
+        self._resident: set[int] = set()
+        self._host: dict[int, dict[int, Tensor]] = {}  # cpu target: group -> {tensor slot -> pinned copy}
+        self._prefetched: dict[int, dict[int, Tensor]] = {}
+        self._stream: torch.cuda.Stream | None = None
+        self._module: Any = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._device = torch.device("cpu")
+        self._mode: Literal["cpu", "disk"] = "disk"
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_diffusionblocks.module import DiffusionBlocksModule
+        from lightning_diffusionblocks.strategy import DiffusionBlocksStrategy
+
+        if stage != "fit":
+            return
+        if not isinstance(trainer.strategy, DiffusionBlocksStrategy) or not isinstance(
+            pl_module, DiffusionBlocksModule
+        ):
+            raise MisconfigurationException(
+                "BlockOffload moves inactive block groups off the device, which only exist under"
+                " strategy='diffusionblocks' with a DiffusionBlocksModule. Remove the callback for end-to-end runs."
+            )
+        self._module = pl_module
+        self._device = trainer.strategy.root_device
+        self._mode = ("cpu" if self._device.type == "cuda" else "disk") if self.target == "auto" else self.target
+        if self._mode == "cpu" and self._device.type == "cpu":
+            raise MisconfigurationException(
+                "BlockOffload(target='cpu') moves groups to CPU memory, but training already runs on the CPU."
+                " Use target='disk' (or 'auto') to free the process's memory."
+            )
+        if self._mode == "disk":
+            self._prepare_directory()
+        trainer.strategy.offloader = self
+
+    def _prepare_directory(self) -> None:
+        if self.directory is None:
+            self.directory = Path(tempfile.mkdtemp(prefix="ldb-offload-"))
+            self._own_directory = True
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / ".write-test"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as err:
+            raise MisconfigurationException(
+                f"BlockOffload cannot write to {self.directory} ({err.strerror or err})."
+                " Pass BlockOffload(directory=...) pointing at a writable directory with room for the model."
+            ) from err
+
+    # ------------------------------------------------------------------ which tensors a group owns
+    def _params(self, group: int) -> list[torch.nn.Parameter]:
+        m = self._module
+        params = list(m.network.group_parameters(group))
+        if m.ema_network is not None:
+            params += m.ema_network.group_parameters(group)
+        return params
+
+    def _slots(self, group: int) -> list[tuple[Any, Any]]:
+        """(container, key) pairs whose tensor belongs to ``group``: parameter data and optimizer state."""
+        slots: list[tuple[Any, Any]] = [(p, "data") for p in self._params(group)]
+        opt = self._optimizer
+        if opt is not None:
+            for p in self._module.network.group_parameters(group):
+                state = opt.state.get(p, {})
+                slots += [(state, k) for k, v in state.items() if isinstance(v, Tensor) and v.dim() > 0]
+        return slots
+
+    @staticmethod
+    def _get(slot: tuple[Any, Any]) -> Tensor:
+        owner, key = slot
+        return owner.data if key == "data" else owner[key]
+
+    @staticmethod
+    def _set(slot: tuple[Any, Any], value: Tensor) -> None:
+        owner, key = slot
+        if key == "data":
+            owner.data = value
+        else:
+            owner[key] = value
+
+    # ------------------------------------------------------------------ moves
+    def _file(self, group: int) -> Path:
+        assert self.directory is not None
+        return self.directory / f"group_{group}.pt"
+
+    def offload(self, group: int) -> None:
+        """Move ``group`` off the compute device (to pinned host memory or to disk)."""
+        if group not in self._resident:
+            return
+        start = time.perf_counter()
+        slots = self._slots(group)
+        tensors = [self._get(s) for s in slots]
+        moved = sum(t.numel() * t.element_size() for t in tensors)
+        if self._mode == "disk":
+            path, tmp = self._file(group), self._file(group).with_suffix(".tmp")
+            try:
+                torch.save(tensors, tmp)
+                os.replace(tmp, path)
+            except (OSError, RuntimeError) as err:
+                tmp.unlink(missing_ok=True)
+                raise OffloadError(
+                    f"Writing group {group} to {path} failed ({err}). Training stopped; the group is still in memory"
+                    " and saved checkpoints are untouched. Free disk space or pass BlockOffload(directory=...)."
+                ) from err
+            for slot, t in zip(slots, tensors):
+                self._set(slot, torch.empty(0, dtype=t.dtype, device=t.device))
+        else:
+            host = {}
+            for i, t in enumerate(tensors):
+                buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+                buf.copy_(t, non_blocking=True)
+                host[i] = buf
+            torch.cuda.current_stream(self._device).synchronize()
+            for i, slot in enumerate(slots):
+                self._set(slot, host[i])
+            self._host[group] = host
+        self._resident.discard(group)
+        self.stats["offloads"] += 1
+        self.stats["bytes_moved"] += moved
+        self.stats["seconds"] += time.perf_counter() - start
+
+    def _start_prefetch(self, group: int) -> None:
+        if self._mode != "cpu" or group in self._resident or group in self._prefetched:
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self._device)
+        slots = self._slots(group)
+        with torch.cuda.stream(self._stream):
+            self._prefetched[group] = {i: self._get(s).to(self._device, non_blocking=True) for i, s in enumerate(slots)}
+
+    def load(self, group: int) -> None:
+        """Bring ``group`` back onto the compute device."""
+        if group in self._resident:
+            return
+        start = time.perf_counter()
+        slots = self._slots(group)
+        if self._mode == "disk":
+            path = self._file(group)
+            try:
+                tensors = torch.load(path, map_location=self._device, weights_only=True)
+            except (OSError, RuntimeError, EOFError) as err:
+                raise OffloadError(f"Reading offloaded group {group} from {path} failed ({err}).") from err
+            if len(tensors) != len(slots):
+                raise OffloadError(f"{path} holds {len(tensors)} tensors, expected {len(slots)}; was it replaced?")
+            for slot, t in zip(slots, tensors):
+                self._set(slot, t)
+        else:
+            ready = self._prefetched.pop(group, None)
+            if ready is not None:
+                assert self._stream is not None
+                torch.cuda.current_stream(self._device).wait_stream(self._stream)
+                for t in ready.values():
+                    t.record_stream(torch.cuda.current_stream(self._device))
+            else:
+                ready = {i: self._get(s).to(self._device, non_blocking=True) for i, s in enumerate(slots)}
+            for i, slot in enumerate(slots):
+                self._set(slot, ready[i])
+            self._host.pop(group, None)
+        moved = sum(self._get(s).numel() * self._get(s).element_size() for s in slots)
+        self._resident.add(group)
+        self.stats["loads"] += 1
+        self.stats["bytes_moved"] += moved
+        self.stats["seconds"] += time.perf_counter() - start
+
+    def activate(self, group: int) -> None:
+        """Make ``group`` the only resident group."""
+        for other in sorted(self._resident - {group}):
+            self.offload(other)
+        self.load(group)
+
+    def load_all(self) -> None:
+        for g in range(self._module.num_blocks):
+            self.load(g)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # optimizer state is restored by now (resume); every group is still on the device
+        self._optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self._resident = set(range(pl_module.num_blocks))
+        self.activate(trainer.strategy.select_group(trainer.global_step))
+        rank_zero_info(
+            f"BlockOffload: inactive groups go to {'pinned CPU memory' if self._mode == 'cpu' else self.directory}."
+        )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.activate(trainer.strategy.select_group(trainer.global_step))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.prefetch:
+            self._start_prefetch(trainer.strategy.select_group(trainer.global_step))
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resident:  # training has started: validation visits every group
+            self.load_all()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.load_all()  # leave a whole model behind for sampling and checkpoints
+        rank_zero_info(
+            f"BlockOffload: {self.stats['offloads']} offloads, {self.stats['loads']} loads,"
+            f" {self.stats['bytes_moved'] / 2**20:.1f} MiB moved in {self.stats['seconds']:.2f} s."
+        )
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # Lightning skips teardown hooks after an exception
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._module is not None:
+            if self._resident != set(range(self._module.num_blocks)):
+                try:
+                    self.load_all()
+                except OffloadError:
+                    pass
+            if getattr(trainer.strategy, "offloader", None) is self:
+                trainer.strategy.offloader = None
+            if self._own_directory and self.directory is not None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.directory, self._own_directory = None, False
+
+    # ------------------------------------------------------------------ checkpoints
+    def expose_for_checkpoint(self) -> list[int]:
+        """Load every offloaded group so a checkpoint sees real tensors; returns the groups to re-offload."""
+        offloaded = [g for g in range(self._module.num_blocks) if g not in self._resident]
+        for g in offloaded:
+            self.load(g)
+        return offloaded

@@ -1,0 +1,155 @@
+"""Offloading inactive groups and per-group memory accounting."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+import lightning_diffusionblocks as ldb
+from lightning_diffusionblocks.callbacks import BlockMemoryMonitor, BlockOffload, OffloadError
+from lightning_diffusionblocks.memory import SavedTensorMeter, parameter_bytes
+from tests.conftest import image_loader, tiny_dit, trainer_kwargs
+
+
+def make_module(**kwargs) -> ldb.DiffusionBlocksModule:  # noqa: ANN003
+    kwargs.setdefault("num_blocks", 3)
+    kwargs.setdefault("weight_decay", 0.05)
+    return ldb.DiffusionBlocksModule(tiny_dit(), ldb.tasks.ImageGeneration(), **kwargs)
+
+
+def fit(tmp_path, module, callbacks=(), steps=9, **kw):  # noqa: ANN001, ANN003, ANN201
+    strategy = kw.pop("strategy", "diffusionblocks")
+    trainer = L.Trainer(strategy=strategy, max_steps=steps, callbacks=list(callbacks), **trainer_kwargs(tmp_path, **kw))
+    trainer.fit(module, image_loader(n=96))
+    return trainer
+
+
+class ResidentCheck(Callback):
+    """After offload has run for a step, only the active group may hold parameter memory."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+        active = trainer.strategy.select_group(trainer.global_step)
+        for g in range(pl_module.num_blocks):
+            sizes = [p.numel() for p in pl_module.network.group_parameters(g)]
+            assert all(sizes) if g == active else not any(sizes), (g, active)
+        self.checked += 1
+
+
+@pytest.mark.parametrize("schedule", ["random", "sequential"])
+def test_disk_offload_trains_bit_identically(tmp_path, schedule):
+    reference = make_module(ema_decay=0.9)
+    fit(tmp_path / "a", reference, strategy=ldb.DiffusionBlocksStrategy(schedule=schedule))
+    offloaded = make_module(ema_decay=0.9)
+    offload, check = BlockOffload(directory=tmp_path / "off"), ResidentCheck()
+    fit(tmp_path / "b", offloaded, [offload, check], strategy=ldb.DiffusionBlocksStrategy(schedule=schedule))
+    assert check.checked == 9
+    for (name, a), b in zip(reference.state_dict().items(), offloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    if schedule == "sequential":
+        assert offload.stats["offloads"] == 2 + 2  # initial two, then one per phase change
+    assert not any((tmp_path / "off").glob("*.tmp"))
+
+
+def test_offload_checkpoint_holds_every_group(tmp_path):
+    module = make_module()
+    trainer = fit(tmp_path, module, [BlockOffload(directory=tmp_path / "off")], steps=4)
+    trainer.save_checkpoint(tmp_path / "end.ckpt")
+    state = torch.load(tmp_path / "end.ckpt", weights_only=False)
+    for name, value in module.state_dict().items():
+        assert torch.equal(state["state_dict"][name], value), name
+    # mid-training checkpoints too: every parameter full-size, and optimizer state for trained groups
+    mid = make_module()
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, save_top_k=-1)
+    fit(tmp_path / "m", mid, [BlockOffload(directory=tmp_path / "off2"), ckpt], steps=6, enable_checkpointing=True)
+    state = torch.load(tmp_path / "ck" / "epoch=0-step=3.ckpt", weights_only=False)
+    assert all(v.numel() > 0 for v in state["state_dict"].values())
+    opt_state = state["optimizer_states"][0]["state"]
+    assert opt_state
+    assert all(s["exp_avg"].numel() > 0 for s in opt_state.values())
+
+
+def test_offload_refuses_unwritable_directory_and_end_to_end(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(MisconfigurationException, match="cannot write to"):
+        fit(tmp_path, make_module(), [BlockOffload(directory=blocker / "sub")], steps=2)
+    with pytest.raises(MisconfigurationException, match="strategy='diffusionblocks'"):
+        fit(tmp_path, make_module(), [BlockOffload(directory=tmp_path / "o")], steps=2, strategy="auto")
+    with pytest.raises(ValueError, match="'auto', 'cpu' or 'disk'"):
+        BlockOffload(target="nvme")
+
+
+def test_disk_full_stops_cleanly_without_losing_the_group(tmp_path, monkeypatch):
+    module = make_module()
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OffloadError, match="No space left on device.*still in memory"):
+        fit(tmp_path, module, [BlockOffload(directory=tmp_path / "off")], steps=30)
+    monkeypatch.setattr(torch, "save", real_save)
+    # teardown brought every group back: the model is whole and finite
+    for g in range(3):
+        assert all(p.numel() > 0 and torch.isfinite(p).all() for p in module.network.group_parameters(g))
+
+
+def test_saved_tensor_meter_counts_activations_not_parameters():
+    layer = torch.nn.Linear(64, 64)
+    x = torch.randn(32, 64)
+    with SavedTensorMeter(exclude=layer.parameters()) as meter:
+        y = torch.relu(layer(x)).sum()
+    assert meter.bytes >= 32 * 64 * 4  # the input saved for the weight gradient (and relu output)
+    assert meter.bytes < 32 * 64 * 4 * 3 + 64 * 64 * 4
+    y.backward()
+
+
+def test_memory_monitor_logs_per_group_and_prints_table(tmp_path, capsys):
+    monitor = BlockMemoryMonitor()
+    logger = CSVLogger(tmp_path, name="csv")
+    module = make_module()
+    fit(
+        tmp_path,
+        module,
+        [BlockOffload(directory=tmp_path / "off"), monitor],
+        steps=12,
+        logger=logger,
+        log_every_n_steps=1,
+    )
+    assert set(monitor.groups) == {"0", "1", "2"}
+    group_bytes = [parameter_bytes(module.network.group_parameters(g)) for g in range(3)]
+    for g, stats in monitor.groups.items():
+        assert stats.params == group_bytes[int(g)]  # only the active group is resident
+        assert stats.grads == group_bytes[int(g)]
+        n_params = len(list(module.network.parameters()))
+        # Adam's two moments, plus the scalar step counters (which stay put, 4 bytes each)
+        assert 2 * group_bytes[int(g)] <= stats.optimizer <= 2 * group_bytes[int(g)] + 8 * n_params
+        assert stats.activations > 0
+        assert stats.peak_rss > 0
+        assert stats.total == stats.params + stats.grads + stats.optimizer + stats.activations
+    table = monitor.table()
+    assert "activations" in table
+    assert table.count("\n") >= 5
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "memory/group_0/total_mib" in metrics
+    assert "memory/group_2/activations_mib" in metrics
+
+
+def test_memory_monitor_end_to_end_row(tmp_path):
+    monitor = BlockMemoryMonitor(log=False)
+    module = make_module()
+    fit(tmp_path, module, [monitor], steps=3, strategy="auto")
+    assert set(monitor.groups) == {"all"}
+    assert monitor.groups["all"].params == parameter_bytes(module.parameters())

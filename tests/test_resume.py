@@ -1,0 +1,106 @@
+"""Exact resume after SIGKILL, corrupt checkpoints, and merging per-group jobs."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import lightning_diffusionblocks as ldb
+from lightning_diffusionblocks.merge import MergeError, merge_checkpoints
+from tests.conftest import image_loader, tiny_dit, trainer_kwargs
+
+JOB = Path(__file__).with_name("resume_job.py")
+
+
+def run_job(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(JOB), str(out), *extra], capture_output=True, text=True, timeout=300)
+
+
+def test_sigkill_mid_phase_then_resume_matches_uninterrupted_run(tmp_path):
+    full = run_job(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run_job(tmp_path / "killed", "--kill-at", "13")  # phase 2 runs steps 8..15
+    assert killed.returncode == -signal.SIGKILL
+    ckpts = sorted((tmp_path / "killed" / "ckpt").glob("*.ckpt"))
+    assert "epoch=1-step=10.ckpt" in {p.name for p in ckpts}
+    assert not (tmp_path / "killed" / "final.pt").exists()
+    resumed = run_job(tmp_path / "killed", "--resume", str(tmp_path / "killed" / "ckpt" / "last.ckpt"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "full" / "final.pt")
+    b = torch.load(tmp_path / "killed" / "final.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert a["group_steps"].tolist() == [8, 8, 8]
+
+
+def test_truncated_checkpoint_is_refused_and_kept(tmp_path):
+    module = ldb.DiffusionBlocksModule(tiny_dit(), ldb.tasks.ImageGeneration(), num_blocks=3)
+    trainer = L.Trainer(strategy="diffusionblocks", max_steps=3, **trainer_kwargs(tmp_path))
+    trainer.fit(module, image_loader())
+    good, bad = tmp_path / "good.ckpt", tmp_path / "bad.ckpt"
+    trainer.save_checkpoint(good)
+    assert not list(tmp_path.glob("*.partial"))
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    fresh = ldb.DiffusionBlocksModule(tiny_dit(), ldb.tasks.ImageGeneration(), num_blocks=3)
+    trainer = L.Trainer(strategy="diffusionblocks", max_steps=5, **trainer_kwargs(tmp_path))
+    with pytest.raises(RuntimeError, match=r"corrupt or truncated.*good\.ckpt"):
+        trainer.fit(fresh, image_loader(), ckpt_path=bad)
+    assert torch.load(good, weights_only=False)["global_step"] == 3
+
+
+def train_subset(tmp_path: Path, groups: list[int], name: str, num_blocks: int = 3, **kw) -> Path:  # noqa: ANN003
+    module = ldb.DiffusionBlocksModule(tiny_dit(), ldb.tasks.ImageGeneration(), num_blocks=num_blocks, **kw)
+    strategy = ldb.DiffusionBlocksStrategy(
+        schedule="sequential", steps_per_phase=4 // len(groups), groups_to_train=groups
+    )
+    trainer = L.Trainer(strategy=strategy, max_steps=4, **trainer_kwargs(tmp_path / name))
+    trainer.fit(module, image_loader())
+    path = tmp_path / f"{name}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_merge_per_group_jobs(tmp_path):
+    jobs = [train_subset(tmp_path, [g], f"job{g}") for g in range(3)]
+    merged = merge_checkpoints(jobs, tmp_path / "merged.ckpt")
+    assert merged["state_dict"]["group_steps"].tolist() == [4, 4, 4]
+    module = ldb.DiffusionBlocksModule.load_from_checkpoint(
+        tmp_path / "merged.ckpt", net=tiny_dit(), task=ldb.tasks.ImageGeneration(), num_blocks=3
+    )
+    for g, job in enumerate(jobs):
+        source = torch.load(job, weights_only=False)["state_dict"]
+        names = {id(p): n for n, p in module.named_parameters()}
+        for p in module.network.group_parameters(g):
+            assert torch.equal(p, source[names[id(p)]]), names[id(p)]
+    assert module.sample(labels=[1], steps=4).shape == (1, 1, 8, 8)
+    # the command-line entry point
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_diffusionblocks.merge", str(tmp_path / "m2.ckpt"), *map(str, jobs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0
+    assert "steps per group: [4, 4, 4]" in out.stdout
+
+
+def test_merge_refuses_overlaps_gaps_and_mismatches(tmp_path):
+    a = train_subset(tmp_path, [0, 1], "a")
+    b = train_subset(tmp_path, [1, 2], "b")
+    c = train_subset(tmp_path, [2], "c")
+    with pytest.raises(MergeError, match="Group 1 was trained by both"):
+        merge_checkpoints([a, b], tmp_path / "x.ckpt")
+    j0, j1 = train_subset(tmp_path, [0], "j0"), train_subset(tmp_path, [1], "j1")
+    with pytest.raises(MergeError, match=r"No checkpoint trained group\(s\) \[2\]"):
+        merge_checkpoints([j0, j1], tmp_path / "x.ckpt")
+    other = train_subset(tmp_path, [1], "other", num_blocks=2)
+    with pytest.raises(MergeError, match="groups="):
+        merge_checkpoints([a, other], tmp_path / "x.ckpt")
+    assert merge_checkpoints([a, c], tmp_path / "ok.ckpt")["state_dict"]["group_steps"].tolist()[2] > 0
