@@ -53,7 +53,7 @@ def child(args: argparse.Namespace) -> dict:
         strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=args.steps_per_group)
         steps = args.steps_per_group * blocks
         if not args.no_offload:
-            callbacks.insert(0, BlockOffload())
+            callbacks.insert(0, BlockOffload(prefetch=False))  # steady state: one group resident
     else:
         strategy, steps = "auto", args.steps_per_group
     trainer = L.Trainer(

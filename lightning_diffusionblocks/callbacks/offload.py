@@ -50,7 +50,7 @@ class BlockOffload(Callback):
         self.stats = {"offloads": 0, "loads": 0, "seconds": 0.0, "bytes_moved": 0}
         self._own_directory = False
         self._resident: set[int] = set()
-        self._host: dict[int, dict[int, Tensor]] = {}  # cpu target: group -> {tensor slot -> pinned copy}
+        self._pinned: dict[int, dict[int, Tensor]] = {}  # cpu target: group -> {tensor slot -> pinned buffer}
         self._prefetched: dict[int, dict[int, Tensor]] = {}
         self._stream: torch.cuda.Stream | None = None
         self._module: Any = None
@@ -158,15 +158,16 @@ class BlockOffload(Callback):
             for slot, t in zip(slots, tensors):
                 self._set(slot, torch.empty(0, dtype=t.dtype, device=t.device))
         else:
-            host = {}
+            host = self._pinned.get(group, {})
             for i, t in enumerate(tensors):
-                buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+                buf = host.get(i)
+                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                    buf = host[i] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
                 buf.copy_(t, non_blocking=True)
-                host[i] = buf
+            self._pinned[group] = host  # pinned buffers are reused: allocating pinned memory is slow
             torch.cuda.current_stream(self._device).synchronize()
             for i, slot in enumerate(slots):
                 self._set(slot, host[i])
-            self._host[group] = host
         self._resident.discard(group)
         self.stats["offloads"] += 1
         self.stats["bytes_moved"] += moved
@@ -208,7 +209,6 @@ class BlockOffload(Callback):
                 ready = {i: self._get(s).to(self._device, non_blocking=True) for i, s in enumerate(slots)}
             for i, slot in enumerate(slots):
                 self._set(slot, ready[i])
-            self._host.pop(group, None)
         moved = sum(self._get(s).numel() * self._get(s).element_size() for s in slots)
         self._resident.add(group)
         self.stats["loads"] += 1
