@@ -14,39 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import add_model_arguments, build_module, machine, quiet_trainer, synthetic_loader
+
+import lightning_diffusionblocks as ldb
+from lightning_diffusionblocks.callbacks import BlockMemoryMonitor, BlockOffload
 
 MIB = 2**20
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def child(args: argparse.Namespace) -> dict:
-    import lightning as L
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    import lightning_diffusionblocks as ldb
-    from lightning_diffusionblocks.callbacks import BlockMemoryMonitor, BlockOffload
-
-    torch.manual_seed(0)
-    net = ldb.models.DiT(
-        image_size=args.image_size,
-        channels=3,
-        patch=args.patch,
-        dim=args.dim,
-        depth=args.depth,
-        heads=args.heads,
-        num_classes=10,
-    )
     blocks = args.blocks or 1
-    module = ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=blocks, stem="per_group")
-    n = args.batch_size * 64
-    data = TensorDataset(torch.rand(n, 3, args.image_size, args.image_size) * 2 - 1, torch.randint(0, 10, (n,)))
-    loader = DataLoader(data, batch_size=args.batch_size)
+    module = build_module(args, blocks)
+    loader = synthetic_loader(args, batches=64)
     monitor = BlockMemoryMonitor(log=False)
     callbacks = [monitor]
     if args.blocks:
@@ -56,19 +41,7 @@ def child(args: argparse.Namespace) -> dict:
             callbacks.insert(0, BlockOffload(prefetch=False))  # steady state: one group resident
     else:
         strategy, steps = "auto", args.steps_per_group
-    trainer = L.Trainer(
-        strategy=strategy,
-        accelerator=args.accelerator,
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(args, strategy, steps, callbacks)
     start = time.perf_counter()
     trainer.fit(module, loader)
     seconds = time.perf_counter() - start
@@ -119,14 +92,8 @@ def markdown(rows: list[dict], cuda: bool) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--accelerator", default="cpu")
+    add_model_arguments(p, dim=768, depth=12, heads=12)
     p.add_argument("--blocks-list", default="2,3,4,6")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps-per-group", type=int, default=2)
     p.add_argument("--no-offload", action="store_true")
     p.add_argument("--blocks", type=int, default=0, help=argparse.SUPPRESS)
@@ -149,16 +116,7 @@ def main() -> None:
         print(f"done: {rows[-1]['mode']} B={rows[-1]['blocks']} total={rows[-1]['worst']['total']:.1f} MiB", flush=True)
     cuda = rows[0]["device"].startswith("cuda")
     table = markdown(rows, cuda)
-    meta = {
-        "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
-        "machine": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-    }
-    if cuda:
-        import torch
-
-        meta["gpu"] = torch.cuda.get_device_name(0)
+    meta = machine("python benchmarks/memory.py " + " ".join(sys.argv[1:]), cuda)
     device = "cuda" if cuda else "cpu"
     path = Path(args.out or ROOT / "benchmarks" / "results" / f"memory_{device}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

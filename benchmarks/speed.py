@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from common import add_model_arguments, build_module, machine, quiet_trainer, synthetic_loader
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.callbacks import BlockOffload
@@ -47,47 +46,12 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def build(args: argparse.Namespace) -> ldb.DiffusionBlocksModule:
-    torch.manual_seed(0)
-    net = ldb.models.DiT(
-        image_size=args.image_size,
-        channels=3,
-        patch=args.patch,
-        dim=args.dim,
-        depth=args.depth,
-        heads=args.heads,
-        num_classes=10,
-    )
-    return ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=args.blocks)
-
-
-def loader(args: argparse.Namespace) -> DataLoader:
-    n = args.batch_size * 8
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(
-        torch.rand(n, 3, args.image_size, args.image_size, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g)
-    )
-    return DataLoader(data, batch_size=args.batch_size)
-
-
 def train(args: argparse.Namespace, strategy, steps: int, callbacks=()):  # noqa: ANN001, ANN201
-    module = build(args)
+    module = build_module(args, args.blocks)
     timer = StepTimer()
-    trainer = L.Trainer(
-        strategy=strategy,
-        accelerator=args.accelerator,
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer, *callbacks],
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(args, strategy, steps, [timer, *callbacks])
     start = time.perf_counter()
-    trainer.fit(module, loader(args))
+    trainer.fit(module, synthetic_loader(args, batches=8))
     return module, timer, time.perf_counter() - start
 
 
@@ -97,14 +61,8 @@ def median_after_warmup(times: list[float], warmup: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--accelerator", default="cpu")
+    add_model_arguments(p, dim=384, depth=12, heads=6)
     p.add_argument("--blocks", type=int, default=3)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     p.add_argument("--steps-per-phase", type=int, default=20)
     p.add_argument("--sample-steps", type=int, default=30)
@@ -156,15 +114,10 @@ def main() -> None:
         "sample_target": 1.1 / B,
     }
     device = "cuda" if args.accelerator == "gpu" else "cpu"
-    meta = {
-        "command": "python benchmarks/speed.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
-        "machine": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if device == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name(0)
+    command = "python benchmarks/speed.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
+    )
+    meta = machine(command, device == "cuda")
     table = "\n".join(
         [
             "| measure | DiffusionBlocks | end-to-end | ratio | target |",

@@ -153,3 +153,21 @@ def test_memory_monitor_end_to_end_row(tmp_path):
     fit(tmp_path, module, [monitor], steps=3, strategy="auto")
     assert set(monitor.groups) == {"all"}
     assert monitor.groups["all"].params == parameter_bytes(module.parameters())
+
+
+def test_memory_monitor_logs_to_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="ldb-test")
+    try:
+        fit(tmp_path, make_module(), [BlockMemoryMonitor()], steps=3, logger=logger, log_every_n_steps=1)
+        summary = dict(logger.experiment.summary)
+    finally:
+        import wandb
+
+        wandb.finish()
+    assert any(key.startswith("memory/group_") and key.endswith("/total_mib") for key in summary)
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

@@ -205,3 +205,24 @@ def test_checkpoint_with_another_partition_is_refused(tmp_path):
     trainer.fit(again, image_loader(), ckpt_path=path)
     assert trainer.global_step == 4
     assert int(again.group_steps.sum()) == 4
+
+
+def test_learning_rate_schedule_counts_each_group_own_steps(tmp_path):
+    module = make_module(lr=1e-2, warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.1)
+    seen: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    class LRSpy(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001
+            group = pl_module.active_group
+            seen[group].append(optimizer.param_groups[group]["lr"])
+
+    strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=10)
+    trainer = L.Trainer(strategy=strategy, max_steps=30, callbacks=[LRSpy()], **trainer_kwargs(tmp_path))
+    trainer.fit(module, image_loader(n=160))
+    for group in range(3):  # every group warms up from its own first step, then decays over its own phase
+        lrs = seen[group]
+        assert len(lrs) == 10
+        assert lrs[:4] == pytest.approx([1e-2 * (i + 1) / 4 for i in range(4)])
+        assert lrs[4] == pytest.approx(1e-2)
+        assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+        assert lrs[-1] > 1e-3

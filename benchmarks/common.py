@@ -1,0 +1,60 @@
+"""What the benchmark scripts share: the model, synthetic data, a quiet Trainer and machine facts."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_diffusionblocks as ldb
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, dim: int, depth: int, heads: int) -> None:
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--patch", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=dim)
+    parser.add_argument("--depth", type=int, default=depth)
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def build_module(args: argparse.Namespace, num_blocks: int) -> ldb.DiffusionBlocksModule:
+    """The benchmark DiT (3-channel images, 10 classes) wrapped for ``num_blocks`` groups."""
+    torch.manual_seed(0)
+    net = ldb.models.DiT(image_size=args.image_size, channels=3, patch=args.patch, dim=args.dim, depth=args.depth,
+                         heads=args.heads, num_classes=10)  # fmt: skip
+    return ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=num_blocks, stem="per_group")
+
+
+def synthetic_loader(args: argparse.Namespace, batches: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    n, size = args.batch_size * batches, args.image_size
+    images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    return DataLoader(TensorDataset(images, torch.randint(0, 10, (n,), generator=g)), batch_size=args.batch_size)
+
+
+def quiet_trainer(args: argparse.Namespace, strategy: Any, steps: int, callbacks: Sequence[Callback]) -> L.Trainer:
+    return L.Trainer(strategy=strategy, accelerator=args.accelerator, devices=1, max_steps=steps, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=list(callbacks), num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+
+
+def machine(command: str, cuda: bool) -> dict[str, Any]:
+    meta = {
+        "command": command,
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if cuda:
+        meta["gpu"] = torch.cuda.get_device_name(0)
+    return meta
