@@ -24,6 +24,7 @@ from lightning_diffusionblocks.partition import BlockwiseNetwork, StemMode
 from lightning_diffusionblocks.sampling import euler_sample
 from lightning_diffusionblocks.schedules import step_seed
 from lightning_diffusionblocks.tasks.base import Task
+from lightning_diffusionblocks.tasks.classification import Classification
 from lightning_diffusionblocks.tasks.image_generation import ImageGeneration
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
@@ -89,6 +90,12 @@ class DiffusionBlocksModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net", "task", "optimizer"])
         self.automatic_optimization = False
         self.task = task
+        if isinstance(task, Classification) and stem == "per_group" and getattr(net, "learn_embedding", False):
+            raise ValueError(
+                "With stem='per_group' every group owns a copy of the label embedding, so learned copies would drift"
+                " into incompatible target spaces. Use stem='shared' (the official code) or"
+                " ConditioningAdapter(..., learn_embedding=False)."
+            )
         self.network = BlockwiseNetwork(net, num_blocks, group_sizes, block_path, stem)
         self.boundaries = task.noise.boundaries(num_blocks, partition)
         self.ranges = [task.noise.group_range(self.boundaries, g, gamma) for g in range(num_blocks)]
@@ -99,6 +106,10 @@ class DiffusionBlocksModule(L.LightningModule):
         #: group trained at the current step (set by the DiffusionBlocks strategy); None = end-to-end
         self.active_group: int | None = None
         self._decay_steps: list[float] = [1.0] * (num_blocks + 1)
+        if isinstance(task, Classification):
+            from torchmetrics.classification import MulticlassAccuracy
+
+            self.val_accuracy = MulticlassAccuracy(num_classes=task.num_classes, average="micro")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -262,6 +273,10 @@ class DiffusionBlocksModule(L.LightningModule):
             losses.append(loss)
         total = torch.stack(losses).mean()
         self.log("val/loss", total, prog_bar=True)
+        if isinstance(self.task, Classification):
+            inputs, labels = self.task.split(batch)
+            self.val_accuracy(self.predict_proba(inputs), labels)
+            self.log("val/acc", self.val_accuracy, prog_bar=True)
         return total
 
     # ------------------------------------------------------------------ sampling
@@ -318,7 +333,25 @@ class DiffusionBlocksModule(L.LightningModule):
         finally:
             network.train(was_training)
 
+    @torch.no_grad()
+    def predict_proba(self, inputs: Tensor, steps: int | None = None, seed: int = 0) -> Tensor:
+        """Class probabilities for a :class:`Classification` task; ``steps`` defaults to B (one per group)."""
+        if not isinstance(self.task, Classification):
+            raise TypeError(f"predict_proba() classifies; the task is {type(self.task).__name__}.")
+        network = self.sampling_network
+        was_training = network.training
+        network.eval()
+        try:
+            return self.task.predict(
+                lambda group: partial(network, group=group), self.route, inputs, steps or self.num_blocks, seed
+            )
+        finally:
+            network.train(was_training)
+
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        if isinstance(self.task, Classification):
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            return self.predict_proba(inputs, seed=batch_idx)
         labels = batch[1] if isinstance(batch, (tuple, list)) else batch
         return self.sample(labels=labels, seed=batch_idx)
 

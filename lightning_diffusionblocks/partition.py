@@ -40,9 +40,11 @@ def _get(module: nn.Module, path: str) -> Any:
 def find_block_stack(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
     """Return (dotted path, container) of the model's block stack.
 
-    Looks for the explicit ``path`` if given, else the first of :data:`KNOWN_STACK_PATHS` that holds an
+    Looks for the explicit ``path`` if given, else the path a wrapper declares in its
+    ``diffusionblocks_stack_path`` attribute, else the first of :data:`KNOWN_STACK_PATHS` that holds an
     ``nn.ModuleList`` or ``nn.Sequential`` of at least one block.
     """
+    path = path or getattr(model, "diffusionblocks_stack_path", None)
     candidates = (path,) if path else KNOWN_STACK_PATHS
     for cand in candidates:
         try:

@@ -104,8 +104,9 @@ def test_merge_refuses_overlaps_gaps_and_mismatches(tmp_path):
     with pytest.raises(MergeError, match="groups="):
         merge_checkpoints([a, other], tmp_path / "x.ckpt")
     wide = ldb.DiffusionBlocksModule(tiny_dit(dim=48), ldb.tasks.ImageGeneration(), num_blocks=3)
-    trainer = L.Trainer(strategy=ldb.DiffusionBlocksStrategy(groups_to_train=[2]), max_steps=2,
-                        **trainer_kwargs(tmp_path / "wide"))
+    trainer = L.Trainer(
+        strategy=ldb.DiffusionBlocksStrategy(groups_to_train=[2]), max_steps=2, **trainer_kwargs(tmp_path / "wide")
+    )
     trainer.fit(wide, image_loader())
     trainer.save_checkpoint(tmp_path / "wide.ckpt")
     with pytest.raises(MergeError, match="different model"):

@@ -1,7 +1,17 @@
 """Offline data sets."""
 
+from lightning_diffusionblocks.data.fashion_mnist import FashionMNISTDataModule, find_fashion_mnist_dir
 from lightning_diffusionblocks.data.idx import read_idx
 from lightning_diffusionblocks.data.loaders import EpochShuffleSampler, make_loader
 from lightning_diffusionblocks.data.mnist import IDXDataModule, MNISTDataModule, find_mnist_dir
 
-__all__ = ["EpochShuffleSampler", "IDXDataModule", "make_loader", "MNISTDataModule", "find_mnist_dir", "read_idx"]
+__all__ = [
+    "EpochShuffleSampler",
+    "FashionMNISTDataModule",
+    "find_fashion_mnist_dir",
+    "IDXDataModule",
+    "make_loader",
+    "MNISTDataModule",
+    "find_mnist_dir",
+    "read_idx",
+]
