@@ -32,7 +32,7 @@ class LossTracker(Callback):
         self.losses: dict[str, list[float]] = defaultdict(list)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        key = "all" if pl_module.active_group is None else f"group_{pl_module.active_group}"
+        key = "all" if pl_module.last_group is None else f"group_{pl_module.last_group}"
         self.losses[key].append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
         self.losses[key] = self.losses[key][-self.window :]
 

@@ -105,6 +105,8 @@ class DiffusionBlocksModule(L.LightningModule):
         self.register_buffer("trained_blockwise", torch.tensor(True))
         #: group trained at the current step (set by the DiffusionBlocks strategy); None = end-to-end
         self.active_group: int | None = None
+        #: the group the last training step trained (None: end-to-end), for callbacks after the step
+        self.last_group: int | None = None
         self._decay_steps: list[float] = [1.0] * (num_blocks + 1)
         if isinstance(task, Classification):
             from torchmetrics.classification import MulticlassAccuracy
@@ -248,6 +250,7 @@ class DiffusionBlocksModule(L.LightningModule):
                 " Lower `lr`, set `gradient_clip_val`, or check the data for NaNs."
             )
         trained = list(range(self.num_blocks)) if group is None else [group]
+        self.last_group = group
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         self._clip(opt.optimizer, trained)
