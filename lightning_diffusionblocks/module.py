@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lightning_diffusionblocks.noise import Partition
 from lightning_diffusionblocks.partition import BlockwiseNetwork, StemMode
@@ -141,6 +142,7 @@ class DiffusionBlocksModule(L.LightningModule):
             groups.append({"params": shared, "name": "shared"})
         return groups
 
+    @override
     def configure_optimizers(self) -> Optimizer:
         groups = self.param_groups()
         if self.optimizer_factory is not None:
@@ -152,6 +154,7 @@ class DiffusionBlocksModule(L.LightningModule):
             group.setdefault("base_lr", group["lr"])
         return opt
 
+    @override
     def on_fit_start(self) -> None:
         self.trained_blockwise.fill_(self.blockwise)
         if self.trainer.precision == "16-mixed" and self.hparams.gradient_clip_val:
@@ -234,6 +237,7 @@ class DiffusionBlocksModule(L.LightningModule):
         sigma = self.task.noise.sample(n, lo, hi, generator=generator, device=self.device)
         return self.task.loss(partial(network, group=group), batch, sigma, generator).mean()
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         group = self.active_group
         if self.blockwise and group is None:
@@ -264,6 +268,7 @@ class DiffusionBlocksModule(L.LightningModule):
             self.log("group", float(group), prog_bar=True)
         return loss.detach()
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Loss in each group's nominal noise range, for blockwise and end-to-end models alike."""
         losses = []
@@ -351,6 +356,7 @@ class DiffusionBlocksModule(L.LightningModule):
         finally:
             network.train(was_training)
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         if isinstance(self.task, Classification):
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -367,9 +373,11 @@ class DiffusionBlocksModule(L.LightningModule):
             "boundaries": self.boundaries.tolist(),
         }
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diffusionblocks"] = self.partition_info()
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("diffusionblocks")
         if saved is None:
