@@ -12,7 +12,9 @@ number of layer evaluations. Prints the test accuracy of each run.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import lightning as L
 import timm
@@ -37,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--inference-steps", type=int, default=None, help="σ steps at prediction (default B)")
     p.add_argument("--test-batches", type=int, default=None, help="limit the test set (default: all 10,000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args()
 
 
@@ -75,6 +78,8 @@ def main() -> None:
         name = "DiffusionBlocks" if s == "diffusionblocks" else "end-to-end"
         print(f"{name:>16}: test accuracy {r['accuracy']:.4f} on {r['test_images']} images"
               f" ({r['steps']} steps, {r['train_seconds']:.0f} s)")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     if len(results) == 2:
         ratio = results["diffusionblocks"]["accuracy"] / max(results["auto"]["accuracy"], 1e-9)
         print(f"accuracy ratio DiffusionBlocks / end-to-end: {ratio:.3f}")

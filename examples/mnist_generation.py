@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--gamma", type=float, default=0.05)
+    p.add_argument("--partition", default="equiprobable", choices=["equiprobable", "uniform_log", "linear"])
     p.add_argument("--stem", default="per_group", choices=["per_group", "shared"])
     p.add_argument("--offload", action="store_true", help="keep inactive groups on disk (BlockOffload)")
     p.add_argument("--sample-steps", type=int, default=50)
@@ -85,6 +86,7 @@ def main() -> None:
         num_blocks=args.num_blocks,
         stem=args.stem,
         gamma=args.gamma,
+        partition=args.partition,
         lr=args.lr,
         warmup_steps=args.warmup,
         lr_schedule=args.lr_schedule,
@@ -126,6 +128,7 @@ def main() -> None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     summary = {
         "strategy": args.strategy,
+        "model": {"dim": args.dim, "depth": args.depth, "heads": args.heads, "patch": args.patch},
         "num_blocks": args.num_blocks,
         "groups": module.network.groups,
         "stem": args.stem,

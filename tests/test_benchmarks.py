@@ -34,3 +34,20 @@ def test_speed_benchmark(tmp_path):
     assert result["offload_moves"] >= 4
     assert result["train_step_seconds_end_to_end"] > 0
     assert 0 < result["sample_ratio"] < 1.0  # routed sampling runs a third of the layers per step
+
+
+def test_parity_quick(tmp_path, mnist_dir):
+    """`--quick` runs the whole parity pipeline (training through the examples, FID, accuracy) on tiny data."""
+    out = tmp_path / "parity.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "parity.py"), "--quick", "--task", "all", "--gen-steps", "6",
+           "--cls-steps", "3", "--fid-samples", "20", "--sample-steps", "3", "--mnist-dir", str(mnist_dir),
+           "--fashion-dir", str(mnist_dir), "--workdir", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["generation"]["rows"]
+    assert [r["strategy"] for r in rows] == ["diffusionblocks", "auto"]
+    assert rows[0]["layer_evaluations"] == rows[1]["layer_evaluations"]
+    assert all(r["fid"] >= 0 and 0 <= r["class_accuracy"] <= 1 for r in rows)
+    cls = report["classification"]["results"]
+    assert cls["diffusionblocks"]["steps"] == 3 * cls["auto"]["steps"]
