@@ -34,6 +34,7 @@ from lightning_diffusionblocks.data.idx import load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+DEMO_MODEL = {"dim": 128, "depth": 6, "heads": 4, "patch": 4}  # examples/mnist_generation.py defaults
 
 
 class FeatureNet(nn.Module):
@@ -99,7 +100,7 @@ def run_example(script: str, *args: str) -> None:
 
 def load_generator(out: Path) -> tuple[ldb.DiffusionBlocksModule, dict]:
     summary = json.loads((out / "summary.json").read_text())
-    m = summary["model"]
+    m = summary.get("model", DEMO_MODEL)  # runs made before the demo recorded its model used its defaults
     net = ldb.models.DiT(image_size=28, channels=1, patch=m["patch"], dim=m["dim"], depth=m["depth"], heads=m["heads"])
     module = ldb.DiffusionBlocksModule.load_from_checkpoint(
         out / "model.ckpt", net=net, task=ldb.tasks.ImageGeneration()

@@ -38,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--inference-steps", type=int, default=None, help="σ steps at prediction (default B)")
     p.add_argument("--test-batches", type=int, default=None, help="limit the test set (default: all 10,000)")
+    p.add_argument("--weighting", default="per_sample", choices=["per_sample", "batch_mean", "none"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args()
@@ -48,8 +49,17 @@ def run(args: argparse.Namespace, strategy: str) -> dict[str, float]:
     backbone = timm.create_model(args.model, pretrained=False, num_classes=0, img_size=28, patch_size=args.patch,
                                  in_chans=1, depth=args.depth, embed_dim=args.dim, num_heads=args.heads)  # fmt: skip
     net = ldb.models.ConditioningAdapter(backbone, num_classes=10)
-    module = ldb.DiffusionBlocksModule(net, ldb.tasks.Classification(10), num_blocks=args.num_blocks, stem="shared",
-                                       lr=args.lr, warmup_steps=100, lr_schedule="cosine", seed=args.seed)  # fmt: skip
+    task = ldb.tasks.Classification(10, weighting=args.weighting)
+    module = ldb.DiffusionBlocksModule(
+        net,
+        task,
+        num_blocks=args.num_blocks,
+        stem="shared",
+        lr=args.lr,
+        warmup_steps=100,
+        lr_schedule="cosine",
+        seed=args.seed,
+    )
     data_cls = ldb.data.FashionMNISTDataModule if args.data == "fashion" else ldb.data.MNISTDataModule
     data = data_cls(args.data_dir, batch_size=args.batch_size, seed=args.seed)
     steps = args.steps * (args.num_blocks if strategy == "diffusionblocks" else 1)

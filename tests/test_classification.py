@@ -164,3 +164,24 @@ def test_fashion_mnist_module(mnist_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LDB_FASHION_MNIST_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         find_fashion_mnist_dir()
+
+
+@pytest.mark.parametrize("weighting", ["per_sample", "batch_mean", "none"])
+def test_classification_weightings(weighting):
+    task = ldb.tasks.Classification(4, weighting=weighting)
+    adapter = ConditioningAdapter(tiny_vit(), num_classes=4)
+    module = ldb.DiffusionBlocksModule(adapter, task, num_blocks=3, stem="shared")
+    batch = (torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1]))
+    sigma = torch.tensor([0.002, 0.01, 0.1, 1.0, 10.0, 80.0])
+    per_sample = task.loss(lambda *a, **k: module.network(*a, group=None, **k), batch, sigma, torch.Generator())
+    weights = ldb.EDM.loss_weight(sigma)
+    ratio = per_sample.detach()
+    assert per_sample.shape == (6,)
+    if weighting == "per_sample":  # untrained head: uniform logits, CE = ln 4 for every sample
+        assert torch.allclose(ratio, weights * torch.log(torch.tensor(4.0)), rtol=1e-4)
+    elif weighting == "batch_mean":
+        assert torch.allclose(ratio, weights.mean() * torch.log(torch.tensor(4.0)).expand(6), rtol=1e-4)
+    else:
+        assert torch.allclose(ratio, torch.log(torch.tensor(4.0)).expand(6), rtol=1e-4)
+    with pytest.raises(ValueError, match="weighting must be"):
+        ldb.tasks.Classification(4, weighting="mean")

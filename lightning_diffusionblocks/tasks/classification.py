@@ -10,7 +10,7 @@ denoised estimate for the Euler step, and the last step's softmax is the class d
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -22,13 +22,28 @@ from lightning_diffusionblocks.tasks.base import Runner, Task
 
 class Classification(Task):
     """Batches are ``(inputs, labels)``; the network is a :class:`ConditioningAdapter`-like module:
-    ``net(inputs, z, sigma)`` → logits and ``net(mode="embeddings")`` → normalised label embeddings."""
+    ``net(inputs, z, sigma)`` → logits and ``net(mode="embeddings")`` → normalised label embeddings.
 
-    def __init__(self, num_classes: int, noise: NoiseSchedule = EDM) -> None:
+    ``weighting``: ``"per_sample"`` multiplies each sample's cross-entropy by w(σ) (the paper's formula);
+    ``"batch_mean"`` multiplies the batch's mean cross-entropy by the batch's mean w(σ) (what the official
+    code computes, through a broadcast); ``"none"`` is plain cross-entropy. With per-sample weights the
+    lowest-σ samples, whose noisy target already reveals the label, carry weights up to ~2.5e5 and drown
+    the image-dependent signal of the others; ``"batch_mean"`` keeps every sample's share equal.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        noise: NoiseSchedule = EDM,
+        weighting: Literal["per_sample", "batch_mean", "none"] = "per_sample",
+    ) -> None:
         super().__init__(noise)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        if weighting not in ("per_sample", "batch_mean", "none"):
+            raise ValueError(f"weighting must be 'per_sample', 'batch_mean' or 'none', got {weighting!r}.")
         self.num_classes = num_classes
+        self.weighting = weighting
 
     def split(self, batch: Any) -> tuple[Tensor, Tensor]:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -53,7 +68,12 @@ class Classification(Task):
         eps = torch.randn(targets.shape, generator=generator, device=generator.device).to(targets)
         z = targets + sigma.view(-1, 1).to(targets) * eps
         logits = run(inputs, z, sigma, sigma_data=self.noise.sigma_data)
-        return self.noise.loss_weight(sigma) * F.cross_entropy(logits.float(), labels, reduction="none")
+        ce = F.cross_entropy(logits.float(), labels, reduction="none")
+        if self.weighting == "per_sample":
+            return self.noise.loss_weight(sigma) * ce
+        if self.weighting == "batch_mean":
+            return self.noise.loss_weight(sigma).mean() * ce
+        return ce
 
     @torch.no_grad()
     def predict(
