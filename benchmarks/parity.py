@@ -153,7 +153,7 @@ def generation(args: argparse.Namespace) -> dict:
             cmd[1] = str(steps)
             run_example("mnist_generation.py", *cmd)
             runs.append(out)
-    features, feature_acc = train_feature_net(mnist, 30 if args.quick else 1500)
+    features, feature_acc = train_feature_net(mnist, 30 if args.quick else args.feature_steps)
     real, _ = mnist_tensors(mnist, "test")
     real = real[: args.fid_samples]
     per_class = max(1, args.fid_samples // 10)
@@ -177,7 +177,7 @@ def ablation(args: argparse.Namespace) -> list[dict]:
         "blocks": [["--num-blocks", "2"], ["--num-blocks", "3"], ["--num-blocks", "4"]],
     }[args.ablation]
     mnist = ldb.data.find_mnist_dir(args.mnist_dir)
-    features, _ = train_feature_net(mnist, 30 if args.quick else 1500)
+    features, _ = train_feature_net(mnist, 30 if args.quick else args.feature_steps)
     real = mnist_tensors(mnist, "test")[0][: args.fid_samples]
     rows = []
     for i, variant in enumerate(variants):
@@ -217,6 +217,7 @@ def main() -> None:
     p.add_argument("--gen-steps", type=int, default=6000, help="DiffusionBlocks steps (end-to-end gets a third)")
     p.add_argument("--cls-steps", type=int, default=1000, help="end-to-end steps (DiffusionBlocks gets B×)")
     p.add_argument("--fid-samples", type=int, default=1000)
+    p.add_argument("--feature-steps", type=int, default=1500, help="training steps of the MNIST feature CNN")
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--mnist-dir", default=None)
