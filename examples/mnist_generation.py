@@ -134,7 +134,7 @@ def main() -> None:
         "stem": args.stem,
         "steps": steps,
         "steps_per_group": module.group_steps.tolist(),
-        "layer_evaluations": steps * (args.depth // args.num_blocks if blockwise else args.depth),
+        "layer_evaluations": round(steps * (args.depth / args.num_blocks if blockwise else args.depth)),
         "train_loss_last_200": tracker.means(),
         "val": metrics,
         "train_seconds": round(train_time, 1),
