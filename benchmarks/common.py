@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -58,3 +60,16 @@ def machine(command: str, cuda: bool) -> dict[str, Any]:
     if cuda:
         meta["gpu"] = torch.cuda.get_device_name(0)
     return meta
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_report(out: str | None, default_name: str, payload: dict[str, Any], table: str) -> Path:
+    """Write ``payload`` as JSON (to ``out`` or benchmarks/results/``default_name``) and print ``table``."""
+    path = Path(out) if out else RESULTS / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    print(table)
+    print(f"\nwritten {path}")
+    return path

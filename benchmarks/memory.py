@@ -17,15 +17,13 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from common import add_model_arguments, build_module, machine, quiet_trainer, synthetic_loader
+from common import add_model_arguments, build_module, machine, quiet_trainer, synthetic_loader, write_report
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.callbacks import BlockMemoryMonitor, BlockOffload
 
 MIB = 2**20
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -118,11 +116,7 @@ def main() -> None:
     table = markdown(rows, cuda)
     meta = machine("python benchmarks/memory.py " + " ".join(sys.argv[1:]), cuda)
     device = "cuda" if cuda else "cpu"
-    path = Path(args.out or ROOT / "benchmarks" / "results" / f"memory_{device}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2))
-    print(table)
-    print(f"\nwritten {path}")
+    write_report(args.out, f"memory_{device}.json", {"meta": meta, "rows": rows, "table": table}, table)
 
 
 if __name__ == "__main__":

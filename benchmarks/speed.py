@@ -10,20 +10,16 @@ and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
-from common import add_model_arguments, build_module, machine, quiet_trainer, synthetic_loader
+from common import add_model_arguments, build_module, machine, quiet_trainer, synthetic_loader, write_report
 from lightning.pytorch.callbacks import Callback
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.callbacks import BlockOffload
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class StepTimer(Callback):
@@ -130,11 +126,7 @@ def main() -> None:
             f" {offload_overhead:.3f} | < 0.05 |",
         ]
     )
-    path = Path(args.out or ROOT / "benchmarks" / "results" / f"speed_{device}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "results": rows, "table": table}, indent=2))
-    print(table)
-    print(f"\nwritten {path}")
+    write_report(args.out, f"speed_{device}.json", {"meta": meta, "results": rows, "table": table}, table)
 
 
 if __name__ == "__main__":
