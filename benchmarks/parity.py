@@ -3,7 +3,7 @@
     python benchmarks/parity.py --task generation        # DiT on MNIST: FID + class accuracy of samples
     python benchmarks/parity.py --task classification    # timm ViT on Fashion-MNIST: test accuracy
     python benchmarks/parity.py --task generation --reuse outputs/mnist_diffusionblocks outputs/mnist_auto
-    python benchmarks/parity.py --ablation gamma          # also: partition, blocks (DiffusionBlocks runs only)
+    python benchmarks/parity.py --ablation gamma          # also: partition, blocks, all (DiffusionBlocks only)
     python benchmarks/parity.py --quick ...              # tiny sizes, for the tests
 
 Generation quality: FID (torchmetrics `FrechetInceptionDistance`) on the 128-d features of a small MNIST
@@ -170,25 +170,43 @@ def classification(args: argparse.Namespace) -> dict:
     return json.loads(out.read_text())
 
 
+ABLATIONS = {
+    "partition": [["--partition", "equiprobable", "--gamma", "0"], ["--partition", "uniform_log", "--gamma", "0"]],
+    "gamma": [["--gamma", "0"], ["--gamma", "0.05"], ["--gamma", "0.1"]],
+    "blocks": [["--num-blocks", "2"], ["--num-blocks", "3"], ["--num-blocks", "4"]],
+}
+DEFAULTS = {"--partition": "equiprobable", "--gamma": "0.05", "--num-blocks": "3"}  # the demo's
+
+
+def variant_key(variant: list[str]) -> str:
+    """Folder name of a variant with the demo defaults filled in, so equal runs share one folder."""
+    settings = {**DEFAULTS, **dict(zip(variant[::2], variant[1::2]))}
+    return "_".join(f"{k.strip('-')}-{v}" for k, v in sorted(settings.items()))
+
+
 def ablation(args: argparse.Namespace) -> list[dict]:
-    variants = {
-        "partition": [["--partition", "equiprobable", "--gamma", "0"], ["--partition", "uniform_log", "--gamma", "0"]],
-        "gamma": [["--gamma", "0"], ["--gamma", "0.05"], ["--gamma", "0.1"]],
-        "blocks": [["--num-blocks", "2"], ["--num-blocks", "3"], ["--num-blocks", "4"]],
-    }[args.ablation]
+    """Train each distinct variant once (``all`` runs partition, γ and B; shared runs are reused)."""
+    names = list(ABLATIONS) if args.ablation == "all" else [args.ablation]
     mnist = ldb.data.find_mnist_dir(args.mnist_dir)
     features, _ = train_feature_net(mnist, 30 if args.quick else args.feature_steps)
     real = mnist_tensors(mnist, "test")[0][: args.fid_samples]
-    rows = []
-    for i, variant in enumerate(variants):
-        out = Path(args.workdir) / f"ablation_{args.ablation}_{i}"
-        cmd = ["--steps", str(args.gen_steps), "--data-dir", str(mnist), "--out", str(out), "--sample-steps", "4",
-               "--per-class", "1", *variant]  # fmt: skip
-        if args.quick:
-            cmd += ["--dim", "32", "--depth", "4", "--heads", "2", "--batch-size", "16"]
-        run_example("mnist_generation.py", *cmd)
-        row = generation_quality(out, features, real, max(1, args.fid_samples // 10), args.sample_steps, args.guidance)
-        rows.append({"variant": " ".join(variant), **row})
+    rows, done = [], {}
+    for name in names:
+        for variant in ABLATIONS[name]:
+            key = variant_key(variant)
+            out = Path(args.workdir) / "ablation" / f"{key}_steps-{args.gen_steps}"
+            if key not in done:
+                if args.fresh or not (out / "summary.json").exists():
+                    cmd = ["--steps", str(args.gen_steps), "--data-dir", str(mnist), "--out", str(out),
+                           "--sample-steps", "4", "--per-class", "1", *variant]  # fmt: skip
+                    if args.quick:
+                        cmd += ["--dim", "32", "--depth", "4", "--heads", "2", "--batch-size", "16"]
+                    run_example("mnist_generation.py", *cmd)
+                else:
+                    print(f"reusing {out}", flush=True)
+                samples = max(1, args.fid_samples // 10)
+                done[key] = generation_quality(out, features, real, samples, args.sample_steps, args.guidance)
+            rows.append({"ablation": name, "variant": " ".join(variant), **done[key]})
     return rows
 
 
@@ -196,7 +214,7 @@ def table_generation(result: dict) -> str:
     rows = result["rows"]
     lines = ["| run | steps | layer evals | FID ↓ | class accuracy ↑ | val loss ↓ |", "|---|---|---|---|---|---|"]
     for r in rows:
-        name = r.get("variant") or r["strategy"]
+        name = f"{r['ablation']}: {r['variant']}" if "ablation" in r else r.get("variant") or r["strategy"]
         lines.append(
             f"| {name} | {r['steps']} | {r['layer_evaluations']} | {r['fid']:.3f} |"
             f" {r['class_accuracy']:.3f} | {r['val_loss']:.4f} |"
@@ -212,7 +230,8 @@ def table_generation(result: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="all", choices=["all", "generation", "classification", "none"])
-    p.add_argument("--ablation", default=None, choices=["partition", "gamma", "blocks"])
+    p.add_argument("--ablation", default=None, choices=["partition", "gamma", "blocks", "all"])
+    p.add_argument("--fresh", action="store_true", help="retrain ablation runs even if their folder is complete")
     p.add_argument("--reuse", nargs=2, metavar=("DB_RUN", "E2E_RUN"), help="evaluate existing demo output folders")
     p.add_argument("--gen-steps", type=int, default=6000, help="DiffusionBlocks steps (end-to-end gets a third)")
     p.add_argument("--cls-steps", type=int, default=1000, help="end-to-end steps (DiffusionBlocks gets B×)")

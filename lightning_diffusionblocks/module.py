@@ -24,9 +24,11 @@ from lightning_diffusionblocks.noise import Partition
 from lightning_diffusionblocks.partition import BlockwiseNetwork, StemMode
 from lightning_diffusionblocks.sampling import euler_sample
 from lightning_diffusionblocks.schedules import step_seed
+from lightning_diffusionblocks.tasks.autoregressive_lm import AutoregressiveLM
 from lightning_diffusionblocks.tasks.base import Task
 from lightning_diffusionblocks.tasks.classification import Classification
 from lightning_diffusionblocks.tasks.image_generation import ImageGeneration
+from lightning_diffusionblocks.tasks.masked_lm import MaskedLM
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
 
@@ -91,6 +93,11 @@ class DiffusionBlocksModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net", "task", "optimizer"])
         self.automatic_optimization = False
         self.task = task
+        if stem == "per_group" and getattr(net, "learn_target_embedding", False):
+            raise ValueError(
+                "With stem='per_group' every group owns a copy of the target embedding, so learned copies would"
+                " drift into incompatible target spaces. Use stem='shared' or learn_target_embedding=False."
+            )
         if isinstance(task, Classification) and stem == "per_group" and getattr(net, "learn_embedding", False):
             raise ValueError(
                 "With stem='per_group' every group owns a copy of the label embedding, so learned copies would drift"
@@ -285,14 +292,78 @@ class DiffusionBlocksModule(L.LightningModule):
             inputs, labels = self.task.split(batch)
             self.val_accuracy(self.predict_proba(inputs), labels)
             self.log("val/acc", self.val_accuracy, prog_bar=True)
+        if isinstance(self.task, (MaskedLM, AutoregressiveLM)):
+            for name, value in self.evaluate_batch(batch, seed=batch_idx).items():
+                self.log(f"val/{name}", value.mean(), prog_bar=name in ("bits_per_token", "ce_chain"))
         return total
 
     # ------------------------------------------------------------------ sampling
     def route(self, sigma: float) -> int | None:
         """The group that owns ``sigma`` (None when the model was trained end-to-end)."""
+        groups = self.groups_of(torch.tensor([sigma], dtype=torch.float64))
+        return None if groups is None else int(groups[0])
+
+    def groups_of(self, levels: Tensor) -> Tensor | None:
+        """The group owning each noise level (None when the model was trained end-to-end)."""
         if not bool(self.trained_blockwise):
             return None
-        return int(self.task.noise.group_of(torch.tensor([sigma], dtype=torch.float64), self.boundaries)[0])
+        return self.task.noise.group_of(levels, self.boundaries)
+
+    def _run_group(self, group: int | None) -> Callable[..., Any]:
+        return partial(self.sampling_network, group=group)
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: Any, samples: int | None = None, steps: int | None = None, seed: int = 0) -> dict:
+        """Per-sequence language-model metrics of one batch, every noise level routed to its group.
+
+        :class:`MaskedLM`: ``nelbo`` (nats/token) and ``bits_per_token`` from ``samples`` masking times per
+        sequence (default 2·B). :class:`AutoregressiveLM`: teacher-forced ``ce_sigma_max``, ``ce_chain``
+        (nats/token, not perplexities) and ``accuracy_chain`` after ``steps`` σ steps (default B).
+        """
+        network = self.sampling_network
+        was_training = network.training
+        network.eval()
+        try:
+            if isinstance(self.task, MaskedLM):
+                return self.task.evaluate(self._run_group, self.groups_of, batch, samples or 2 * self.num_blocks, seed)
+            if isinstance(self.task, AutoregressiveLM):
+                return self.task.evaluate(self._run_group, self.groups_of, batch, steps or self.num_blocks, seed)
+            raise TypeError(f"evaluate_batch() evaluates language models; the task is {type(self.task).__name__}.")
+        finally:
+            network.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor | Sequence[int] | None = None, steps: int | None = None, **kwargs: Any) -> Tensor:
+        """Generate token ids with a language-model task; every diffusion step calls only its group.
+
+        :class:`AutoregressiveLM`: ``generate(prompt, max_new_tokens=…, steps=B, temperature=0.0, seed=0)``
+        continues ``prompt``. :class:`MaskedLM`: ``generate(prompt=None, num_samples=…, length=…, steps=…,
+        temperature=1.0, seed=0)`` unmasks ``length`` tokens (the prompt, if any, fixed at the start).
+        """
+        network = self.sampling_network
+        was_training = network.training
+        network.eval()
+        try:
+            if isinstance(self.task, AutoregressiveLM):
+                if prompt is None:
+                    raise ValueError("Autoregressive generation needs a prompt of at least one token.")
+                context = getattr(network.net, "context_length", None)
+                if context is None:
+                    raise ValueError("The network has no `context_length`; use a DiffusionLM network.")
+                return self.task.generate(
+                    self._run_group, self.groups_of, torch.as_tensor(prompt, device=self.device),
+                    steps=steps or self.num_blocks, context_length=context, **kwargs,
+                )  # fmt: skip
+            if isinstance(self.task, MaskedLM):
+                if prompt is not None:
+                    prompt = torch.as_tensor(prompt)
+                return self.task.generate(
+                    self._run_group, self.groups_of, prompt=prompt, steps=steps or 4 * self.num_blocks,
+                    device=self.device, **kwargs,
+                )  # fmt: skip
+            raise TypeError(f"generate() generates text; the task is {type(self.task).__name__}. Use sample().")
+        finally:
+            network.train(was_training)
 
     @torch.no_grad()
     def sample(

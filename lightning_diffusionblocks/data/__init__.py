@@ -4,8 +4,18 @@ from lightning_diffusionblocks.data.fashion_mnist import FashionMNISTDataModule,
 from lightning_diffusionblocks.data.idx import read_idx
 from lightning_diffusionblocks.data.loaders import EpochShuffleSampler, make_loader
 from lightning_diffusionblocks.data.mnist import IDXDataModule, MNISTDataModule, find_mnist_dir
+from lightning_diffusionblocks.data.text import (
+    CharTokenizer,
+    TextDataModule,
+    TextWindows,
+    find_kjv_file,
+    load_kjv,
+    read_text_file,
+    windows,
+)
 
 __all__ = [
+    "CharTokenizer",
     "EpochShuffleSampler",
     "FashionMNISTDataModule",
     "find_fashion_mnist_dir",
@@ -14,4 +24,10 @@ __all__ = [
     "MNISTDataModule",
     "find_mnist_dir",
     "read_idx",
+    "find_kjv_file",
+    "load_kjv",
+    "read_text_file",
+    "TextDataModule",
+    "TextWindows",
+    "windows",
 ]

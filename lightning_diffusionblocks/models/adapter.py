@@ -16,49 +16,16 @@ replaces the stack, and it never needs to know how the backbone builds its token
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from lightning_diffusionblocks.models.dit import NoiseEmbedding, modulate
-from lightning_diffusionblocks.partition import BlockStack, _get, find_block_stack
+from lightning_diffusionblocks.models.dit import NoiseEmbedding
+from lightning_diffusionblocks.models.stack_hooks import StackHooks, infer_width
+from lightning_diffusionblocks.partition import find_block_stack
 
 
-class _StackFinished(Exception):  # noqa: N818 - control flow, not an error
-    """Raised by the last block's hook to stop the backbone right after its stack."""
-
-    def __init__(self, output: Tensor) -> None:
-        super().__init__()
-        self.output = output
-
-
-class BlockModulation(nn.Module):
-    """shift, scale = Linear(SiLU(c)), zero-initialised: x ↦ x·(1 + scale) + shift."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.linear(F.silu(c)).chunk(2, dim=-1)
-        return modulate(x, shift, scale)
-
-
-def _infer_width(backbone: nn.Module) -> int:
-    for name in ("embed_dim", "num_features", "hidden_size", "d_model", "dim"):
-        value = getattr(backbone, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(
-        f"Cannot tell the token width of {type(backbone).__name__}; pass ConditioningAdapter(..., dim=<width>)."
-    )
-
-
-class ConditioningAdapter(nn.Module):
+class ConditioningAdapter(StackHooks, nn.Module):
     """σ-conditioned classifier around a plain backbone (see the module docstring).
 
     Args:
@@ -88,7 +55,7 @@ class ConditioningAdapter(nn.Module):
         self.block_path, blocks = find_block_stack(backbone, block_path)
         #: where DiffusionBlocks finds the stack inside the adapter
         self.diffusionblocks_stack_path = f"backbone.{self.block_path}"
-        self.dim = dim or _infer_width(backbone)
+        self.dim = dim or infer_width(backbone)
         self.num_classes = num_classes
         self.features = features if hasattr(backbone, features) else None
         self.learn_embedding = learn_embedding
@@ -105,49 +72,7 @@ class ConditioningAdapter(nn.Module):
         for layer in (self.final_ada, self.head):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        for index, block in enumerate(blocks):
-            block.add_module("noise_modulation", BlockModulation(d))
-            block.register_forward_pre_hook(self._enter_block, with_kwargs=True)
-            block.register_forward_hook(self._leave_block(index))
-        self._ctx: dict[str, Any] | None = None
-
-    # ------------------------------------------------------------------ hooks
-    def _enter_block(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        ctx = self._ctx
-        if ctx is None:
-            return None  # called outside the adapter: the backbone behaves as it always did
-        x = args[0]
-        if ctx["insert"] is not None:
-            token, ctx["insert"] = ctx["insert"], None
-            if x.ndim != 3 or x.shape[-1] != self.dim:
-                raise ValueError(
-                    f"The block stack receives shape {tuple(x.shape)}; the adapter needs (N, T, {self.dim}) tokens."
-                )
-            x = torch.cat([token.to(x.dtype), x], dim=1)
-        x = block.noise_modulation(x, ctx["c"].to(x.dtype))
-        return (x, *args[1:]), kwargs
-
-    def _leave_block(self, index: int):  # noqa: ANN202
-        def hook(block: nn.Module, args: tuple, output: Any) -> None:
-            ctx = self._ctx
-            if ctx is None:
-                return
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            if out.shape != args[0].shape:
-                raise ValueError(
-                    f"Block {index} ({type(block).__name__}) maps shape {tuple(args[0].shape)} to {tuple(out.shape)}."
-                    " DiffusionBlocks needs every block to keep the token count and width unchanged."
-                )
-            if index == ctx["last"]:
-                raise _StackFinished(out)
-
-        return hook
-
-    def _last_block(self) -> int:
-        stack = _get(self.backbone, self.block_path)
-        if isinstance(stack, BlockStack):
-            return stack.active_indices()[-1]
-        return len(stack) - 1
+        self.install_stack_hooks(blocks)
 
     def _check_inputs(self, inputs: Tensor) -> None:
         patch_embed = getattr(self.backbone, "patch_embed", None)
@@ -185,18 +110,9 @@ class ConditioningAdapter(nn.Module):
         c_out = sigma * sigma_data / (sigma**2 + sd2).sqrt()
         c_in = 1 / (sigma**2 + sd2).sqrt()
         c = self.noise_embed((sigma.log() / 4).flatten())
-        self._ctx = {"c": c, "insert": (c_in * z.float())[:, None, :] + self.target_pos, "last": self._last_block()}
-        try:
-            if self.features is not None:
-                getattr(self.backbone, self.features)(inputs)
-            else:
-                self.backbone(inputs)
-        except _StackFinished as done:
-            hidden = done.output
-        else:
-            raise RuntimeError(f"The backbone finished without running its block stack `{self.block_path}`.")
-        finally:
-            self._ctx = None
+        prepend = (c_in * z.float())[:, None, :] + self.target_pos
+        call = getattr(self.backbone, self.features) if self.features is not None else self.backbone
+        hidden = self.run_hooked(lambda: call(inputs), c, prepend)
         denoised = c_out * self.norm(hidden[:, 0].float()) + c_skip * z.float()
         shift, scale = self.final_ada(F.silu(c)).chunk(2, dim=-1)
         return self.head(denoised * (1 + scale) + shift)

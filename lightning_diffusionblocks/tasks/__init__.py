@@ -1,7 +1,9 @@
 """One class per DiffusionBlocks formulation."""
 
+from lightning_diffusionblocks.tasks.autoregressive_lm import AutoregressiveLM
 from lightning_diffusionblocks.tasks.base import Task
 from lightning_diffusionblocks.tasks.classification import Classification
 from lightning_diffusionblocks.tasks.image_generation import ImageGeneration
+from lightning_diffusionblocks.tasks.masked_lm import MaskedLM
 
-__all__ = ["Classification", "ImageGeneration", "Task"]
+__all__ = ["AutoregressiveLM", "Classification", "ImageGeneration", "MaskedLM", "Task"]

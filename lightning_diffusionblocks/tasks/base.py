@@ -13,6 +13,10 @@ from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 
 #: ``run(*inputs)`` calls the network (one group of it, or all of it) on the task's inputs.
 Runner = Callable[..., Any]
+#: ``run_group(g)`` is the runner of group g (None: the whole network, for end-to-end models).
+GroupRunner = Callable[[int | None], Runner]
+#: ``group_of(levels)`` gives the owning group of each noise level, or None for end-to-end models.
+GroupOf = Callable[[Tensor], Tensor | None]
 
 
 class Task(ABC):

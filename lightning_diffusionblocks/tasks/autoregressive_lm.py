@@ -1,0 +1,152 @@
+"""Autoregressive language modelling with DiffusionBlocks: each next token is denoised in B steps.
+
+Training (paper §5.4, App. B): the target of position i is the L2-normalised embedding e(x_i), noised to
+z_i = e(x_i) + σε; the network sees the clean tokens and all noisy targets at once (clean‖noisy layout,
+a noisy token attends to the clean tokens before it) and reads out logits; the loss is the σ-weighted
+cross-entropy. Generation: for every new token, start from z ~ N(0, σ_max²), walk the σ grid (default B
+steps, one per group) with Euler steps toward softmax(logits)·E, and decode the last step's logits
+greedily or with a temperature.
+
+Evaluation reports teacher-forced cross-entropies: at σ_max (the first group's prediction from the
+context alone) and after the whole sampling chain (the distribution the sampler draws from). Neither is
+a perplexity: the model defines no likelihood, and the chain's distribution depends on its noise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
+
+from lightning_diffusionblocks.noise import EDM, NoiseSchedule
+from lightning_diffusionblocks.tasks.base import GroupOf, GroupRunner, Runner, Task
+from lightning_diffusionblocks.tasks.masked_lm import token_batch
+
+Weighting = Literal["per_sample", "batch_mean", "none"]
+
+
+class AutoregressiveLM(Task):
+    """Batches are (N, L) token ids; the network is a
+    :class:`~lightning_diffusionblocks.models.diffusion_lm.DiffusionLM` with ``objective="autoregressive"``.
+
+    ``weighting`` as in :class:`~lightning_diffusionblocks.tasks.Classification`: ``"per_sample"`` is the
+    paper's w(σ)·CE.
+    """
+
+    def __init__(self, vocab_size: int, noise: NoiseSchedule = EDM, weighting: Weighting = "per_sample") -> None:
+        super().__init__(noise)
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
+        if weighting not in ("per_sample", "batch_mean", "none"):
+            raise ValueError(f"weighting must be 'per_sample', 'batch_mean' or 'none', got {weighting!r}.")
+        self.vocab_size, self.weighting = vocab_size, weighting
+
+    def batch_size(self, batch: Any) -> int:
+        return token_batch(batch, self.vocab_size).shape[0]
+
+    def loss(self, run: Runner, batch: Any, sigma: Tensor, generator: torch.Generator) -> Tensor:
+        tokens = token_batch(batch, self.vocab_size)
+        targets = run(mode="embeddings")[tokens]
+        eps = torch.randn(targets.shape, generator=generator, device=generator.device).to(targets)
+        z = targets + sigma.view(-1, 1, 1).to(targets) * eps
+        logits = run(tokens, z, level=sigma, sigma_data=self.noise.sigma_data)
+        ce = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none").mean(1)
+        if self.weighting == "per_sample":
+            return self.noise.loss_weight(sigma).to(ce.device) * ce
+        if self.weighting == "batch_mean":
+            return self.noise.loss_weight(sigma).mean().to(ce.device) * ce
+        return ce
+
+    def _denoise_chain(
+        self, run_group: GroupRunner, group_of: GroupOf, call: Any, shape: tuple[int, ...], steps: int, seed: int,
+        device: torch.device,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """Walk the σ grid for noisy targets of ``shape`` (…, D); ``call(run, z, sigma)`` gives logits.
+        Returns (logits of the first step, logits of the last step)."""
+        if steps < 1:
+            raise ValueError(f"Generation needs at least 1 diffusion step per token, got steps={steps}.")
+        sigmas = self.noise.inference_sigmas(steps).tolist()
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        z = (torch.randn(shape, generator=gen) * sigmas[0]).to(device)
+        first = logits = None
+        for i, sigma in enumerate(sigmas):
+            groups = group_of(torch.tensor([sigma], dtype=torch.float64))
+            run = run_group(None if groups is None else int(groups[0]))
+            logits = call(run, z, torch.full((shape[0],), sigma, device=device)).float()
+            first = logits if first is None else first
+            if i + 1 < len(sigmas):
+                denoised = logits.softmax(-1) @ run(mode="embeddings").float()
+                z = z + (sigmas[i + 1] - sigma) * (z - denoised) / sigma
+        assert first is not None
+        assert logits is not None
+        return first, logits
+
+    @torch.no_grad()
+    def evaluate(
+        self, run_group: GroupRunner, group_of: GroupOf, batch: Any, steps: int, seed: int = 0
+    ) -> dict[str, Tensor]:
+        """Teacher-forced per-sequence cross-entropy (nats/token) at σ_max and after the ``steps``-step
+        chain, and the chain's greedy next-token accuracy. Every position is denoised in parallel."""
+        tokens = token_batch(batch, self.vocab_size)
+        dim = run_group(None if group_of(torch.tensor([1.0])) is None else 0)(mode="embeddings").shape[1]
+        sd = self.noise.sigma_data
+
+        def call(run: Runner, z: Tensor, sigma: Tensor) -> Tensor:
+            return run(tokens, z, level=sigma, sigma_data=sd)
+
+        shape = (*tokens.shape, dim)
+        first, last = self._denoise_chain(run_group, group_of, call, shape, steps, seed, tokens.device)
+        ce = lambda logits: F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").mean(1)  # noqa: E731
+        accuracy = (last.argmax(-1) == tokens).float().mean(1)
+        return {"ce_sigma_max": ce(first), "ce_chain": ce(last), "accuracy_chain": accuracy}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        run_group: GroupRunner,
+        group_of: GroupOf,
+        prompt: Tensor,
+        steps: int,
+        context_length: int,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> Tensor:
+        """Continue ``prompt`` ((L,) or (N, L) ids) by ``max_new_tokens`` tokens, each denoised in ``steps``
+        σ steps by the groups that own them. ``temperature`` 0 decodes greedily (the paper)."""
+        prompt = torch.as_tensor(prompt)
+        if prompt.ndim == 1:
+            prompt = prompt[None]
+        if prompt.ndim != 2 or prompt.shape[1] == 0:
+            raise ValueError("The prompt is empty; generation needs at least one token to condition on.")
+        x = token_batch(prompt, self.vocab_size)
+        if x.shape[1] >= context_length:
+            raise ValueError(
+                f"The prompt has {x.shape[1]} tokens but the model's context holds {context_length} positions"
+                " (prompt + the token being generated). Shorten the prompt."
+            )
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        dim = run_group(None if group_of(torch.tensor([1.0])) is None else 0)(mode="embeddings").shape[1]
+        sd = self.noise.sigma_data
+        for i in range(max_new_tokens):
+            context = x[:, -(context_length - 1) :]
+
+            def call(run: Runner, z: Tensor, sigma: Tensor, context: Tensor = context) -> Tensor:
+                return run(context, z, level=sigma, sigma_data=sd, mode="next")
+
+            _, logits = self._denoise_chain(
+                run_group, group_of, call, (x.shape[0], 1, dim), steps, seed * 1_000_003 + i, x.device
+            )
+            logits = logits[:, 0]
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                nxt = torch.multinomial((logits / temperature).softmax(-1).cpu(), 1, generator=gen)[:, 0]
+            x = torch.cat([x, nxt.view(-1, 1).to(x.device)], dim=1)
+        return x
