@@ -19,6 +19,11 @@ import lightning_diffusionblocks as ldb
 
 def add_model_arguments(parser: argparse.ArgumentParser, dim: int, depth: int, heads: int) -> None:
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--model", default="dit", choices=["dit", "lm", "gpt2"],
+                        help="dit: image DiT; lm: our decoder LM (autoregressive, clean‖noisy layout);"
+                        " gpt2: a Hugging Face GPT-2 through DecoderAdapter")  # fmt: skip
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (lm, gpt2)")
+    parser.add_argument("--vocab", type=int, default=256, help="vocabulary size (lm, gpt2)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--patch", type=int, default=4)
     parser.add_argument("--dim", type=int, default=dim)
@@ -28,15 +33,34 @@ def add_model_arguments(parser: argparse.ArgumentParser, dim: int, depth: int, h
 
 
 def build_module(args: argparse.Namespace, num_blocks: int) -> ldb.DiffusionBlocksModule:
-    """The benchmark DiT (3-channel images, 10 classes) wrapped for ``num_blocks`` groups."""
+    """The benchmark model wrapped for ``num_blocks`` groups: a DiT (3-channel images, 10 classes) or a
+    decoder LM (autoregressive objective) of the same width and depth."""
     torch.manual_seed(0)
-    net = ldb.models.DiT(image_size=args.image_size, channels=3, patch=args.patch, dim=args.dim, depth=args.depth,
-                         heads=args.heads, num_classes=10)  # fmt: skip
-    return ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=num_blocks, stem="per_group")
+    model = getattr(args, "model", "dit")
+    if model == "dit":
+        net = ldb.models.DiT(image_size=args.image_size, channels=3, patch=args.patch, dim=args.dim,
+                             depth=args.depth, heads=args.heads, num_classes=10)  # fmt: skip
+        task: ldb.tasks.Task = ldb.tasks.ImageGeneration()
+    else:
+        if model == "lm":
+            net = ldb.models.TransformerLM(args.vocab, "autoregressive", dim=args.dim, depth=args.depth,
+                                           heads=args.heads, context_length=args.seq_len)  # fmt: skip
+        else:
+            import transformers
+
+            config = transformers.GPT2Config(vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.dim,
+                                             n_layer=args.depth, n_head=args.heads, bos_token_id=0, eos_token_id=0,
+                                             attn_implementation="sdpa")  # fmt: skip
+            net = ldb.models.DecoderAdapter(transformers.GPT2Model(config), args.vocab, "autoregressive")
+        task = ldb.tasks.AutoregressiveLM(args.vocab)
+    return ldb.DiffusionBlocksModule(net, task, num_blocks=num_blocks, stem="per_group")
 
 
 def synthetic_loader(args: argparse.Namespace, batches: int) -> DataLoader:
     g = torch.Generator().manual_seed(0)
+    if getattr(args, "model", "dit") != "dit":
+        tokens = torch.randint(0, args.vocab, (args.batch_size * batches, args.seq_len), generator=g)
+        return DataLoader(tokens, batch_size=args.batch_size)
     n, size = args.batch_size * batches, args.image_size
     images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
     return DataLoader(TensorDataset(images, torch.randint(0, 10, (n,), generator=g)), batch_size=args.batch_size)

@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py                       # CPU: disk offload, B in 2 3 4 6
     python benchmarks/memory.py --accelerator gpu     # GPU: pinned-CPU offload, adds CUDA peaks
+    python benchmarks/memory.py --model lm --seq-len 256   # a decoder LM (activation memory dominates)
 
 For every configuration a fresh Python process trains a few steps with `BlockMemoryMonitor` (and, for
 DiffusionBlocks, `BlockOffload`) under sequential phases, so each group is measured. It reports the
@@ -116,7 +117,8 @@ def main() -> None:
     table = markdown(rows, cuda)
     meta = machine("python benchmarks/memory.py " + " ".join(sys.argv[1:]), cuda)
     device = "cuda" if cuda else "cpu"
-    write_report(args.out, f"memory_{device}.json", {"meta": meta, "rows": rows, "table": table}, table)
+    name = f"memory_{device}.json" if args.model == "dit" else f"memory_{args.model}_{device}.json"
+    write_report(args.out, name, {"meta": meta, "rows": rows, "table": table}, table)
 
 
 if __name__ == "__main__":

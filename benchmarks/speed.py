@@ -64,6 +64,8 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.model != "dit":
+        p.error("speed.py times the image DiT (training and sampling); use --model dit (LMs: memory.py).")
     warm = 5
     B = args.blocks
 

@@ -28,6 +28,15 @@ def test_memory_benchmark(tmp_path):
     assert result["meta"]["command"].startswith("python benchmarks")
 
 
+def test_memory_benchmark_decoder_lm(tmp_path):
+    run("memory.py", "--model", "lm", "--blocks-list", "3", "--dim", "32", "--depth", "3", "--heads", "2",
+        "--seq-len", "64", "--batch-size", "4", "--out", str(tmp_path / "lm.json"))  # fmt: skip
+    rows = json.loads((tmp_path / "lm.json").read_text())["rows"]
+    e2e, db = rows[0]["worst"], rows[1]["worst"]
+    assert db["activations"] < 0.6 * e2e["activations"]  # one group of three: about a third
+    assert db["total"] < 0.6 * e2e["total"]
+
+
 def test_speed_benchmark(tmp_path):
     run("speed.py", "--steps", "3", "--steps-per-phase", "3", "--sample-steps", "4", "--out", str(tmp_path / "s.json"))
     result = json.loads((tmp_path / "s.json").read_text())["results"]
