@@ -14,3 +14,5 @@ python3 benchmarks/memory.py --accelerator gpu --image-size 32 --patch 2 --dim 1
 python3 benchmarks/speed.py --accelerator gpu --image-size 32 --patch 2 --dim 1024 --depth 24 --heads 16 \
   --batch-size 64 --blocks 3 --steps 30 --steps-per-phase 100 --sample-steps 50 --out "$OUT/speed_cuda.json" 2>&1 \
   | grep -v Warning | tail -8
+python3 benchmarks/memory.py --accelerator gpu --model lm --dim 1024 --depth 24 --heads 16 --seq-len 1024 \
+  --batch-size 8 --vocab 32000 --out "$OUT/memory_lm_cuda.json" 2>&1 | grep -v Warning | tail -12
