@@ -103,6 +103,21 @@ def test_autoregressive_mask_layout() -> None:
     assert noisy[:, 3:].equal(torch.eye(3, dtype=torch.bool))
 
 
+def test_rotary_scores_depend_only_on_relative_position() -> None:
+    from lightning_diffusionblocks.models.dit import rotary_tables, rotate
+
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(i: int, j: int) -> float:
+        cos, sin = rotary_tables(torch.tensor([i, j]), 8)
+        return float((rotate(q, cos[:1], sin[:1]) * rotate(k, cos[1:], sin[1:])).sum())
+
+    assert score(3, 1) == pytest.approx(score(13, 11), rel=1e-4)
+    assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+    with pytest.raises(ValueError, match="even width"):
+        TransformerLM(V, dim=30, heads=2)
+
+
 # ---------------------------------------------------------------------------- backbones: one harness
 @pytest.mark.parametrize("name", params(*BACKBONES))
 def test_autoregressive_layout_never_sees_the_future(name: str) -> None:

@@ -29,6 +29,23 @@ def sincos_2d(dim: int, grid: int) -> Tensor:
     return torch.cat(parts, dim=1).float()
 
 
+def rotary_tables(positions: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """(cos, sin), each (T, head_dim), of the rotary position embedding for integer ``positions`` (T,)."""
+    if head_dim % 2:
+        raise ValueError(f"Rotary position embedding needs an even head width, got {head_dim}.")
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv[None]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Apply the rotary embedding to queries or keys ``x`` (N, H, T, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).to(x.dtype)
+
+
 class NoiseEmbedding(nn.Module):
     """Sinusoidal features of c_noise = ¼·ln σ (≈ −1.6 … 1.1) followed by an MLP."""
 
@@ -53,10 +70,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``mask``: boolean (T, T) or (N, 1, T, T), True where a query may attend to a key."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``mask``: boolean (T, T) or (N, 1, T, T), True where a query may attend to a key. ``rope``: the
+        (cos, sin) tables of :func:`rotary_tables` for the tokens' positions (rotary position embedding)."""
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
@@ -75,9 +95,11 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
 
-    def forward(self, x: Tensor, c: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, c: Tensor, mask: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), mask)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), mask, rope)
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
