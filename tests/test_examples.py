@@ -134,3 +134,21 @@ def test_readme_language_model_snippet_runs() -> None:
     scope = {"L": L, "ldb": ldb}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
     assert scope["ids"].shape == (1, len("And God said") + 3)
+
+
+@pytest.mark.parametrize(("script", "backbone"), [("text_mdm.py", "gpt2"), ("text_ar.py", "llama")])
+def test_text_examples_run_with_hugging_face_backbones(tmp_path: Path, script: str, backbone: str) -> None:
+    pytest.importorskip("transformers")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Blessed are the meek: for they shall inherit the earth.\n" * 300, encoding="utf-8")
+    cmd = [sys.executable, str(ROOT / "examples" / script), "--backbone", backbone, "--strategy", "diffusionblocks",
+           "--data", str(corpus), "--steps", "2", "--dim", "32", "--depth", "4", "--heads", "2", "--seq-len", "32",
+           "--batch-size", "4", "--eval-batches", "1", "--samples", "1", "--sample-steps", "2", "--json",
+           str(tmp_path / "r.json")]  # fmt: skip
+    if script == "text_ar.py":
+        cmd += ["--prompt-chars", "8", "--new-chars", "4"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DiffusionBlocks:" in result.stdout
+    row = json.loads((tmp_path / "r.json").read_text())["results"]["diffusionblocks"]
+    assert row["steps"] == 2 * (4 if script == "text_ar.py" else 3)  # the paper's B per objective
