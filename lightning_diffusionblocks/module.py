@@ -325,9 +325,11 @@ class DiffusionBlocksModule(L.LightningModule):
         network.eval()
         try:
             if isinstance(self.task, MaskedLM):
-                return self.task.evaluate(self._run_group, self.groups_of, batch, samples or 2 * self.num_blocks, seed)
+                samples = 2 * self.num_blocks if samples is None else samples
+                return self.task.evaluate(self._run_group, self.groups_of, batch, samples, seed)
             if isinstance(self.task, AutoregressiveLM):
-                return self.task.evaluate(self._run_group, self.groups_of, batch, steps or self.num_blocks, seed)
+                steps = self.num_blocks if steps is None else steps
+                return self.task.evaluate(self._run_group, self.groups_of, batch, steps, seed)
             raise TypeError(f"evaluate_batch() evaluates language models; the task is {type(self.task).__name__}.")
         finally:
             network.train(was_training)
@@ -352,14 +354,14 @@ class DiffusionBlocksModule(L.LightningModule):
                     raise ValueError("The network has no `context_length`; use a DiffusionLM network.")
                 return self.task.generate(
                     self._run_group, self.groups_of, torch.as_tensor(prompt, device=self.device),
-                    steps=steps or self.num_blocks, context_length=context, **kwargs,
+                    steps=self.num_blocks if steps is None else steps, context_length=context, **kwargs,
                 )  # fmt: skip
             if isinstance(self.task, MaskedLM):
                 if prompt is not None:
                     prompt = torch.as_tensor(prompt)
                 return self.task.generate(
-                    self._run_group, self.groups_of, prompt=prompt, steps=steps or 4 * self.num_blocks,
-                    device=self.device, **kwargs,
+                    self._run_group, self.groups_of, prompt=prompt,
+                    steps=4 * self.num_blocks if steps is None else steps, device=self.device, **kwargs,
                 )  # fmt: skip
             raise TypeError(f"generate() generates text; the task is {type(self.task).__name__}. Use sample().")
         finally:
@@ -421,9 +423,8 @@ class DiffusionBlocksModule(L.LightningModule):
         was_training = network.training
         network.eval()
         try:
-            return self.task.predict(
-                lambda group: partial(network, group=group), self.route, inputs, steps or self.num_blocks, seed
-            )
+            steps = self.num_blocks if steps is None else steps
+            return self.task.predict(lambda group: partial(network, group=group), self.route, inputs, steps, seed)
         finally:
             network.train(was_training)
 

@@ -129,7 +129,7 @@ def test_classification_bad_input():
     with pytest.raises(ValueError, match=r"Labels must be in \[0, 4\); got \[7\]"):
         module.group_loss(module.network, (torch.randn(2, 1, 16, 16), torch.tensor([1, 7])), 0, gen)
     with pytest.raises(ValueError, match="at least 1 inference step"):
-        module.predict_proba(torch.randn(2, 1, 16, 16), steps=-1)
+        module.predict_proba(torch.randn(2, 1, 16, 16), steps=0)  # not replaced by the default
     with pytest.raises(ValueError, match=r"Images are \(24, 24\) but the backbone was built for \(16, 16\)"):
         module.predict_proba(torch.randn(2, 1, 24, 24))  # the backbone was built for 16×16 images
     with pytest.raises(ValueError, match="learn_embedding=False"):

@@ -332,7 +332,11 @@ def test_empty_prompts_and_zero_steps_are_refused() -> None:
     with pytest.raises(ValueError, match="prompt is empty"):
         mdm.generate([], num_samples=1, length=4)
     with pytest.raises(ValueError, match="at least 1 step"):
-        mdm.generate(num_samples=1, length=4, steps=-2)
+        mdm.generate(num_samples=1, length=4, steps=0)  # 0 is refused, not replaced by the default
+    with pytest.raises(ValueError, match="at least 1 diffusion step"):
+        ar.evaluate_batch(torch.zeros(1, 4, dtype=torch.long), steps=0)
+    with pytest.raises(ValueError, match="at least 1 masking time"):
+        mdm.evaluate_batch(torch.zeros(1, 4, dtype=torch.long), samples=0)
 
 
 @needs_hf

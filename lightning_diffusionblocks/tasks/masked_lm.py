@@ -75,6 +75,8 @@ class MaskedLM(Task):
     ) -> dict[str, Tensor]:
         """Negative ELBO per sequence (nats/token) and bits per token, from ``samples`` stratified t per
         sequence (slice k of [t_min, 1] in round k), each routed to the group that owns it."""
+        if samples < 1:
+            raise ValueError(f"The ELBO estimate needs at least 1 masking time per sequence, got samples={samples}.")
         tokens = token_batch(batch, self.vocab_size)
         n = tokens.shape[0]
         gen = torch.Generator(device=tokens.device).manual_seed(seed)
