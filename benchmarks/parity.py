@@ -167,7 +167,7 @@ def classification(args: argparse.Namespace) -> dict:
     extra = ["--data-dir", args.fashion_dir] if args.fashion_dir else []
     if args.quick:
         extra += ["--depth", "3", "--dim", "24", "--heads", "2", "--batch-size", "16", "--test-batches", "2"]
-    run_example("classification.py", "--strategy", "both", "--steps", str(args.cls_steps), "--json", str(out), *extra)
+    run_example("classification.py", "--strategy", "all", "--steps", str(args.cls_steps), "--json", str(out), *extra)
     return json.loads(out.read_text())
 
 
@@ -307,7 +307,8 @@ def main() -> None:
         report["classification"] = res = classification(args)
         acc = {k: v["accuracy"] for k, v in res["results"].items()}
         print(f"classification accuracy: DiffusionBlocks {acc['diffusionblocks']:.4f}, end-to-end {acc['auto']:.4f},"
-              f" ratio {acc['diffusionblocks'] / max(acc['auto'], 1e-9):.3f} (target ≥ 0.97)")  # fmt: skip
+              f" ratio {acc['diffusionblocks'] / max(acc['auto'], 1e-9):.3f} (target ≥ 0.97); plain ViT"
+              f" {acc['plain']:.4f}, ratio {acc['diffusionblocks'] / max(acc['plain'], 1e-9):.3f}")  # fmt: skip
     args.text_steps = {"masked": args.mdm_steps, "autoregressive": args.ar_steps}
     for objective, names in (("masked", ("all", "text", "text-mdm")), ("autoregressive", ("all", "text", "text-ar"))):
         if args.task in names:

@@ -3,28 +3,34 @@
     python examples/classification.py                          # both, same model, same layer evaluations
     python examples/classification.py --strategy diffusionblocks
     python examples/classification.py --strategy auto --data mnist
+    python examples/classification.py --strategy plain         # the paper's baseline: plain ViT, cross-entropy
 
 The timm backbone is made σ-aware by `ConditioningAdapter` without changing timm. DiffusionBlocks gets
 B× the optimizer steps of the end-to-end run (each of its steps runs L/B layers), so both see the same
-number of layer evaluations. Prints the test accuracy of each run.
+number of layer evaluations. `--strategy plain` trains the same timm ViT with its own head and plain
+cross-entropy (no noise, no label token) for the end-to-end number of steps: the paper's baseline.
+Prints the test accuracy of each run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 import lightning as L
 import timm
+import torch
 
 import lightning_diffusionblocks as ldb
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", default="both", choices=["both", "diffusionblocks", "auto"])
+    p.add_argument("--strategy", default="both", choices=["both", "all", "diffusionblocks", "auto", "plain"],
+                   help="both = diffusionblocks + auto; all adds plain")  # fmt: skip
     p.add_argument("--data", default="fashion", choices=["fashion", "mnist"])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", default="vit_tiny_patch16_224", help="any timm vit_*/deit_* name")
@@ -44,10 +50,47 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+class PlainClassifier(L.LightningModule):
+    """The paper's baseline: the timm backbone with its own linear head, trained with cross-entropy."""
+
+    def __init__(self, backbone: torch.nn.Module, lr: float, warmup: int, steps: int) -> None:
+        super().__init__()
+        self.backbone, self.lr, self.warmup, self.steps = backbone, lr, warmup, steps
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.backbone(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/acc", (self.backbone(x).argmax(-1) == y).float().mean(), prog_bar=True)
+
+    def configure_optimizers(self) -> dict:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+        def factor(step: int) -> float:  # the same warmup + cosine to 0.1 as DiffusionBlocksModule
+            if step < self.warmup:
+                return (step + 1) / self.warmup
+            progress = min((step - self.warmup) / max(self.steps - self.warmup, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
+                                                   "interval": "step"}}  # fmt: skip
+
+    def predict_proba(self, x: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.backbone.eval()(x).softmax(-1)
+
+
 def run(args: argparse.Namespace, strategy: str) -> dict[str, float]:
     L.seed_everything(args.seed, verbose=False)
-    backbone = timm.create_model(args.model, pretrained=False, num_classes=0, img_size=28, patch_size=args.patch,
-                                 in_chans=1, depth=args.depth, embed_dim=args.dim, num_heads=args.heads)  # fmt: skip
+    backbone = timm.create_model(args.model, pretrained=False, num_classes=10 if strategy == "plain" else 0,
+                                 img_size=28, patch_size=args.patch, in_chans=1, depth=args.depth,
+                                 embed_dim=args.dim, num_heads=args.heads)  # fmt: skip
+    if strategy == "plain":
+        return fit_and_test(args, PlainClassifier(backbone, args.lr, 100, args.steps), "auto", args.steps)
     net = ldb.models.ConditioningAdapter(backbone, num_classes=10)
     task = ldb.tasks.Classification(10, weighting=args.weighting)
     module = ldb.DiffusionBlocksModule(
@@ -60,9 +103,14 @@ def run(args: argparse.Namespace, strategy: str) -> dict[str, float]:
         lr_schedule="cosine",
         seed=args.seed,
     )
+    steps = args.steps * (args.num_blocks if strategy == "diffusionblocks" else 1)
+    return fit_and_test(args, module, strategy, steps)
+
+
+def fit_and_test(args: argparse.Namespace, module: L.LightningModule, strategy: str, steps: int) -> dict[str, float]:
+    """Train ``module`` for ``steps`` steps, then measure test accuracy."""
     data_cls = ldb.data.FashionMNISTDataModule if args.data == "fashion" else ldb.data.MNISTDataModule
     data = data_cls(args.data_dir, batch_size=args.batch_size, seed=args.seed)
-    steps = args.steps * (args.num_blocks if strategy == "diffusionblocks" else 1)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=steps, logger=False,
                         enable_checkpointing=False, limit_val_batches=2, val_check_interval=min(500, steps),
                         check_val_every_n_epoch=None)  # fmt: skip
@@ -82,17 +130,20 @@ def run(args: argparse.Namespace, strategy: str) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    strategies = ["diffusionblocks", "auto"] if args.strategy == "both" else [args.strategy]
+    strategies = {"both": ["diffusionblocks", "auto"], "all": ["diffusionblocks", "auto", "plain"]}.get(
+        args.strategy, [args.strategy]
+    )
     results = {s: run(args, s) for s in strategies}
     for s, r in results.items():
-        name = "DiffusionBlocks" if s == "diffusionblocks" else "end-to-end"
+        name = {"diffusionblocks": "DiffusionBlocks", "auto": "end-to-end", "plain": "plain ViT (CE)"}[s]
         print(f"{name:>16}: test accuracy {r['accuracy']:.4f} on {r['test_images']} images"
               f" ({r['steps']} steps, {r['train_seconds']:.0f} s)")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    if len(results) == 2:
-        ratio = results["diffusionblocks"]["accuracy"] / max(results["auto"]["accuracy"], 1e-9)
-        print(f"accuracy ratio DiffusionBlocks / end-to-end: {ratio:.3f}")
+    for baseline, label in (("auto", "end-to-end"), ("plain", "plain ViT")):
+        if "diffusionblocks" in results and baseline in results:
+            ratio = results["diffusionblocks"]["accuracy"] / max(results[baseline]["accuracy"], 1e-9)
+            print(f"accuracy ratio DiffusionBlocks / {label}: {ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def test_parity_quick(tmp_path, mnist_dir):
     assert all(r["fid"] >= 0 and 0 <= r["class_accuracy"] <= 1 for r in rows)
     cls = report["classification"]["results"]
     assert cls["diffusionblocks"]["steps"] == 3 * cls["auto"]["steps"]
+    assert cls["plain"]["steps"] == cls["auto"]["steps"]
     for key, blocks in (("text_masked", 3), ("text_autoregressive", 4)):
         text = report[key]["results"]
         assert text["diffusionblocks"]["steps"] == blocks * text["auto"]["steps"]
