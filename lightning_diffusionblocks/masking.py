@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_diffusionblocks.noise import owning_group
+from lightning_diffusionblocks.noise import GroupRouting
 
 
 @dataclass(frozen=True)
-class MaskingSchedule:
+class MaskingSchedule(GroupRouting):
     """Linear masking schedule α(t) = 1 − t on [t_min, 1].
 
     ``t_min`` keeps the 1/t ELBO weight finite; the part of the ELBO below it is ~t_min × the per-token
@@ -75,10 +75,6 @@ class MaskingSchedule:
         hi = float(boundaries[num_groups - group])
         pad = gamma * (hi - lo)
         return max(lo - pad, self.t_min), min(hi + pad, 1.0)
-
-    def group_of(self, t: Tensor, boundaries: Tensor) -> Tensor:
-        """Group index (0 = most masked) owning each t; a t on a boundary goes to the less-masked group."""
-        return owning_group(t, boundaries)
 
     def sample(
         self,

@@ -20,19 +20,22 @@ from torch import Tensor
 Partition = Literal["equiprobable", "uniform_log", "linear"]
 
 
-def owning_group(level: Tensor, boundaries: Tensor) -> Tensor:
-    """Group index (0 = highest noise) owning each noise level, given B+1 ascending boundaries.
+class GroupRouting:
+    """Routing shared by every noise schedule (σ of EDM, t of masked diffusion)."""
 
-    A level on a boundary goes to the lower-noise group. Shared by every noise schedule.
-    """
-    num_groups = len(boundaries) - 1
-    inner = boundaries[1:-1].to(dtype=torch.float64, device=level.device)
-    bucket = torch.bucketize(level.to(torch.float64), inner, right=False)  # 0 = lowest noise; b < x <= b'
-    return (num_groups - 1 - bucket).clamp_(0, num_groups - 1)
+    def group_of(self, level: Tensor, boundaries: Tensor) -> Tensor:
+        """Group index (0 = highest noise) owning each noise level, given B+1 ascending boundaries.
+
+        A level on a boundary goes to the lower-noise group.
+        """
+        num_groups = len(boundaries) - 1
+        inner = boundaries[1:-1].to(dtype=torch.float64, device=level.device)
+        bucket = torch.bucketize(level.to(torch.float64), inner, right=False)  # 0 = lowest noise; b < x <= b'
+        return (num_groups - 1 - bucket).clamp_(0, num_groups - 1)
 
 
 @dataclass(frozen=True)
-class NoiseSchedule:
+class NoiseSchedule(GroupRouting):
     """EDM log-normal training distribution and preconditioning constants (paper defaults)."""
 
     p_mean: float = -1.2
@@ -95,10 +98,6 @@ class NoiseSchedule:
         hi = float(boundaries[num_groups - group])
         alpha = (hi / lo) ** gamma
         return max(lo / alpha, self.sigma_min), min(hi * alpha, self.sigma_max)
-
-    def group_of(self, sigma: Tensor, boundaries: Tensor) -> Tensor:
-        """Group index (0 = highest noise) owning each σ; a σ on a boundary goes to the lower-noise group."""
-        return owning_group(sigma, boundaries)
 
     # --- sampling σ ---------------------------------------------------------------------------
     def sample(
