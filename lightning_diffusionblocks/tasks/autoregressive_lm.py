@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
-from lightning_diffusionblocks.tasks.base import GroupOf, GroupRunner, Runner, Task
+from lightning_diffusionblocks.tasks.base import GroupOf, GroupRunner, Runner, Task, runner_at
 from lightning_diffusionblocks.tasks.masked_lm import token_batch
 
 Weighting = Literal["per_sample", "batch_mean", "none"]
@@ -72,8 +72,7 @@ class AutoregressiveLM(Task):
         z = (torch.randn(shape, generator=gen) * sigmas[0]).to(device)
         first = logits = None
         for i, sigma in enumerate(sigmas):
-            groups = group_of(torch.tensor([sigma], dtype=torch.float64))
-            run = run_group(None if groups is None else int(groups[0]))
+            run = runner_at(run_group, group_of, sigma)
             logits = call(run, z, torch.full((shape[0],), sigma, device=device)).float()
             first = logits if first is None else first
             if i + 1 < len(sigmas):
@@ -90,7 +89,7 @@ class AutoregressiveLM(Task):
         """Teacher-forced per-sequence cross-entropy (nats/token) at σ_max and after the ``steps``-step
         chain, and the chain's greedy next-token accuracy. Every position is denoised in parallel."""
         tokens = token_batch(batch, self.vocab_size)
-        dim = run_group(None if group_of(torch.tensor([1.0])) is None else 0)(mode="embeddings").shape[1]
+        dim = runner_at(run_group, group_of, self.noise.sigma_max)(mode="embeddings").shape[1]
         sd = self.noise.sigma_data
 
         def call(run: Runner, z: Tensor, sigma: Tensor) -> Tensor:
@@ -132,7 +131,7 @@ class AutoregressiveLM(Task):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}.")
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        dim = run_group(None if group_of(torch.tensor([1.0])) is None else 0)(mode="embeddings").shape[1]
+        dim = runner_at(run_group, group_of, self.noise.sigma_max)(mode="embeddings").shape[1]
         sd = self.noise.sigma_data
         for i in range(max_new_tokens):
             context = x[:, -(context_length - 1) :]

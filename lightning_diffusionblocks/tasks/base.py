@@ -19,6 +19,13 @@ GroupRunner = Callable[[int | None], Runner]
 GroupOf = Callable[[Tensor], Tensor | None]
 
 
+def runner_at(run_group: GroupRunner, group_of: GroupOf, level: float) -> Runner:
+    """The runner of the group owning noise level ``level``, looked up in float64 so grid points that sit
+    exactly on a boundary route as documented."""
+    groups = group_of(torch.tensor([level], dtype=torch.float64))
+    return run_group(None if groups is None else int(groups[0]))
+
+
 class Task(ABC):
     """One DiffusionBlocks formulation (image generation, classification, language modelling, …)."""
 

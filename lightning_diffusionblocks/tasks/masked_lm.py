@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from lightning_diffusionblocks.masking import LINEAR_MASKING, MaskingSchedule
-from lightning_diffusionblocks.tasks.base import GroupOf, GroupRunner, Runner, Task
+from lightning_diffusionblocks.tasks.base import GroupOf, GroupRunner, Runner, Task, runner_at
 
 
 def token_batch(batch: Any, vocab_size: int) -> Tensor:
@@ -131,8 +131,7 @@ class MaskedLM(Task):
         grid = self.noise.grid(steps).tolist()
         for t, s in zip(grid[:-1], grid[1:]):
             level = torch.full((num_samples,), t, device=device)
-            groups = group_of(torch.tensor([t], dtype=torch.float64))  # exact grid point, not float32
-            logits = run_group(None if groups is None else int(groups[0]))(x, level=level).float()
+            logits = runner_at(run_group, group_of, t)(x, level=level).float()
             if temperature == 0:
                 proposal = logits.argmax(-1)
             else:
