@@ -71,7 +71,9 @@ def build_net(args: argparse.Namespace, objective: str, vocab: int) -> torch.nn.
     return ldb.models.DecoderAdapter(transformers.LlamaModel(config), vocab, objective)
 
 
-def evaluate(module: ldb.DiffusionBlocksModule, data: ldb.data.TextDataModule, batches: int) -> dict[str, float]:
+def evaluate(
+    module: ldb.DiffusionBlocksModule, data: ldb.data.TextDataModule, batches: int, objective: str
+) -> dict[str, float]:
     """Mean per-token metrics over the first ``batches`` test batches (nats, and bits per character)."""
     sums: dict[str, float] = {}
     count = 0
@@ -79,8 +81,8 @@ def evaluate(module: ldb.DiffusionBlocksModule, data: ldb.data.TextDataModule, b
         if i >= batches:
             break
         batch = batch.to(module.device)
-        samples = 4 * module.num_blocks  # masked: masking times per sequence
-        for name, value in module.evaluate_batch(batch, samples=samples, seed=i).items():
+        options = {"samples": 4 * module.num_blocks} if objective == "masked" else {}  # masking times per sequence
+        for name, value in module.evaluate_batch(batch, seed=i, **options).items():
             sums[name] = sums.get(name, 0.0) + float(value.sum())
         count += batch.shape[0]
     out = {name: total / count for name, total in sums.items()}
@@ -139,7 +141,7 @@ def run(args: argparse.Namespace, objective: str, strategy: str, data: ldb.data.
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
-    metrics = evaluate(module, data, args.eval_batches)
+    metrics = evaluate(module, data, args.eval_batches, objective)
     lines = generate(module, data, args, objective)
     layers_per_step = args.depth / args.num_blocks if strategy == "diffusionblocks" else args.depth
     return {"steps": steps, "layer_evaluations": int(steps * layers_per_step), "train_seconds": seconds,

@@ -1,67 +1,98 @@
-"""`DiffusionBlocksModule`: a LightningModule that trains a stacked-block network group by group.
+"""`DiffusionBlocksModule`: the Lightning wiring of block-wise training; the task does the rest.
 
-Trained with ``strategy="diffusionblocks"`` each step trains the one group the strategy picked, on its
-own slice of noise levels. Trained with any other strategy (``"auto"``) the same module is the
-end-to-end baseline: every layer, the full noise range. One switch, same model, same data.
+Trained with a DiffusionBlocks strategy, each step trains the one group the strategy's schedule picks,
+on its own slice of noise levels. Trained with any other strategy (``"auto"``) the same module is the
+end-to-end baseline: every layer, the full noise range. How a model was trained is recorded in the
+module (``trained_blockwise``) and decides routing everywhere — training, validation, sampling,
+prediction — whatever Trainer runs it. The strategy hands the module its schedule; the module never
+asks which strategy trains it, and it knows no concrete task: validation metrics and inference belong
+to the task, which is given a :class:`~lightning_diffusionblocks.routing.Router`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_diffusionblocks.noise import Partition
 from lightning_diffusionblocks.partition import BlockwiseNetwork, StemMode
-from lightning_diffusionblocks.sampling import euler_sample
-from lightning_diffusionblocks.schedules import step_seed
-from lightning_diffusionblocks.tasks.autoregressive_lm import AutoregressiveLM
+from lightning_diffusionblocks.records import RecordError, build, is_plain, record_of
+from lightning_diffusionblocks.routing import Router
+from lightning_diffusionblocks.schedules import Schedule, step_seed
 from lightning_diffusionblocks.tasks.base import Task
-from lightning_diffusionblocks.tasks.classification import Classification
-from lightning_diffusionblocks.tasks.image_generation import ImageGeneration
-from lightning_diffusionblocks.tasks.masked_lm import MaskedLM
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
+#: the owner of an optimizer param group: a block group's index, or SHARED for the shared stem/head
+SHARED = -1
+MAX_GAMMA = 0.5
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; training stops before the bad step touches any weight."""
 
 
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint could not be read safely or does not fit this module."""
+
+
+def _check_options(num_blocks: Any, gamma: float, lr: float, warmup_steps: int, min_lr_ratio: float) -> None:
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
+        raise TypeError(f"num_blocks must be an integer number of groups, got {num_blocks!r}.")
+    if not 0.0 <= gamma < MAX_GAMMA:
+        raise ValueError(
+            f"gamma={gamma} is outside [0, {MAX_GAMMA}): the overlap widens each group's range by gamma x its log-width"
+            f" on both sides, so gamma >= {MAX_GAMMA} lets neighbouring ranges swallow each other and removes the"
+            " partition. The paper uses 0.05 (0.1 in its ablation)."
+        )
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}.")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}.")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}.")
+
+
 class DiffusionBlocksModule(L.LightningModule):
     """Wrap ``net`` (a model with a block stack) and a :class:`~lightning_diffusionblocks.tasks.Task`.
 
     Args:
-        net: the network; its block stack is found at ``block_path`` or a well-known attribute.
-        task: what to learn (e.g. ``ImageGeneration()``).
+        net: the network; its block stack is found at ``block_path`` or a well-known attribute. A
+            ``{"class_path": ..., "init_args": {...}}`` dict builds it (LightningCLI's shape).
+        task: what to learn (e.g. ``ImageGeneration()``); a ``class_path`` dict builds it.
         num_blocks: B, the number of groups the stack is cut into.
         group_sizes: explicit layers per group (first = highest noise); default an even split.
         stem: ``"per_group"`` (each group owns its stem/head; safe for any schedule) or ``"shared"``
             (the official code's choice; random schedule only).
         partition: how noise levels are cut: ``"equiprobable"`` (paper), ``"uniform_log"``, ``"linear"``.
-        gamma: overlap of neighbouring noise ranges (paper default 0.05).
+        gamma: overlap of neighbouring noise ranges, in [0, 0.5) (paper default 0.05).
         lr, weight_decay, betas: AdamW settings (ignored when ``optimizer`` is given).
         warmup_steps, lr_schedule, min_lr_ratio: learning rate per group, counted in that group's own steps.
-        gradient_clip_val: clip each group's gradient norm separately (Trainer-level clipping does not
-            apply, the module optimises manually).
+        gradient_clip_val: clip each group's gradient norm separately (use this instead of the Trainer's
+            ``gradient_clip_val``: the module optimises manually, one group at a time).
         ema_decay: keep an exponential moving average of the weights, used for sampling and validation.
-        optimizer: ``factory(param_groups) -> Optimizer`` to replace AdamW.
-        seed: seeds the noise of every step (a step is a pure function of ``(seed, global_step)``).
+        optimizer: ``factory(param_groups) -> Optimizer`` to replace AdamW. It receives one param group per
+            block group (``name`` "group_k", plus "shared"); it may split each further (e.g. decay / no-decay)
+            but must not mix two groups' parameters in one param group.
+        seed: seeds the noise of every step (a step is a pure function of ``(seed, step)``).
     """
 
     def __init__(
         self,
-        net: nn.Module,
-        task: Task,
+        net: nn.Module | dict[str, Any],
+        task: Task | dict[str, Any],
         num_blocks: int = 3,
         group_sizes: Sequence[int] | None = None,
         block_path: str | None = None,
@@ -80,10 +111,15 @@ class DiffusionBlocksModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        net = _built(net, "net", nn.Module)
+        task = _built(task, "task", Task)
         if not isinstance(task, Task):
             raise TypeError(
                 f"task must be a lightning_diffusionblocks Task (e.g. ImageGeneration()), got {type(task)}."
             )
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be an nn.Module with a block stack, got {type(net).__name__}.")
+        _check_options(num_blocks, gamma, lr, warmup_steps, min_lr_ratio)
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
@@ -93,33 +129,30 @@ class DiffusionBlocksModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net", "task", "optimizer"])
         self.automatic_optimization = False
         self.task = task
-        if stem == "per_group" and getattr(net, "learn_target_embedding", False):
-            raise ValueError(
-                "With stem='per_group' every group owns a copy of the target embedding, so learned copies would"
-                " drift into incompatible target spaces. Use stem='shared' or learn_target_embedding=False."
-            )
-        if isinstance(task, Classification) and stem == "per_group" and getattr(net, "learn_embedding", False):
-            raise ValueError(
-                "With stem='per_group' every group owns a copy of the label embedding, so learned copies would drift"
-                " into incompatible target spaces. Use stem='shared' (the official code) or"
-                " ConditioningAdapter(..., learn_embedding=False)."
-            )
+        for flag in ("learn_target_embedding", "learn_embedding"):
+            if stem == "per_group" and getattr(net, flag, False):
+                raise ValueError(
+                    f"With stem='per_group' every group owns a copy of the target embedding, so learned copies would"
+                    f" drift into incompatible target spaces. Use stem='shared' (the official code) or build the"
+                    f" network with {flag}=False."
+                )
         self.network = BlockwiseNetwork(net, num_blocks, group_sizes, block_path, stem)
+        task.bind(net)
         self.boundaries = task.noise.boundaries(num_blocks, partition)
         self.ranges = [task.noise.group_range(self.boundaries, g, gamma) for g in range(num_blocks)]
         self.ema_network = copy.deepcopy(self.network).requires_grad_(False) if ema_decay else None
         self.optimizer_factory = optimizer
         self.register_buffer("group_steps", torch.zeros(num_blocks, dtype=torch.long))
+        #: optimizer steps taken over every fit (a second fit continues the noise instead of replaying it)
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        #: how the model was trained: True = each level is served by its own group (routing follows this)
         self.register_buffer("trained_blockwise", torch.tensor(True))
-        #: group trained at the current step (set by the DiffusionBlocks strategy); None = end-to-end
-        self.active_group: int | None = None
+        #: per group (and the shared stem, last) the step count at which its LR schedule ends
+        self.register_buffer("lr_horizons", torch.zeros(num_blocks + 1, dtype=torch.float64))
         #: the group the last training step trained (None: end-to-end), for callbacks after the step
         self.last_group: int | None = None
-        self._decay_steps: list[float] = [1.0] * (num_blocks + 1)
-        if isinstance(task, Classification):
-            from torchmetrics.classification import MulticlassAccuracy
-
-            self.val_accuracy = MulticlassAccuracy(num_classes=task.num_classes, average="micro")
+        self._schedule: Schedule | None = None
+        self._owners: tuple[int, list[int]] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -128,17 +161,88 @@ class DiffusionBlocksModule(L.LightningModule):
 
     @property
     def blockwise(self) -> bool:
-        """True while trained by a DiffusionBlocks strategy (False: end-to-end baseline)."""
-        trainer = self._trainer
-        if trainer is None:
-            return bool(self.trained_blockwise)
-        from lightning_diffusionblocks.strategy import DiffusionBlocksStrategy
-
-        return isinstance(trainer.strategy, DiffusionBlocksStrategy)
+        """True when each noise level is served by its own group (the model was, or is being, trained block-wise)."""
+        return bool(self.trained_blockwise)
 
     @property
     def sampling_network(self) -> BlockwiseNetwork:
         return self.ema_network if self.ema_network is not None else self.network
+
+    def use_schedule(self, schedule: Schedule | None) -> None:
+        """Called by a DiffusionBlocks strategy before fit (and with None after): which group trains at each step."""
+        if schedule is not None and schedule.num_groups != self.num_blocks:
+            raise MisconfigurationException(
+                f"The schedule is built for {schedule.num_groups} groups but the module has"
+                f" num_blocks={self.num_blocks}."
+            )
+        self._schedule = schedule
+
+    def group_at(self, step: int | None = None) -> int | None:
+        """The group trained at module step ``step`` (default the coming one); None when training end-to-end."""
+        if self._schedule is None:
+            return None
+        return self._schedule.group_at(int(self.step_count) if step is None else step)
+
+    # ------------------------------------------------------------------ routing and evaluation
+    def router(self, network: BlockwiseNetwork | None = None) -> Router:
+        """Noise level → the runner of its group (one entry for an end-to-end model)."""
+        network = self.sampling_network if network is None else network
+        boundaries = self.boundaries if self.blockwise else None
+        return Router(lambda group: partial(network, group=group), self.task.noise, boundaries, self.device)
+
+    @contextmanager
+    def evaluating(self) -> Iterator[Router]:
+        """Eval mode and no gradients for the sampling network (EMA if any); yields its router."""
+        network = self.sampling_network
+        was_training = network.training
+        network.eval()
+        try:
+            with torch.no_grad():
+                yield self.router(network)
+        finally:
+            network.train(was_training)
+
+    def _infer(self, call: str, *args: Any, **kwargs: Any) -> Any:
+        if call not in self.task.inference:
+            raise self.task.unsupported(call)
+        with self.evaluating() as router:
+            return getattr(self.task, call)(router, *args, **kwargs)
+
+    def sample(
+        self,
+        labels: Tensor | Sequence[int] | None = None,
+        num_samples: int | None = None,
+        steps: int = 50,
+        guidance: float = 1.0,
+        seed: int = 0,
+        shape: Sequence[int] | None = None,
+        clip: bool | tuple[float, float] = False,
+    ) -> Tensor:
+        """Generate images, each σ step served by its group (see :meth:`ImageGeneration.sample`)."""
+        return self._infer(
+            "sample", labels=labels, num_samples=num_samples, steps=steps, guidance=guidance, seed=seed, shape=shape,
+            clip=clip,
+        )  # fmt: skip
+
+    def predict_proba(self, inputs: Tensor, steps: int | None = None, seed: int = 0) -> Tensor:
+        """Class probabilities; ``steps`` σ steps chosen now, default B (one per group)."""
+        return self._infer("predict_proba", inputs, steps=steps, seed=seed)
+
+    def generate(self, prompt: Tensor | Sequence[int] | None = None, **kwargs: Any) -> Tensor:
+        """Generate token ids with a language-model task; every diffusion step calls only its group.
+
+        Autoregressive: ``generate(prompt, max_new_tokens=32, steps=B, temperature=0.0, seed=0)``. Masked:
+        ``generate(prompt=None, num_samples=1, length=context, steps=4·B, temperature=1.0, seed=0)``.
+        """
+        return self._infer("generate", prompt, **kwargs)
+
+    def evaluate_batch(self, batch: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Per-sequence language-model metrics of one batch, every noise level routed to its group.
+
+        Masked: ``nelbo``/``bits_per_token`` from ``samples`` masking times (default 2·B). Autoregressive:
+        ``ce_sigma_max``, ``ce_chain`` and ``accuracy_chain`` after ``steps`` σ steps (default B).
+        """
+        return self._infer("evaluate_batch", batch, **{k: v for k, v in kwargs.items() if v is not None})
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:
@@ -157,22 +261,48 @@ class DiffusionBlocksModule(L.LightningModule):
         else:
             hp = self.hparams
             opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        for group in opt.param_groups:
-            group.setdefault("base_lr", group["lr"])
         return opt
 
-    @override
-    def on_fit_start(self) -> None:
-        self.trained_blockwise.fill_(self.blockwise)
-        if self.trainer.precision == "16-mixed" and self.hparams.gradient_clip_val:
-            raise ValueError(
-                "gradient_clip_val with precision='16-mixed' is not supported; use precision='bf16-mixed'."
+    def param_group_owners(self, opt: Optimizer) -> list[int]:
+        """The block group (or SHARED) owning each of ``opt``'s param groups, found by parameter identity.
+
+        Refuses a param group that mixes two groups' parameters and trainable parameters no group holds.
+        """
+        if self._owners is not None and self._owners[0] == id(opt):
+            return self._owners[1]
+        owner_of = {id(p): g for g in range(self.num_blocks) for p in self.network.group_parameters(g)}
+        owner_of.update({id(p): SHARED for p in self.network.shared_parameters()})
+        names = {id(p): n for n, p in self.network.named_parameters()}
+        owners, seen = [], set()
+        for i, pg in enumerate(opt.param_groups):
+            found = {owner_of.get(id(p)) for p in pg["params"]}
+            label = f"param group {i}" + (f" ({pg['name']!r})" if "name" in pg else "")
+            if None in found:
+                stray = next(p for p in pg["params"] if id(p) not in owner_of)
+                raise MisconfigurationException(
+                    f"The optimizer's {label} holds a tensor that is not a parameter of the network"
+                    f" ({names.get(id(stray), tuple(stray.shape))}); build the optimizer from the param groups"
+                    " DiffusionBlocksModule passes to the optimizer factory."
+                )
+            if len(found) > 1:
+                which = ", ".join("shared" if g == SHARED else f"group_{g}" for g in sorted(found))
+                raise MisconfigurationException(
+                    f"The optimizer's {label} mixes parameters of {which}. Per-group learning rates, clipping and"
+                    " EMA need each param group inside one block group: split each group the factory receives"
+                    " (e.g. into decay / no-decay) instead of regrouping across them."
+                )
+            owners.append(found.pop() if found else SHARED)
+            seen.update(id(p) for p in pg["params"])
+            pg.setdefault("base_lr", pg["lr"])
+        trainable = {id(p) for p in self.network.parameters() if p.requires_grad}
+        missing = [names.get(pid, "?") for pid in owner_of if pid not in seen and pid in trainable]
+        if missing:
+            raise MisconfigurationException(
+                f"The optimizer does not hold {len(missing)} trainable parameters of the network (e.g. {missing[:3]});"
+                " give every param group the factory receives to the optimizer."
             )
-        total = float(self.trainer.estimated_stepping_batches)
-        per_group = total
-        if self.blockwise:
-            per_group = self.trainer.strategy.expected_steps_per_group(int(total))
-        self._decay_steps = [max(per_group, 1.0)] * self.num_blocks + [max(total, 1.0)]
+        self._owners = (id(opt), owners)
+        return owners
 
     def lr_factor(self, step: int, horizon: float) -> float:
         """Linear warmup, then constant or cosine decay to ``min_lr_ratio``, in a group's own steps."""
@@ -186,23 +316,23 @@ class DiffusionBlocksModule(L.LightningModule):
         return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _prepare_groups(self, opt: Optimizer, trained: Iterable[int]) -> None:
-        steps = self.group_steps.tolist()
-        for g in trained:
-            pg = opt.param_groups[g]
-            pg["lr"] = pg["base_lr"] * self.lr_factor(steps[g], self._decay_steps[g])
-        if len(opt.param_groups) > self.num_blocks:  # shared stem: trained every step
-            pg = opt.param_groups[self.num_blocks]
-            pg["lr"] = pg["base_lr"] * self.lr_factor(self.global_step, self._decay_steps[-1])
+        trained = set(trained)
+        steps, horizons = self.group_steps.tolist(), self.lr_horizons.tolist()
+        for pg, owner in zip(opt.param_groups, self.param_group_owners(opt)):
+            if owner == SHARED:  # shared stem: trained every step
+                pg["lr"] = pg["base_lr"] * self.lr_factor(int(self.step_count), horizons[-1])
+            elif owner in trained:
+                pg["lr"] = pg["base_lr"] * self.lr_factor(steps[owner], horizons[owner])
 
-    def _clip(self, opt: Optimizer, trained: Iterable[int]) -> None:
+    def _clip(self, trained: Iterable[int]) -> None:
         clip = self.hparams.gradient_clip_val
         if not clip:
             return
-        indices = list(trained) + list(range(self.num_blocks, len(opt.param_groups)))
-        for i in indices:
-            params = [p for p in opt.param_groups[i]["params"] if p.grad is not None]
-            if params:
-                torch.nn.utils.clip_grad_norm_(params, clip)
+        param_sets = [self.network.group_parameters(g) for g in trained] + [self.network.shared_parameters()]
+        for params in param_sets:
+            with_grad = [p for p in params if p.grad is not None]
+            if with_grad:
+                torch.nn.utils.clip_grad_norm_(with_grad, clip)
 
     @torch.no_grad()
     def _update_ema(self, trained: Sequence[int]) -> None:
@@ -215,10 +345,58 @@ class DiffusionBlocksModule(L.LightningModule):
             torch._foreach_lerp_(ema, [p.detach() for p in live], 1.0 - decay)
         shared_ema, shared = self.ema_network.shared_parameters(), self.network.shared_parameters()
         if shared:
-            decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+            step = int(self.step_count)
+            decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
             torch._foreach_lerp_(shared_ema, [p.detach() for p in shared], 1.0 - decay)
         for ema_b, live_b in zip(self.ema_network.buffers(), self.network.buffers()):
             ema_b.copy_(live_b)
+
+    # ------------------------------------------------------------------ fit set-up
+    @override
+    def configure_callbacks(self) -> list[L.Callback]:
+        # runs before Lightning checks the loop configuration, so our message replaces its generic one
+        trainer = self._trainer
+        if trainer is not None and trainer.gradient_clip_val:
+            raise MisconfigurationException(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) does not apply: DiffusionBlocksModule"
+                " optimises one group at a time (manual optimisation) and clips each group on its own. Remove it"
+                f" from the Trainer and pass DiffusionBlocksModule(..., gradient_clip_val={trainer.gradient_clip_val})."
+            )
+        if trainer is not None and trainer.accumulate_grad_batches != 1:
+            raise MisconfigurationException(
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported:"
+                " DiffusionBlocksModule optimises manually, one group per step. Remove it and raise the batch size"
+                " (a group needs about 1/B of the end-to-end memory, so a B× larger batch usually fits)."
+            )
+        return []
+
+    @override
+    def on_fit_start(self) -> None:
+        blockwise = self._schedule is not None
+        if int(self.step_count) > 0 and blockwise != self.blockwise:
+            before = "block-wise" if self.blockwise else "end to end"
+            now = "block-wise" if blockwise else "end to end (strategy without a DiffusionBlocks schedule)"
+            strategy = "'diffusionblocks'" if self.blockwise else "'auto'"
+            raise MisconfigurationException(
+                f"This module was trained {before} for {int(self.step_count)} steps and would now be trained {now};"
+                f" its routing would silently change. Fit it with the strategy it was trained with"
+                f" (strategy={strategy}), or build a fresh DiffusionBlocksModule for the other kind of training."
+            )
+        self.trained_blockwise.fill_(blockwise)
+        if self.trainer.precision == "16-mixed" and self.hparams.gradient_clip_val:
+            raise ValueError(
+                "gradient_clip_val with precision='16-mixed' is not supported; use precision='bf16-mixed'."
+            )
+
+    @override
+    def on_train_start(self) -> None:
+        if self.trainer.global_step > 0 and bool(self.lr_horizons.any()):
+            return  # a resumed run keeps the horizons it started with
+        total = float(self.trainer.estimated_stepping_batches)
+        per_group = total if self._schedule is None else self._schedule.expected_steps(total)
+        base = self.group_steps.double() if self.trainer.global_step == 0 else torch.zeros(self.num_blocks)
+        horizons = torch.cat([base + per_group, torch.tensor([float(self.step_count) + total])])
+        self.lr_horizons.copy_(horizons.clamp_(min=1.0))
 
     # ------------------------------------------------------------------ steps
     def _generator(self, step: int, salt: int = 0) -> torch.Generator:
@@ -229,6 +407,11 @@ class DiffusionBlocksModule(L.LightningModule):
     def sigma_range(self, group: int | None) -> tuple[float, float]:
         noise = self.task.noise
         return (noise.sigma_min, noise.sigma_max) if group is None else self.ranges[group]
+
+    def nominal_range(self, group: int) -> tuple[float, float]:
+        """The levels ``group`` owns, without overlap."""
+        b = self.num_blocks
+        return float(self.boundaries[b - 1 - group]), float(self.boundaries[b - group])
 
     def group_loss(
         self,
@@ -246,10 +429,9 @@ class DiffusionBlocksModule(L.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        group = self.active_group
-        if self.blockwise and group is None:
-            raise RuntimeError("The DiffusionBlocks strategy did not pick a group for this step.")
-        step = self.global_step
+        step = int(self.step_count)
+        group = self.group_at(step)
+        self.task.observe(batch)
         opt = self.optimizers()
         loss = self.group_loss(self.network, batch, group, self._generator(step))
         if not torch.isfinite(loss):
@@ -264,10 +446,11 @@ class DiffusionBlocksModule(L.LightningModule):
         self.last_group = group
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        self._clip(opt.optimizer, trained)
+        self._clip(trained)
         self._prepare_groups(opt.optimizer, trained)
         opt.step()
         self.group_steps[trained] += 1
+        self.step_count += 1
         self._update_ema(trained)
         self.log("train/loss", loss.detach(), prog_bar=True)
         if group is not None:
@@ -275,166 +458,39 @@ class DiffusionBlocksModule(L.LightningModule):
             self.log("group", float(group), prog_bar=True)
         return loss.detach()
 
-    @override
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Loss in each group's nominal noise range, for blockwise and end-to-end models alike."""
+    def _evaluation_step(self, stage: str, batch: Any, batch_idx: int) -> Tensor:
+        """Loss in each group's nominal noise range (routed by how the model was trained), then task metrics."""
+        n = self.task.batch_size(batch)
         losses = []
         for g in range(self.num_blocks):
-            rng = (float(self.boundaries[self.num_blocks - 1 - g]), float(self.boundaries[self.num_blocks - g]))
-            network_group = g if self.blockwise else None
             gen = self._generator(batch_idx, salt=1000 + g)
-            loss = self.group_loss(self.sampling_network, batch, network_group, gen, sigma_range=rng)
-            self.log(f"val/loss_group_{g}", loss)
+            run_group = g if self.blockwise else None
+            with torch.no_grad():
+                loss = self.group_loss(self.sampling_network, batch, run_group, gen, self.nominal_range(g))
+            self.log(f"{stage}/loss_group_{g}", loss, batch_size=n)
             losses.append(loss)
         total = torch.stack(losses).mean()
-        self.log("val/loss", total, prog_bar=True)
-        if isinstance(self.task, Classification):
-            inputs, labels = self.task.split(batch)
-            self.val_accuracy(self.predict_proba(inputs), labels)
-            self.log("val/acc", self.val_accuracy, prog_bar=True)
-        if isinstance(self.task, (MaskedLM, AutoregressiveLM)):
-            for name, value in self.evaluate_batch(batch, seed=batch_idx).items():
-                self.log(f"val/{name}", value.mean(), prog_bar=name in ("bits_per_token", "ce_chain"))
+        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=n)
+        with self.evaluating() as router:
+            metrics = self.task.validation_metrics(router, batch, batch_idx)
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in self.task.progress_metrics, batch_size=n)
         return total
 
-    # ------------------------------------------------------------------ sampling
-    def route(self, sigma: float) -> int | None:
-        """The group that owns ``sigma`` (None when the model was trained end-to-end)."""
-        groups = self.groups_of(torch.tensor([sigma], dtype=torch.float64))
-        return None if groups is None else int(groups[0])
-
-    def groups_of(self, levels: Tensor) -> Tensor | None:
-        """The group owning each noise level (None when the model was trained end-to-end)."""
-        if not bool(self.trained_blockwise):
-            return None
-        return self.task.noise.group_of(levels, self.boundaries)
-
-    def _run_group(self, group: int | None) -> Callable[..., Any]:
-        return partial(self.sampling_network, group=group)
-
-    @torch.no_grad()
-    def evaluate_batch(self, batch: Any, samples: int | None = None, steps: int | None = None, seed: int = 0) -> dict:
-        """Per-sequence language-model metrics of one batch, every noise level routed to its group.
-
-        :class:`MaskedLM`: ``nelbo`` (nats/token) and ``bits_per_token`` from ``samples`` masking times per
-        sequence (default 2·B). :class:`AutoregressiveLM`: teacher-forced ``ce_sigma_max``, ``ce_chain``
-        (nats/token, not perplexities) and ``accuracy_chain`` after ``steps`` σ steps (default B).
-        """
-        network = self.sampling_network
-        was_training = network.training
-        network.eval()
-        try:
-            if isinstance(self.task, MaskedLM):
-                samples = 2 * self.num_blocks if samples is None else samples
-                return self.task.evaluate(self._run_group, self.groups_of, batch, samples, seed)
-            if isinstance(self.task, AutoregressiveLM):
-                steps = self.num_blocks if steps is None else steps
-                return self.task.evaluate(self._run_group, self.groups_of, batch, steps, seed)
-            raise TypeError(f"evaluate_batch() evaluates language models; the task is {type(self.task).__name__}.")
-        finally:
-            network.train(was_training)
-
-    @torch.no_grad()
-    def generate(self, prompt: Tensor | Sequence[int] | None = None, steps: int | None = None, **kwargs: Any) -> Tensor:
-        """Generate token ids with a language-model task; every diffusion step calls only its group.
-
-        :class:`AutoregressiveLM`: ``generate(prompt, max_new_tokens=…, steps=B, temperature=0.0, seed=0)``
-        continues ``prompt``. :class:`MaskedLM`: ``generate(prompt=None, num_samples=…, length=…, steps=…,
-        temperature=1.0, seed=0)`` unmasks ``length`` tokens (the prompt, if any, fixed at the start).
-        """
-        network = self.sampling_network
-        was_training = network.training
-        network.eval()
-        try:
-            if isinstance(self.task, AutoregressiveLM):
-                if prompt is None:
-                    raise ValueError("Autoregressive generation needs a prompt of at least one token.")
-                context = getattr(network.net, "context_length", None)
-                if context is None:
-                    raise ValueError("The network has no `context_length`; use a DiffusionLM network.")
-                return self.task.generate(
-                    self._run_group, self.groups_of, torch.as_tensor(prompt, device=self.device),
-                    steps=self.num_blocks if steps is None else steps, context_length=context, **kwargs,
-                )  # fmt: skip
-            if isinstance(self.task, MaskedLM):
-                if prompt is not None:
-                    prompt = torch.as_tensor(prompt)
-                return self.task.generate(
-                    self._run_group, self.groups_of, prompt=prompt,
-                    steps=4 * self.num_blocks if steps is None else steps, device=self.device, **kwargs,
-                )  # fmt: skip
-            raise TypeError(f"generate() generates text; the task is {type(self.task).__name__}. Use sample().")
-        finally:
-            network.train(was_training)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        labels: Tensor | Sequence[int] | None = None,
-        num_samples: int | None = None,
-        steps: int = 50,
-        guidance: float = 1.0,
-        seed: int = 0,
-        shape: Sequence[int] | None = None,
-    ) -> Tensor:
-        """Generate with group-routed Euler: each σ step calls only the group that owns it.
-
-        ``steps`` is chosen here, independent of B and never stored. ``guidance`` > 1 turns on
-        classifier-free guidance (needs ``labels``). ``shape`` is one sample's shape; by default it is
-        read from the network (``channels``, ``image_size``).
-        """
-        if not isinstance(self.task, ImageGeneration):
-            raise TypeError(f"sample() generates images; the task is {type(self.task).__name__}.")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}.")
-        if labels is not None:
-            labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-            num_samples = labels.shape[0]
-        elif guidance != 1.0:
-            raise ValueError("Classifier-free guidance needs `labels`; pass labels or guidance=1.0.")
-        if not num_samples:
-            raise ValueError("Pass `labels` or `num_samples` to sample().")
-        if shape is None:
-            net = self.network.net
-            if not hasattr(net, "channels") or not hasattr(net, "image_size"):
-                raise ValueError("Pass `shape=(C, H, W)`: the network has no `channels`/`image_size` attributes.")
-            shape = (net.channels, net.image_size, net.image_size)
-        network = self.sampling_network
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        sigmas = self.task.noise.inference_sigmas(steps)
-        z = (torch.randn((num_samples, *shape), generator=gen) * sigmas[0].item()).to(self.device)
-
-        def denoise(z: Tensor, sigma: Tensor, group: int | None) -> Tensor:
-            return self.task.guided_denoise(partial(network, group=group), z, sigma, labels, guidance)
-
-        was_training = network.training
-        network.eval()
-        try:
-            return euler_sample(denoise, z, sigmas, self.route)
-        finally:
-            network.train(was_training)
-
-    @torch.no_grad()
-    def predict_proba(self, inputs: Tensor, steps: int | None = None, seed: int = 0) -> Tensor:
-        """Class probabilities for a :class:`Classification` task; ``steps`` defaults to B (one per group)."""
-        if not isinstance(self.task, Classification):
-            raise TypeError(f"predict_proba() classifies; the task is {type(self.task).__name__}.")
-        network = self.sampling_network
-        was_training = network.training
-        network.eval()
-        try:
-            steps = self.num_blocks if steps is None else steps
-            return self.task.predict(lambda group: partial(network, group=group), self.route, inputs, steps, seed)
-        finally:
-            network.train(was_training)
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._evaluation_step("val", batch, batch_idx)
 
     @override
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        if isinstance(self.task, Classification):
-            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            return self.predict_proba(inputs, seed=batch_idx)
-        labels = batch[1] if isinstance(batch, (tuple, list)) else batch
-        return self.sample(labels=labels, seed=batch_idx)
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._evaluation_step("test", batch, batch_idx)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """The task's prediction: samples for labels (generation), class probabilities (classification),
+        per-sequence metrics (language models)."""
+        with self.evaluating() as router:
+            return self.task.predict_step(router, batch, batch_idx)
 
     # ------------------------------------------------------------------ checkpoints
     def partition_info(self) -> dict[str, Any]:
@@ -445,12 +501,50 @@ class DiffusionBlocksModule(L.LightningModule):
             "boundaries": self.boundaries.tolist(),
         }
 
+    def missing_groups(self) -> list[int]:
+        """Groups whose weights are not in memory (e.g. offloaded and not read back)."""
+        missing = []
+        for g in range(self.num_blocks):
+            params = list(self.network.group_parameters(g))
+            if self.ema_network is not None:
+                params += self.ema_network.group_parameters(g)
+            if any(p.numel() == 0 for p in params):
+                missing.append(g)
+        return missing
+
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["diffusionblocks"] = self.partition_info()
+        missing = self.missing_groups()
+        if missing:
+            raise RuntimeError(
+                f"Refusing to write a checkpoint: the weights of group(s) {missing} are not in memory (their"
+                " offloaded copies could not be read back), so it would hold empty tensors. Resume from the last"
+                " complete checkpoint."
+            )
+        record = {
+            **self.partition_info(),
+            "blockwise": self.blockwise,
+            "net": record_of(self.network.net),
+            "task": record_of(self.task),
+            "task_state": self.task.state(),
+        }
+        if not is_plain(record):  # anything else would need the unrestricted unpickler to load
+            record["net"] = record["task"] = None
+        checkpoint["diffusionblocks"] = record
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        has_ema = any(k.startswith("ema_network.") for k in state)
+        if state and has_ema != (self.ema_network is not None):
+            raise CheckpointLoadError(
+                f"The checkpoint was trained {'with' if has_ema else 'without'} an EMA copy of the weights but this"
+                f" module has ema_decay={self.hparams.ema_decay}. Build it with"
+                f" {'ema_decay=<the decay used in training>' if has_ema else 'ema_decay=None'} to load it."
+            )
+        if state:  # checkpoints of 0.1 lack the counters added since
+            state.setdefault("step_count", state.get("group_steps", self.group_steps).max().clone())
+            state.setdefault("lr_horizons", torch.zeros_like(self.lr_horizons))
         saved = checkpoint.get("diffusionblocks")
         if saved is None:
             rank_zero_warn("The checkpoint has no DiffusionBlocks partition record; loading it as is.")
@@ -468,3 +562,64 @@ class DiffusionBlocksModule(L.LightningModule):
                 f"The checkpoint's noise boundaries {saved['boundaries']} differ from this module's"
                 f" {self.boundaries.tolist()}; use the same `partition` and noise schedule to resume."
             )
+        self.task.load_state(saved.get("task_state") or {})
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        trusted: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> DiffusionBlocksModule:
+        """Rebuild the module, its network and its task from a checkpoint, with torch's safe unpickler.
+
+        The network and task are rebuilt from the checkpoint's record when it has their constructor arguments
+        and their classes come from this package or from a module prefix in ``trusted`` (importing a class
+        runs its module's code); otherwise pass ``net=`` / ``task=`` yourself, as the error says.
+        """
+        if "net" not in kwargs or "task" not in kwargs:
+            record = read_checkpoint(checkpoint_path).get("diffusionblocks") or {}
+            for what, expected in (("net", nn.Module), ("task", Task)):
+                if what in kwargs:
+                    continue
+                if not record.get(what):
+                    raise CheckpointLoadError(
+                        f"{checkpoint_path} does not record how to build its {what} (written by"
+                        f" lightning_diffusionblocks 0.1, or by a {what} whose arguments could not be recorded)."
+                        f" Pass it: DiffusionBlocksModule.load_from_checkpoint(path, {what}=...)."
+                    )
+                try:
+                    kwargs[what] = build(record[what], what, trusted, expected)
+                except RecordError as err:
+                    raise CheckpointLoadError(str(err)) from err
+        return super().load_from_checkpoint(  # type: ignore[return-value]
+            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
+            **kwargs,
+        )  # fmt: skip
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with torch's restricted unpickler; a file that would run code is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointLoadError(
+            f"{path} holds objects other than tensors and plain data, which loading would execute; it was refused"
+            f" and nothing in it ran ({str(err).splitlines()[0]}). Only load checkpoints from sources you trust, and"
+            " re-save them as plain state dicts."
+        ) from err
+    except (OSError, RuntimeError, EOFError) as err:
+        raise CheckpointLoadError(f"Cannot read checkpoint {path}: {err}") from err
+
+
+def _built(value: Any, what: str, expected: type) -> Any:
+    """A ``{"class_path", "init_args"}`` dict given by the user is built (their own config: trusted)."""
+    if isinstance(value, dict) and "class_path" in value:
+        record = {"class_path": value["class_path"], "init_args": value.get("init_args", {})}
+        return build(record, what, trusted=[str(value["class_path"]).split(".")[0]], expected=expected)
+    return value

@@ -20,6 +20,17 @@ from torch import Tensor
 Partition = Literal["equiprobable", "uniform_log", "linear"]
 
 
+def edm_scalings(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(c_skip, c_out, c_in, c_noise) of EDM (Karras et al. 2022, Table 1); D = c_skip·z + c_out·F(c_in·z, c_noise)."""
+    sd2 = sigma_data**2
+    s2 = sigma**2
+    c_skip = sd2 / (s2 + sd2)
+    c_out = sigma * sigma_data / (s2 + sd2).sqrt()
+    c_in = 1.0 / (s2 + sd2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
 class GroupRouting:
     """Routing shared by every noise schedule (σ of EDM, t of masked diffusion)."""
 
@@ -136,14 +147,8 @@ class NoiseSchedule(GroupRouting):
 
     # --- EDM preconditioning and loss weight --------------------------------------------------
     def precondition(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(c_skip, c_out, c_in, c_noise) of EDM; D = c_skip·z + c_out·F(c_in·z, c_noise)."""
-        sd2 = self.sigma_data**2
-        s2 = sigma**2
-        c_skip = sd2 / (s2 + sd2)
-        c_out = sigma * self.sigma_data / (s2 + sd2).sqrt()
-        c_in = 1.0 / (s2 + sd2).sqrt()
-        c_noise = sigma.log() / 4
-        return c_skip, c_out, c_in, c_noise
+        """(c_skip, c_out, c_in, c_noise) of EDM with this schedule's σ_data (see :func:`edm_scalings`)."""
+        return edm_scalings(sigma, self.sigma_data)
 
     def loss_weight(self, sigma: Tensor) -> Tensor:
         """Per-sample weight w(σ) = (σ² + σ_d²)/(σ·σ_d)², always in float32 (reaches ~2.5e5 at σ=0.002)."""

@@ -43,6 +43,10 @@ class Schedule(ABC):
         """Steps after which the schedule has nothing left to train (None: unbounded)."""
         return None
 
+    def expected_steps(self, total_steps: float) -> float:
+        """How many optimizer steps each trained group gets in ``total_steps`` steps (its LR horizon)."""
+        return total_steps / len(self.groups)
+
 
 class RandomSchedule(Schedule):
     """The paper's schedule: one group drawn uniformly at random per step, shared by the whole batch."""
@@ -71,3 +75,6 @@ class SequentialSchedule(Schedule):
 
     def total_steps(self) -> int:
         return self.steps_per_phase * len(self.groups)
+
+    def expected_steps(self, total_steps: float) -> float:
+        return float(self.steps_per_phase)

@@ -1,9 +1,10 @@
-"""The single-device DiffusionBlocks strategy: picks the group each step trains.
+"""The single-device DiffusionBlocks strategy: builds the schedule that picks the group each step trains.
 
 ``Trainer(strategy="diffusionblocks")`` works once ``lightning_diffusionblocks`` is imported. The
-group of a step is a pure function of ``(global_step, seed)`` (see :mod:`schedules`), so a resumed
-run continues exactly. A multi-process variant overrides :meth:`select_group` (e.g. rank → group)
-and the device handling, and keeps the rest.
+strategy hands the module its schedule (:meth:`DiffusionBlocksModule.use_schedule`); the module never
+asks which strategy trains it. The group of a step is a pure function of ``(seed, step)`` (see
+:mod:`schedules`), counted in the module's own steps, so a resumed run continues exactly and a second
+fit continues rather than replaying the first one's noise.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pickle
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import lightning.pytorch as pl
 import torch
@@ -25,11 +26,23 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 from typing_extensions import override
 
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
+
+
+class GroupOffloader(Protocol):
+    """What the strategy needs of an offloading callback (e.g. ``BlockOffload``) around checkpoints: bring
+    every group into memory, then send the exposed ones back."""
+
+    def expose_for_checkpoint(self) -> list[int]:
+        """Load every offloaded group so a checkpoint sees real tensors; return the groups to offload again."""
+        ...
+
+    def offload(self, group: int) -> None:
+        """Move ``group`` off the compute device again."""
+        ...
 
 
 class DiffusionBlocksStrategy(SingleDeviceStrategy):
@@ -66,8 +79,8 @@ class DiffusionBlocksStrategy(SingleDeviceStrategy):
         self.seed = seed
         self.schedule: Schedule | None = schedule if isinstance(schedule, Schedule) else None
         self._parallel_devices: list[torch.device] | None = None
-        #: the BlockOffload callback, when one is attached (it registers itself in its setup)
-        self.offloader: Any = None
+        #: the offloading callback, when one is attached (BlockOffload registers itself in its setup)
+        self.offloader: GroupOffloader | None = None
         self._exposed: list[int] = []
 
     # ------------------------------------------------------------------ devices
@@ -105,7 +118,15 @@ class DiffusionBlocksStrategy(SingleDeviceStrategy):
         if trainer.training:
             self.schedule = self.build_schedule(module, trainer)
             self.validate(module)
+            module.use_schedule(self.schedule)
         super().setup(trainer)
+
+    @override
+    def teardown(self) -> None:
+        module = self.lightning_module
+        if isinstance(module, DiffusionBlocksModule):
+            module.use_schedule(None)
+        super().teardown()
 
     def build_schedule(self, module: DiffusionBlocksModule, trainer: pl.Trainer) -> Schedule:
         if isinstance(self.schedule_spec, Schedule):
@@ -152,28 +173,17 @@ class DiffusionBlocksStrategy(SingleDeviceStrategy):
             + ", ".join(f"[{lo:.4g}, {hi:.4g}]" for lo, hi in module.ranges)
         )
 
-    def expected_steps_per_group(self, total_steps: int) -> float:
-        """How many optimizer steps each trained group gets in a run of ``total_steps`` (LR horizons)."""
-        assert self.schedule is not None
-        if isinstance(self.schedule, SequentialSchedule):
-            return float(self.schedule.steps_per_phase)
-        return total_steps / len(self.schedule.groups)
-
     # ------------------------------------------------------------------ steps
     def select_group(self, step: int) -> int:
-        """The group trained at ``step``; subclasses (block-parallel ranks) override this."""
-        assert self.schedule is not None, "The schedule is built in setup(); call trainer.fit first."
-        return self.schedule.group_at(step)
+        """The group trained at Trainer step ``step`` (callbacks ask for the coming and the next step).
 
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        The schedule counts the module's own steps, which go on across fits; a fresh Trainer's step 0 is the
+        module's step ``step_count``.
+        """
+        assert self.schedule is not None, "The schedule is built in setup(); call trainer.fit first."
         module = self.lightning_module
-        assert isinstance(module, DiffusionBlocksModule)
-        module.active_group = self.select_group(module.global_step)
-        try:
-            return super().training_step(*args, **kwargs)
-        finally:
-            module.active_group = None
+        offset = int(module.step_count) - module.trainer.global_step if module is not None else 0
+        return self.schedule.group_at(step + offset)
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -195,15 +205,22 @@ class DiffusionBlocksStrategy(SingleDeviceStrategy):
                 super().save_checkpoint(checkpoint, filepath, storage_options)
         finally:
             exposed, self._exposed = self._exposed, []
-            for group in exposed:
-                self.offloader.offload(group)
+            if self.offloader is not None:
+                for group in exposed:
+                    self.offloader.offload(group)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # `weights_only` exists from Lightning 2.6 on; pass through whatever this version sends
         try:
             return super().load_checkpoint(checkpoint_path, *args, **kwargs)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        except pickle.UnpicklingError as err:
+            raise RuntimeError(
+                f"Checkpoint {checkpoint_path} holds objects other than tensors and plain data, which loading would"
+                f" execute; it was refused and nothing in it ran ({str(err).splitlines()[0]}). Resume only from"
+                " checkpoints you trust."
+            ) from err
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
             siblings = sorted(p.name for p in Path(checkpoint_path).parent.glob("*.ckpt") if p != Path(checkpoint_path))
             hint = f" Other checkpoints there: {', '.join(siblings)}." if siblings else ""
             raise RuntimeError(

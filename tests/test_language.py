@@ -17,6 +17,7 @@ import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.masking import MaskingSchedule
 from lightning_diffusionblocks.models import DecoderAdapter, TransformerLM
 from lightning_diffusionblocks.models.diffusion_lm import autoregressive_mask
+from lightning_diffusionblocks.routing import Router
 from lightning_diffusionblocks.tasks import AutoregressiveLM, MaskedLM
 from tests.conftest import trainer_kwargs
 
@@ -208,17 +209,24 @@ def test_blockwise_step_trains_one_group_only(tmp_path: Path, name: str, objecti
 
 
 class GroupSpy:
-    """Wraps a module's group runner to record which groups are called."""
+    """Wraps the routers a module hands its task to record which groups are called."""
 
     def __init__(self, module: ldb.DiffusionBlocksModule) -> None:
         self.calls: list[int | None] = []
-        original = module._run_group
+        original = module.router
 
-        def run_group(group: int | None):  # noqa: ANN202
-            self.calls.append(group)
-            return original(group)
+        def router(network=None):  # noqa: ANN001, ANN202
+            routed = original(network)
+            inner = routed._run_group
 
-        module._run_group = run_group  # type: ignore[method-assign]
+            def run_group(group: int | None):  # noqa: ANN202
+                self.calls.append(group)
+                return inner(group)
+
+            routed._run_group = run_group
+            return routed
+
+        module.router = router  # type: ignore[method-assign]
 
 
 def test_generation_calls_only_the_owning_group_per_step() -> None:
@@ -288,7 +296,8 @@ def test_masked_sampler_with_a_perfect_denoiser_reproduces_the_data() -> None:
 
     schedule = MaskingSchedule()
     bounds = schedule.boundaries(3)
-    out = task.generate(run_group, lambda t: schedule.group_of(t, bounds), 3, 10, steps=6, prompt=[4], temperature=0)
+    router = Router(run_group, schedule, bounds)
+    out = task.generate(router, prompt=[4], num_samples=3, length=10, steps=6, temperature=0)
     assert out.tolist() == [[(4 + i) % V for i in range(10)]] * 3
     assert [g for g, _ in calls] == [0, 0, 1, 1, 2, 2]
     assert revealed == sorted(revealed)  # unmasking only ever reveals

@@ -27,7 +27,10 @@ def test_dit_bad_input():
     with pytest.raises(ValueError, match=r"shape \(N, 1, 8, 8\)"):
         net(torch.randn(2, 1, 16, 16), torch.zeros(2))
     with pytest.raises(ValueError, match=r"Labels must be in \[0, 10\)"):
-        net(torch.randn(2, 1, 8, 8), torch.zeros(2), torch.tensor([3, 10]))
+        net(torch.randn(2, 1, 8, 8), torch.zeros(2), torch.tensor([3, 11]))
+    # the extra embedding row (num_classes) and negative ids both mean "no label"
+    c, z = torch.zeros(2), torch.randn(2, 1, 8, 8)
+    assert torch.equal(net(z, c, torch.tensor([10, 10])), net(z, c, torch.tensor([-1, -1])))
     with pytest.raises(ValueError, match="divisible by patch"):
         ldb.models.DiT(image_size=10, patch=4)
     with pytest.raises(ValueError, match="divisible by heads"):

@@ -16,7 +16,7 @@ def test_euler_recovers_gaussian_data_with_exact_denoiser():
     s = 0.5
     sigmas = ldb.EDM.inference_sigmas(200)
     z = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0)) * 80.0
-    out = euler_sample(lambda z, sig, g: z * s**2 / (s**2 + sig.view(-1, 1) ** 2), z, sigmas, lambda _: None)
+    out = euler_sample(lambda z, sig, g: z * s**2 / (s**2 + sig.view(-1, 1) ** 2), z, sigmas)
     assert float(out.std()) == pytest.approx(s, rel=0.05)
 
 
@@ -29,13 +29,13 @@ def test_euler_moves_toward_the_denoiser():
         path.append(float(z))
         return target.expand_as(z)
 
-    out = euler_sample(denoise, torch.tensor([[23.0]]), sigmas, lambda _: None)
+    out = euler_sample(denoise, torch.tensor([[23.0]]), sigmas)
     # each step closes the gap to the denoiser by the σ ratio: 20 → 10 → 2 → (0.2)
     gaps = [abs(p - 3.0) for p in path]
     assert gaps == pytest.approx([20.0, 10.0, 2.0, 0.2], rel=1e-5)
     assert torch.equal(out, target)
     with pytest.raises(ValueError, match="strictly decreasing"):
-        euler_sample(denoise, torch.zeros(1, 1), torch.tensor([1.0, 2.0]), lambda _: None)
+        euler_sample(denoise, torch.zeros(1, 1), torch.tensor([1.0, 2.0]))
 
 
 def counting_module(num_blocks: int = 3, **kwargs) -> tuple[ldb.DiffusionBlocksModule, list]:  # noqa: ANN003

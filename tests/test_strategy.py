@@ -213,7 +213,7 @@ def test_learning_rate_schedule_counts_each_group_own_steps(tmp_path):
 
     class LRSpy(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001
-            group = pl_module.active_group
+            group = pl_module.group_at()
             seen[group].append(optimizer.param_groups[group]["lr"])
 
     strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=10)

@@ -26,6 +26,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lightning_diffusionblocks.models.dit import NoiseEmbedding, modulate
+from lightning_diffusionblocks.noise import edm_scalings
+from lightning_diffusionblocks.records import RecordsInitArgs
 
 Objective = Literal["masked", "autoregressive"]
 
@@ -44,7 +46,7 @@ def autoregressive_mask(length: int, device: torch.device | str = "cpu") -> Tens
     return allowed
 
 
-class DiffusionLM(nn.Module):
+class DiffusionLM(RecordsInitArgs, nn.Module):
     """Base of the language models (see the module docstring). Subclasses implement :meth:`embed_tokens`
     and :meth:`run_stack`."""
 
@@ -168,12 +170,8 @@ class DiffusionLM(nn.Module):
         expected = (n, length if mode == "train" else 1, self.dim)
         if tuple(z.shape) != expected:
             raise ValueError(f"z must have shape {expected} for mode={mode!r}, got {tuple(z.shape)}.")
-        sigma = level.float().view(-1, 1, 1)
-        sd2 = sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * sigma_data / (sigma**2 + sd2).sqrt()
-        c_in = 1 / (sigma**2 + sd2).sqrt()
-        c = self.noise_embed((sigma.log() / 4).view(-1))
+        c_skip, c_out, c_in, c_noise = edm_scalings(level.float().view(-1, 1, 1), sigma_data)
+        c = self.noise_embed(c_noise.view(-1))
         clean = self.embed_tokens(tokens)
         noisy = (c_in * z.float() + self.noisy_type).to(clean.dtype)
         steps = torch.arange(length, device=tokens.device)

@@ -1,8 +1,8 @@
 """A small class-conditional DiT (Peebles & Xie 2023) with adaLN-Zero noise conditioning.
 
 ``forward(x, c_noise, labels)`` is the raw network F of EDM: ``x`` is the preconditioned noisy image
-c_in·z, ``c_noise`` is ¼·ln σ per sample, ``labels`` are class ids where a negative id means "no label"
-(the null class used for classifier-free guidance).
+c_in·z, ``c_noise`` is ¼·ln σ per sample, ``labels`` are class ids where ``num_classes`` (the extra embedding row)
+or a negative id means "no label" (the null class used for classifier-free guidance).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
+
+from lightning_diffusionblocks.records import RecordsInitArgs
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -118,7 +120,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(RecordsInitArgs, nn.Module):
     """Class-conditional Diffusion Transformer; ``blocks`` is the stack DiffusionBlocks cuts into groups."""
 
     def __init__(
@@ -158,9 +160,10 @@ class DiT(nn.Module):
         if self.label_embed is not None:
             if labels is None:
                 labels = torch.full((x.shape[0],), -1, device=x.device, dtype=torch.long)
-            if (labels >= self.num_classes).any():
+            if (labels > self.num_classes).any():
                 raise ValueError(
-                    f"Labels must be in [0, {self.num_classes}) (or negative for none), got {labels.max()}."
+                    f"Labels must be in [0, {self.num_classes}), or {self.num_classes} / negative for no label;"
+                    f" got {labels.max()}."
                 )
             c = c + self.label_embed(torch.where(labels < 0, self.num_classes, labels))
         for block in self.blocks:

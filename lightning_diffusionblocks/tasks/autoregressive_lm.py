@@ -18,11 +18,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
-from lightning_diffusionblocks.tasks.base import GroupOf, GroupRunner, Runner, Task, runner_at
-from lightning_diffusionblocks.tasks.masked_lm import token_batch
+from lightning_diffusionblocks.routing import Router, Runner
+from lightning_diffusionblocks.sampling import euler_step
+from lightning_diffusionblocks.tasks.base import Task
+from lightning_diffusionblocks.tasks.masked_lm import check_language_model, token_batch
 
 Weighting = Literal["per_sample", "batch_mean", "none"]
 
@@ -35,6 +37,9 @@ class AutoregressiveLM(Task):
     paper's w(σ)·CE.
     """
 
+    inference = ("evaluate_batch", "generate")
+    progress_metrics = ("ce_chain",)
+
     def __init__(self, vocab_size: int, noise: NoiseSchedule = EDM, weighting: Weighting = "per_sample") -> None:
         super().__init__(noise)
         if vocab_size < 2:
@@ -42,6 +47,11 @@ class AutoregressiveLM(Task):
         if weighting not in ("per_sample", "batch_mean", "none"):
             raise ValueError(f"weighting must be 'per_sample', 'batch_mean' or 'none', got {weighting!r}.")
         self.vocab_size, self.weighting = vocab_size, weighting
+        self.context_length: int | None = None
+
+    def bind(self, net: nn.Module) -> None:
+        check_language_model(net, self.vocab_size, "autoregressive")
+        self.context_length = getattr(net, "context_length", None)
 
     def batch_size(self, batch: Any) -> int:
         return token_batch(batch, self.vocab_size).shape[0]
@@ -60,62 +70,73 @@ class AutoregressiveLM(Task):
         return ce
 
     def _denoise_chain(
-        self, run_group: GroupRunner, group_of: GroupOf, call: Any, shape: tuple[int, ...], steps: int, seed: int,
-        device: torch.device,
-    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        self, router: Router, call: Any, shape: tuple[int, ...], steps: int, seed: int
+    ) -> tuple[Tensor, Tensor]:
         """Walk the σ grid for noisy targets of ``shape`` (…, D); ``call(run, z, sigma)`` gives logits.
         Returns (logits of the first step, logits of the last step)."""
         if steps < 1:
             raise ValueError(f"Generation needs at least 1 diffusion step per token, got steps={steps}.")
         sigmas = self.noise.inference_sigmas(steps).tolist()
         gen = torch.Generator(device="cpu").manual_seed(seed)
+        device = router.device
         z = (torch.randn(shape, generator=gen) * sigmas[0]).to(device)
         first = logits = None
         for i, sigma in enumerate(sigmas):
-            run = runner_at(run_group, group_of, sigma)
+            run = router.at(sigma)
             logits = call(run, z, torch.full((shape[0],), sigma, device=device)).float()
             first = logits if first is None else first
             if i + 1 < len(sigmas):
-                denoised = logits.softmax(-1) @ run(mode="embeddings").float()
-                z = z + (sigmas[i + 1] - sigma) * (z - denoised) / sigma
+                z = euler_step(z, logits.softmax(-1) @ run(mode="embeddings").float(), sigma, sigmas[i + 1])
         assert first is not None
         assert logits is not None
         return first, logits
 
     @torch.no_grad()
-    def evaluate(
-        self, run_group: GroupRunner, group_of: GroupOf, batch: Any, steps: int, seed: int = 0
+    def evaluate_batch(
+        self, router: Router, batch: Any, steps: int | None = None, seed: int = 0
     ) -> dict[str, Tensor]:
         """Teacher-forced per-sequence cross-entropy (nats/token) at σ_max and after the ``steps``-step
-        chain, and the chain's greedy next-token accuracy. Every position is denoised in parallel."""
+        chain (default B), and the chain's greedy next-token accuracy. Every position is denoised in parallel."""
+        steps = router.num_groups if steps is None else steps
         tokens = token_batch(batch, self.vocab_size)
-        dim = runner_at(run_group, group_of, self.noise.sigma_max)(mode="embeddings").shape[1]
+        dim = router.at(self.noise.sigma_max)(mode="embeddings").shape[1]
         sd = self.noise.sigma_data
 
         def call(run: Runner, z: Tensor, sigma: Tensor) -> Tensor:
             return run(tokens, z, level=sigma, sigma_data=sd)
 
         shape = (*tokens.shape, dim)
-        first, last = self._denoise_chain(run_group, group_of, call, shape, steps, seed, tokens.device)
+        first, last = self._denoise_chain(router, call, shape, steps, seed)
         ce = lambda logits: F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").mean(1)  # noqa: E731
         accuracy = (last.argmax(-1) == tokens).float().mean(1)
         return {"ce_sigma_max": ce(first), "ce_chain": ce(last), "accuracy_chain": accuracy}
 
+    def validation_metrics(self, router: Router, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return {name: value.mean() for name, value in self.evaluate_batch(router, batch, seed=batch_idx).items()}
+
+    def predict_step(self, router: Router, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Per-sequence teacher-forced metrics of a batch of token ids (see :meth:`evaluate_batch`)."""
+        return self.evaluate_batch(router, batch, seed=batch_idx)
+
     @torch.no_grad()
     def generate(
         self,
-        run_group: GroupRunner,
-        group_of: GroupOf,
-        prompt: Tensor,
-        steps: int,
-        context_length: int,
+        router: Router,
+        prompt: Tensor | None = None,
         max_new_tokens: int = 32,
+        steps: int | None = None,
         temperature: float = 0.0,
         seed: int = 0,
     ) -> Tensor:
         """Continue ``prompt`` ((L,) or (N, L) ids) by ``max_new_tokens`` tokens, each denoised in ``steps``
-        σ steps by the groups that own them. ``temperature`` 0 decodes greedily (the paper)."""
-        prompt = torch.as_tensor(prompt)
+        σ steps (default B) by the groups that own them. ``temperature`` 0 decodes greedily (the paper)."""
+        if prompt is None:
+            raise ValueError("Autoregressive generation needs a prompt of at least one token.")
+        context_length = self.context_length
+        if context_length is None:
+            raise ValueError("The network has no `context_length`; use a DiffusionLM network.")
+        steps = router.num_groups if steps is None else steps
+        prompt = torch.as_tensor(prompt, device=router.device)
         if prompt.ndim == 1:
             prompt = prompt[None]
         if prompt.ndim != 2 or prompt.shape[1] == 0:
@@ -131,7 +152,7 @@ class AutoregressiveLM(Task):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}.")
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        dim = runner_at(run_group, group_of, self.noise.sigma_max)(mode="embeddings").shape[1]
+        dim = router.at(self.noise.sigma_max)(mode="embeddings").shape[1]
         sd = self.noise.sigma_data
         for i in range(max_new_tokens):
             context = x[:, -(context_length - 1) :]
@@ -139,9 +160,7 @@ class AutoregressiveLM(Task):
             def call(run: Runner, z: Tensor, sigma: Tensor, context: Tensor = context) -> Tensor:
                 return run(context, z, level=sigma, sigma_data=sd, mode="next")
 
-            _, logits = self._denoise_chain(
-                run_group, group_of, call, (x.shape[0], 1, dim), steps, seed * 1_000_003 + i, x.device
-            )
+            _, logits = self._denoise_chain(router, call, (x.shape[0], 1, dim), steps, seed * 1_000_003 + i)
             logits = logits[:, 0]
             if temperature == 0:
                 nxt = logits.argmax(-1)

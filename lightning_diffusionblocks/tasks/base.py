@@ -1,37 +1,53 @@
-"""What a task is: the clean target, how it is corrupted, the per-sample loss, and how to sample."""
+"""What a task is: its noise levels, the per-sample loss, its validation metrics and its inference.
+
+A task owns everything formulation-specific. Inference (sampling, class probabilities, text generation,
+LM evaluation) is given a :class:`~lightning_diffusionblocks.routing.Router`, so a task never asks how the
+model was trained. The module's public calls (``sample``, ``predict_proba``, ``generate``,
+``evaluate_batch``) reach the task method of the same name when the task lists it in ``inference``.
+Adding a task is one new file: subclass :class:`Task`.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
+from lightning_diffusionblocks.records import RecordsInitArgs
+from lightning_diffusionblocks.routing import Router, Runner
 
-#: ``run(*inputs)`` calls the network (one group of it, or all of it) on the task's inputs.
-Runner = Callable[..., Any]
-#: ``run_group(g)`` is the runner of group g (None: the whole network, for end-to-end models).
-GroupRunner = Callable[[int | None], Runner]
-#: ``group_of(levels)`` gives the owning group of each noise level, or None for end-to-end models.
-GroupOf = Callable[[Tensor], Tensor | None]
+__all__ = ["Router", "Runner", "Task"]
 
 
-def runner_at(run_group: GroupRunner, group_of: GroupOf, level: float) -> Runner:
-    """The runner of the group owning noise level ``level``, looked up in float64 so grid points that sit
-    exactly on a boundary route as documented."""
-    groups = group_of(torch.tensor([level], dtype=torch.float64))
-    return run_group(None if groups is None else int(groups[0]))
-
-
-class Task(ABC):
+class Task(RecordsInitArgs, ABC):
     """One DiffusionBlocks formulation (image generation, classification, language modelling, …)."""
+
+    #: the module's public inference calls this task answers, each a method ``name(router, ...)``
+    inference: tuple[str, ...] = ()
+    #: validation metrics shown in the progress bar
+    progress_metrics: tuple[str, ...] = ()
 
     def __init__(self, noise: NoiseSchedule = EDM) -> None:
         self.noise = noise
 
+    # ------------------------------------------------------------------ conventions
+    def bind(self, net: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Check that ``net`` suits this task and discover its conventions (called once by the module)."""
+
+    def observe(self, batch: Any) -> None:  # noqa: B027 - optional hook
+        """See a training batch (e.g. to learn the shape of a sample); called on every training step."""
+
+    def state(self) -> dict[str, Any]:
+        """Plain data this task learned (e.g. the sample shape), kept in checkpoints."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore what :meth:`state` returned."""
+
+    # ------------------------------------------------------------------ training
     @abstractmethod
     def batch_size(self, batch: Any) -> int:
         """Number of samples in ``batch``."""
@@ -42,3 +58,17 @@ class Task(ABC):
 
         All randomness comes from ``generator`` so that a step is a pure function of (seed, step).
         """
+
+    # ------------------------------------------------------------------ evaluation and inference
+    def validation_metrics(self, router: Router, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Task metrics of one validation batch beyond the per-group losses (means over the batch)."""
+        return {}
+
+    def predict_step(self, router: Router, batch: Any, batch_idx: int) -> Any:
+        """What ``trainer.predict`` returns for one batch."""
+        raise TypeError(f"{type(self).__name__} has no prediction; trainer.predict cannot run it.")
+
+    def unsupported(self, call: str) -> TypeError:
+        """The error for a public call this task does not answer."""
+        offered = ", ".join(f"{name}()" for name in self.inference) or "none"
+        return TypeError(f"{call}() is not offered by the {type(self).__name__} task (it offers: {offered}).")

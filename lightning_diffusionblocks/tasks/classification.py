@@ -9,15 +9,16 @@ denoised estimate for the Euler step, and the last step's softmax is the class d
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
-from lightning_diffusionblocks.tasks.base import Runner, Task
+from lightning_diffusionblocks.routing import Router, Runner
+from lightning_diffusionblocks.sampling import euler_step
+from lightning_diffusionblocks.tasks.base import Task
 
 
 class Classification(Task):
@@ -30,6 +31,9 @@ class Classification(Task):
     lowest-σ samples, whose noisy target already reveals the label, carry weights up to ~2.5e5 and drown
     the image-dependent signal of the others; ``"batch_mean"`` keeps every sample's share equal.
     """
+
+    inference = ("predict_proba",)
+    progress_metrics = ("acc",)
 
     def __init__(
         self,
@@ -75,30 +79,67 @@ class Classification(Task):
             return self.noise.loss_weight(sigma).mean() * ce
         return ce
 
+    # ------------------------------------------------------------------ conventions
+    def bind(self, net: nn.Module) -> None:
+        try:
+            table = net(mode="embeddings")
+        except Exception as err:  # noqa: BLE001 - any failure means the network is not a classifier of this kind
+            raise ValueError(
+                f"Classification needs a network that reads out class logits as net(inputs, z, sigma) and returns its"
+                f" label embeddings as net(mode='embeddings'); {type(net).__name__} does not ({type(err).__name__}:"
+                f" {err}). Wrap a plain backbone: ConditioningAdapter(backbone, num_classes={self.num_classes})."
+                " An image denoiser (e.g. DiT) belongs to ImageGeneration."
+            ) from err
+        if not isinstance(table, Tensor) or table.ndim != 2:
+            raise ValueError(f"{type(net).__name__}(mode='embeddings') must return a (classes, dim) tensor.")
+        if table.shape[0] != self.num_classes:
+            raise ValueError(
+                f"The network embeds {table.shape[0]} classes but Classification(num_classes={self.num_classes})."
+                f" Build both with the data set's number of classes."
+            )
+
+    # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def predict(
-        self,
-        run_group: Callable[[int | None], Runner],
-        route: Callable[[float], int | None],
-        inputs: Tensor,
-        steps: int,
-        seed: int = 0,
-    ) -> Tensor:
-        """Class probabilities (N, C) after ``steps`` σ steps (chosen now, default B in the module)."""
+    def predict_proba(self, router: Router, inputs: Tensor, steps: int | None = None, seed: int = 0) -> Tensor:
+        """Class probabilities (N, C) after ``steps`` σ steps (chosen now; default B, one per group).
+
+        Each step the owning group gives logits; their expectation softmax(logits)·Ê under the same normalised
+        embeddings as in training is the denoised estimate for the Euler step (the classification bridge).
+        """
+        steps = router.num_groups if steps is None else steps
         if steps < 1:
             raise ValueError(f"Prediction needs at least 1 inference step, got steps={steps}.")
         sigmas = self.noise.inference_sigmas(steps).tolist()
         n = inputs.shape[0]
-        embeddings = run_group(route(sigmas[0]))(mode="embeddings")
+        embeddings = router.at(sigmas[0])(mode="embeddings")
         gen = torch.Generator(device="cpu").manual_seed(seed)
         z = (torch.randn(n, embeddings.shape[1], generator=gen) * sigmas[0]).to(inputs.device)
         probs = None
         for i, sigma in enumerate(sigmas):
-            run = run_group(route(sigma))
+            run = router.at(sigma)
             sigma_vec = torch.full((n,), sigma, device=inputs.device)
             probs = run(inputs, z, sigma_vec, sigma_data=self.noise.sigma_data).float().softmax(-1)
             if i + 1 < len(sigmas):
-                denoised = probs @ run(mode="embeddings").float()
-                z = z + (sigmas[i + 1] - sigma) * (z - denoised) / sigma
+                z = euler_step(z, probs @ run(mode="embeddings").float(), sigma, sigmas[i + 1])
         assert probs is not None
         return probs
+
+    def validation_metrics(self, router: Router, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        inputs, labels = self.split(batch)
+        probs = self.predict_proba(router, inputs, seed=batch_idx)
+        return {"acc": (probs.argmax(-1) == labels).float().mean()}
+
+    def predict_step(self, router: Router, batch: Any, batch_idx: int) -> Tensor:
+        """Class probabilities of ``inputs`` or ``(inputs, labels)`` batches (labels are not used)."""
+        if isinstance(batch, Tensor):
+            inputs = batch
+        elif isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and isinstance(batch[0], Tensor):
+            inputs = batch[0]
+        else:
+            raise ValueError("Classification's predict_step takes batches of `inputs` or `(inputs, labels)`.")
+        if not inputs.is_floating_point():
+            raise ValueError(
+                f"Classification's predict_step got an integer tensor of shape {tuple(inputs.shape)}: a predict"
+                " batch holds the inputs to classify (e.g. images), not labels."
+            )
+        return self.predict_proba(router, inputs, seed=batch_idx)

@@ -1,29 +1,185 @@
-"""Continuous targets: class-conditional image generation with EDM preconditioning and an L2 loss."""
+"""Continuous targets: class-conditional image generation with EDM preconditioning and an L2 loss.
+
+The network is the user's, unchanged: ``forward(x, c_noise, labels)`` returns the raw output F of EDM.
+Its conventions are discovered when the module binds the task (:meth:`ImageGeneration.bind`): the
+"no label" value it expects (its ``null_label`` or ``num_classes`` attribute, or the last row of its label
+embedding), how its ``forward`` takes the noise level and the labels (positionally or by keyword), and
+the shape of one sample (its ``channels``/``image_size``-style attributes, or the first training batch).
+"""
 
 from __future__ import annotations
 
+import inspect
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
-from lightning_diffusionblocks.tasks.base import Runner, Task
+from lightning_diffusionblocks.routing import Router, Runner
+from lightning_diffusionblocks.sampling import euler_sample
+from lightning_diffusionblocks.tasks.base import Task
+
+EXPECTED_SIGNATURE = "forward(x, c_noise, labels=None)"
+_CHANNEL_ATTRS = ("channels", "in_channels", "in_chans", "num_channels")
+_SIZE_ATTRS = ("image_size", "input_size", "img_size", "sample_size")
+_LABEL_MODULE = re.compile(r"(label|class|y_emb)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class CallConvention:
+    """How a network's ``forward`` takes (x, c_noise, labels): ``None`` = positionally, a name = by keyword;
+    ``takes_labels`` False for unconditional networks."""
+
+    noise_keyword: str | None = None
+    labels_keyword: str | None = None
+    takes_labels: bool = True
+
+    @classmethod
+    def of(cls, net: nn.Module) -> CallConvention:
+        """Read the convention from ``net.forward``'s signature; refuse shapes it cannot serve."""
+        try:
+            params = list(inspect.signature(net.forward).parameters.values())
+        except (TypeError, ValueError):
+            return cls()
+        kinds = inspect.Parameter
+        if any(p.kind is kinds.VAR_POSITIONAL for p in params):
+            return cls()
+        positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+        keyword = [p for p in params if p.kind is kinds.KEYWORD_ONLY]
+        has_var_kw = any(p.kind is kinds.VAR_KEYWORD for p in params)
+
+        def refuse(why: str) -> ValueError:
+            return ValueError(
+                f"{type(net).__name__}.forward{inspect.signature(net.forward)} {why}. ImageGeneration calls the"
+                f" network as {EXPECTED_SIGNATURE} (x = c_in·z, c_noise = ¼·ln σ, labels = class ids); the noise"
+                " level and the labels may also be keyword-only arguments."
+            )
+
+        if not positional:
+            raise refuse("takes no positional input for the noisy image")
+        slots: list[str | None] = []  # how c_noise and labels are passed
+        rest_pos, rest_kw = positional[1:], list(keyword)
+        for _ in range(2):
+            if rest_pos:
+                rest_pos.pop(0)
+                slots.append(None)
+            elif rest_kw:
+                slots.append(rest_kw.pop(0).name)
+            else:
+                slots.append("<absent>")
+        if slots[0] == "<absent>":
+            raise refuse("takes no noise level")
+        required = [p.name for p in rest_pos + rest_kw if p.default is inspect.Parameter.empty]
+        if required:
+            raise refuse(f"requires further arguments {required}")
+        if slots[1] == "<absent>" and has_var_kw:
+            slots[1] = "labels"
+        return cls(noise_keyword=slots[0], labels_keyword=slots[1], takes_labels=slots[1] != "<absent>")
+
+    def call(self, run: Runner, x: Tensor, c_noise: Tensor, labels: Tensor | None) -> Any:
+        args: list[Any] = [x]
+        kwargs: dict[str, Any] = {}
+        if self.noise_keyword is None:
+            args.append(c_noise)
+        else:
+            kwargs[self.noise_keyword] = c_noise
+        if self.takes_labels:
+            if self.labels_keyword is None:
+                args.append(labels)
+            else:
+                kwargs[self.labels_keyword] = labels
+        elif labels is not None:
+            raise ValueError(
+                "The batches carry labels but the network's forward takes none; use an unconditional data set"
+                f" or give the network a labels argument ({EXPECTED_SIGNATURE})."
+            )
+        return run(*args, **kwargs)
+
+
+def discover_null_label(net: nn.Module) -> int | None:
+    """The label id a network reads as "no label": its ``null_label``, its ``num_classes`` (the extra row of
+    a ``num_classes + 1`` embedding), or the last row of a label embedding; None if it declares none."""
+    for owner in (net, *(m for name, m in net.named_modules() if name and _LABEL_MODULE.search(name))):
+        value = getattr(owner, "null_label", None)
+        if isinstance(value, int):
+            return value
+        value = getattr(owner, "num_classes", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Embedding) and _LABEL_MODULE.search(name):
+            return module.num_embeddings - 1
+    return None
+
+
+def discover_sample_shape(net: nn.Module) -> list[int] | None:
+    """(C, H, W) from the usual attribute names (ours, timm, diffusers, the DiT reference code)."""
+    channels = next((getattr(net, a) for a in _CHANNEL_ATTRS if isinstance(getattr(net, a, None), int)), None)
+    size = next((getattr(net, a) for a in _SIZE_ATTRS if getattr(net, a, None) is not None), None)
+    if channels is None or size is None:
+        return None
+    if isinstance(size, int):
+        return [channels, size, size]
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return [channels, *size]
+    return None
 
 
 class ImageGeneration(Task):
     """Denoise images y + σε back to y; the conditioning x is the class label (or nothing).
 
     Batches are ``(images, labels)`` or ``images``; images should be scaled to about [-1, 1]. During
-    training a share ``label_dropout`` of labels is replaced by -1 (the null label) so the model also
-    learns the unconditional denoiser that classifier-free guidance needs.
+    training a share ``label_dropout`` of labels is replaced by the null label so the model also learns the
+    unconditional denoiser that classifier-free guidance needs.
+
+    Args:
+        label_dropout: share of labels dropped to the null label in training.
+        noise: the EDM noise schedule.
+        null_label: the label id the network reads as "no label"; default what the network declares
+            (``null_label`` or ``num_classes`` attribute, or the last row of its label embedding), else -1.
     """
 
-    def __init__(self, label_dropout: float = 0.1, noise: NoiseSchedule = EDM) -> None:
+    inference = ("sample",)
+
+    def __init__(self, label_dropout: float = 0.1, noise: NoiseSchedule = EDM, null_label: int | None = None) -> None:
         super().__init__(noise)
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}.")
+        if null_label is not None and not isinstance(null_label, int):
+            raise ValueError(f"null_label must be an integer label id, got {null_label!r}.")
         self.label_dropout = label_dropout
+        self.null_label_option = null_label
+        self.null_label = -1 if null_label is None else null_label
+        self.convention = CallConvention()
+        self.sample_shape: list[int] | None = None
+        self.data_range: list[float] | None = None
+
+    # ------------------------------------------------------------------ conventions
+    def bind(self, net: nn.Module) -> None:
+        if self.null_label_option is None:
+            found = discover_null_label(net)
+            self.null_label = -1 if found is None else found
+        self.convention = CallConvention.of(net)
+        self.sample_shape = self.sample_shape or discover_sample_shape(net)
+
+    def observe(self, batch: Any) -> None:
+        images, _ = self.split(batch)
+        self.sample_shape = list(images.shape[1:])
+        lo, hi = float(images.min()), float(images.max())
+        if self.data_range is not None:
+            lo, hi = min(lo, self.data_range[0]), max(hi, self.data_range[1])
+        self.data_range = [lo, hi]
+
+    def state(self) -> dict[str, Any]:
+        return {"sample_shape": self.sample_shape, "data_range": self.data_range}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.sample_shape = state.get("sample_shape") or self.sample_shape
+        self.data_range = state.get("data_range") or self.data_range
 
     @staticmethod
     def split(batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -39,18 +195,19 @@ class ImageGeneration(Task):
     def batch_size(self, batch: Any) -> int:
         return self.split(batch)[0].shape[0]
 
+    # ------------------------------------------------------------------ formulas
     def denoise(self, run: Runner, z: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         """EDM denoiser D(z; σ) = c_skip·z + c_out·F(c_in·z, c_noise, labels), in float32."""
         c_skip, c_out, c_in, c_noise = self.noise.precondition(sigma.float())
         shape = (-1,) + (1,) * (z.ndim - 1)
-        out = run((c_in.view(shape) * z).to(z.dtype), c_noise, labels)
+        out = self.convention.call(run, (c_in.view(shape) * z).to(z.dtype), c_noise, labels)
         return c_skip.view(shape) * z.float() + c_out.view(shape) * out.float()
 
     def loss(self, run: Runner, batch: Any, sigma: Tensor, generator: torch.Generator) -> Tensor:
         images, labels = self.split(batch)
         if labels is not None and self.label_dropout > 0:
             drop = torch.rand(labels.shape, generator=generator, device=generator.device) < self.label_dropout
-            labels = torch.where(drop.to(labels.device), torch.full_like(labels, -1), labels)
+            labels = torch.where(drop.to(labels.device), torch.full_like(labels, self.null_label), labels)
         eps = torch.randn(images.shape, generator=generator, device=generator.device).to(images)
         shape = (-1,) + (1,) * (images.ndim - 1)
         z = images + sigma.view(shape).to(images) * eps
@@ -64,8 +221,89 @@ class ImageGeneration(Task):
         """Denoiser with classifier-free guidance: D_u + g·(D_c − D_u), both halves in one batch."""
         if labels is None or guidance == 1.0:
             return self.denoise(run, z, sigma, labels)
-        both = self.denoise(
-            run, torch.cat([z, z]), torch.cat([sigma, sigma]), torch.cat([labels, -torch.ones_like(labels)])
-        )
+        null = torch.full_like(labels, self.null_label)
+        both = self.denoise(run, torch.cat([z, z]), torch.cat([sigma, sigma]), torch.cat([labels, null]))
         cond, uncond = both.chunk(2)
         return uncond + guidance * (cond - uncond)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def sample(
+        self,
+        router: Router,
+        labels: Tensor | Sequence[int] | None = None,
+        num_samples: int | None = None,
+        steps: int = 50,
+        guidance: float = 1.0,
+        seed: int = 0,
+        shape: Sequence[int] | None = None,
+        clip: bool | tuple[float, float] = False,
+    ) -> Tensor:
+        """Generate with group-routed Euler: each σ step calls only the group that owns it.
+
+        ``steps`` is chosen here, independent of B and never stored. ``guidance`` > 1 turns on
+        classifier-free guidance (needs ``labels``). Without labels a class-conditional network gets its null
+        label (unconditional samples). ``shape`` is one sample's shape; by default the one found on the
+        network or seen in training. The raw output of the sampler may leave the data range; ``clip=True``
+        clamps it to the range seen in the training data, ``clip=(lo, hi)`` to a given range.
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}.")
+        device = router.device
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long, device=device).view(-1)
+            num_samples = labels.shape[0]
+            if not self.convention.takes_labels:
+                raise ValueError("The network takes no labels; call sample(num_samples=...) without labels.")
+        elif guidance != 1.0:
+            raise ValueError("Classifier-free guidance needs `labels`; pass labels or guidance=1.0.")
+        if not num_samples:
+            raise ValueError("Pass `labels` or `num_samples` to sample().")
+        if labels is None and self.convention.takes_labels:
+            labels = torch.full((num_samples,), self.null_label, dtype=torch.long, device=device)
+        if shape is None:
+            if self.sample_shape is None:
+                raise ValueError(
+                    "The sample shape is unknown: the network has no `channels`/`image_size`-style attributes and"
+                    " no training batch was seen. Pass shape=(C, H, W)."
+                )
+            shape = self.sample_shape
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        sigmas = self.noise.inference_sigmas(steps)
+        z = (torch.randn((num_samples, *shape), generator=gen) * sigmas[0].item()).to(device)
+
+        def denoise(z: Tensor, sigma_vec: Tensor, sigma: float) -> Tensor:
+            return self.guided_denoise(router.at(sigma), z, sigma_vec, labels, guidance)
+
+        images = euler_sample(denoise, z, sigmas)
+        return self._clip(images, clip)
+
+    def _clip(self, images: Tensor, clip: bool | tuple[float, float]) -> Tensor:
+        if clip is False:
+            return images
+        if clip is True:
+            if self.data_range is None:
+                raise ValueError("clip=True clamps to the training data's range, but none was seen; pass clip=(lo, hi)")
+            lo, hi = self.data_range
+        else:
+            lo, hi = clip
+        return images.clamp(lo, hi)
+
+    def predict_step(self, router: Router, batch: Any, batch_idx: int) -> Tensor:
+        """Samples for a batch of class labels (a 1-D integer tensor, or a 1-tuple of one)."""
+        labels = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 1 else batch
+        if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point():
+            raise ValueError(
+                "ImageGeneration's predict_step draws one sample per label, so a predict batch must be a 1-D tensor"
+                " of class ids (e.g. DataLoader(TensorDataset(labels))). This batch holds something else"
+                f" ({_describe(batch)}); images in a predict batch would be ignored, so they are refused."
+            )
+        return self.sample(router, labels=labels, seed=batch_idx)
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Tensor):
+        return f"a {batch.dtype} tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} items"
+    return type(batch).__name__

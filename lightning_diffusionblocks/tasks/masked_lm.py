@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_diffusionblocks.masking import LINEAR_MASKING, MaskingSchedule
-from lightning_diffusionblocks.tasks.base import GroupOf, GroupRunner, Runner, Task, runner_at
+from lightning_diffusionblocks.routing import Router, Runner
+from lightning_diffusionblocks.tasks.base import Task
 
 
 def token_batch(batch: Any, vocab_size: int) -> Tensor:
@@ -36,15 +37,36 @@ def token_batch(batch: Any, vocab_size: int) -> Tensor:
     return tokens.long()
 
 
+def check_language_model(net: nn.Module, vocab_size: int, objective: str) -> None:
+    """Refuse a network that is not a DiffusionBlocks language model of this objective and vocabulary."""
+    declared = getattr(net, "objective", None)
+    if declared is not None and declared != objective:
+        raise ValueError(
+            f"The network was built with objective={declared!r} but the task trains objective={objective!r};"
+            f" build it with objective={objective!r}."
+        )
+    size = getattr(net, "vocab_size", None)
+    if isinstance(size, int) and size != vocab_size:
+        raise ValueError(f"The network reads out {size} tokens but the task has vocab_size={vocab_size}; use one.")
+
+
 class MaskedLM(Task):
     """Batches are (N, L) token ids in [0, vocab_size); the network is called ``net(tokens, level=t)``
     with masked positions holding id ``vocab_size`` and returns logits (N, L, vocab_size)."""
+
+    inference = ("evaluate_batch", "generate")
+    progress_metrics = ("bits_per_token",)
 
     def __init__(self, vocab_size: int, noise: MaskingSchedule = LINEAR_MASKING) -> None:
         super().__init__(noise)  # type: ignore[arg-type]
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
         self.vocab_size = vocab_size
+        self.context_length: int | None = None
+
+    def bind(self, net: nn.Module) -> None:
+        check_language_model(net, self.vocab_size, "masked")
+        self.context_length = getattr(net, "context_length", None)
 
     @property
     def mask_id(self) -> int:
@@ -70,11 +92,12 @@ class MaskedLM(Task):
         return self.elbo_terms(run, token_batch(batch, self.vocab_size), sigma, generator)
 
     @torch.no_grad()
-    def evaluate(
-        self, run_group: GroupRunner, group_of: GroupOf, batch: Any, samples: int = 8, seed: int = 0
+    def evaluate_batch(
+        self, router: Router, batch: Any, samples: int | None = None, seed: int = 0
     ) -> dict[str, Tensor]:
         """Negative ELBO per sequence (nats/token) and bits per token, from ``samples`` stratified t per
-        sequence (slice k of [t_min, 1] in round k), each routed to the group that owns it."""
+        sequence (slice k of [t_min, 1] in round k; default 2·B), each routed to the group that owns it."""
+        samples = 2 * router.num_groups if samples is None else samples
         if samples < 1:
             raise ValueError(f"The ELBO estimate needs at least 1 masking time per sequence, got samples={samples}.")
         tokens = token_batch(batch, self.vocab_size)
@@ -85,34 +108,40 @@ class MaskedLM(Task):
         for k in range(samples):
             u = torch.rand(n, generator=gen, device=tokens.device)
             t = lo + (k + u) / samples * (1.0 - lo)
-            groups = group_of(t)
-            if groups is None:
-                total += self.elbo_terms(run_group(None), tokens, t, gen)
-                continue
-            for g in groups.unique().tolist():
-                rows = groups == g
-                total[rows] += self.elbo_terms(run_group(g), tokens[rows], t[rows], gen)
+            for rows, run in router.split(t):
+                total[rows] += self.elbo_terms(run, tokens[rows], t[rows], gen)
         nelbo = total / samples
         return {"nelbo": nelbo, "bits_per_token": nelbo / math.log(2)}
+
+    def validation_metrics(self, router: Router, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return {name: value.mean() for name, value in self.evaluate_batch(router, batch, seed=batch_idx).items()}
+
+    def predict_step(self, router: Router, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Per-sequence ELBO metrics of a batch of token ids (see :meth:`evaluate_batch`)."""
+        return self.evaluate_batch(router, batch, seed=batch_idx)
 
     @torch.no_grad()
     def generate(
         self,
-        run_group: GroupRunner,
-        group_of: GroupOf,
-        num_samples: int,
-        length: int,
-        steps: int,
+        router: Router,
         prompt: Tensor | None = None,
+        num_samples: int = 1,
+        length: int | None = None,
+        steps: int | None = None,
         temperature: float = 1.0,
         seed: int = 0,
-        device: torch.device | str = "cpu",
     ) -> Tensor:
         """Ancestral unmasking: from all-masked at t=1 to t=0 in ``steps`` model calls; each call goes to
         the group that owns its t, and every masked token is revealed with probability (t − s)/t.
 
-        ``prompt`` (1-D ids) fixes the first tokens; ``temperature`` 0 takes the most likely token.
+        ``prompt`` (1-D ids) fixes the first tokens; ``length`` defaults to the network's context length,
+        ``steps`` to 4·B; ``temperature`` 0 takes the most likely token.
         """
+        steps = 4 * router.num_groups if steps is None else steps
+        length = self.context_length if length is None else length
+        if length is None:
+            raise ValueError("Pass length=<number of tokens>: the network declares no context_length.")
+        device = router.device
         if steps < 1:
             raise ValueError(f"Generation needs at least 1 step, got steps={steps}.")
         if num_samples < 1 or length < 1:
@@ -131,7 +160,7 @@ class MaskedLM(Task):
         grid = self.noise.grid(steps).tolist()
         for t, s in zip(grid[:-1], grid[1:]):
             level = torch.full((num_samples,), t, device=device)
-            logits = runner_at(run_group, group_of, t)(x, level=level).float()
+            logits = router.at(t)(x, level=level).float()
             if temperature == 0:
                 proposal = logits.argmax(-1)
             else:
