@@ -18,60 +18,80 @@ import lightning_diffusionblocks as ldb
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_hunks() -> list[tuple[str, str]]:
-    """(before, after) text of each ``@@`` hunk of the README's conversion diff."""
+def readme_diffs() -> dict[str, list[tuple[str, str]]]:
+    """Each ```diff block of the README, by the file it names (``+++ b/<path>``): its (before, after) hunks."""
     text = (ROOT / "README.md").read_text()
-    match = re.search(r"```diff\n(.*?)```", text, re.S)
-    assert match, "README.md must show the conversion as a ```diff block"
-    hunks, current = [], []
-    for line in match.group(1).splitlines():
-        if line.startswith("@@"):
-            if current:
-                hunks.append(current)
-            current = []
-        else:
-            current.append(line)
-    hunks.append(current)
-    return [
-        ("\n".join(x[1:] for x in h if x[:1] in (" ", "-")), "\n".join(x[1:] for x in h if x[:1] in (" ", "+")))
-        for h in hunks
-        if h
-    ]
+    blocks = re.findall(r"```diff\n(.*?)```", text, re.S)
+    assert blocks, "README.md must show the conversions as ```diff blocks"
+    diffs = {}
+    for block in blocks:
+        target = re.search(r"^\+\+\+ b/(\S+)$", block, re.M)
+        assert target, "each README diff must name its file with a '+++ b/<path>' line"
+        hunks, current = [], []
+        for line in block.splitlines():
+            if line.startswith(("---", "+++")):
+                continue
+            if line.startswith("@@"):
+                if current:
+                    hunks.append(current)
+                current = []
+            else:
+                current.append(line)
+        hunks.append(current)
+        diffs[target.group(1)] = [
+            ("\n".join(x[1:] for x in h if x[:1] in (" ", "-")), "\n".join(x[1:] for x in h if x[:1] in (" ", "+")))
+            for h in hunks
+            if h
+        ]
+    return diffs
 
 
-def converted_source() -> str:
-    """examples/existing_project.py with the README diff applied; every hunk must match exactly."""
-    source = (ROOT / "examples" / "existing_project.py").read_text()
-    for before, after in readme_hunks():
-        assert source.count(before) == 1, f"README diff hunk not found once in existing_project.py:\n{before}"
+PROJECTS = ["examples/existing_project.py", "examples/dit_project.py"]
+
+
+def converted_source(project: str) -> str:
+    """The example project with its README diff applied; every hunk must match exactly once."""
+    source = (ROOT / project).read_text()
+    for before, after in readme_diffs()[project]:
+        assert source.count(before) == 1, f"README diff hunk not found once in {project}:\n{before}"
         source = source.replace(before, after)
     return source
 
 
-def test_readme_diff_changes_only_a_few_lines():
-    changed = sum(len(set(a.splitlines()) ^ set(b.splitlines())) for b, a in readme_hunks())
-    assert 0 < changed <= 8
+def test_readme_diffs_cover_both_projects_and_change_only_a_few_lines():
+    diffs = readme_diffs()
+    assert sorted(diffs) == sorted(PROJECTS)
+    for hunks in diffs.values():
+        changed = sum(len(set(a.splitlines()) ^ set(b.splitlines())) for b, a in hunks)
+        assert 0 < changed <= 8
 
 
-def test_converted_project_trains_blockwise(tmp_path):
-    path = tmp_path / "converted.py"
-    path.write_text(converted_source())
-    namespace = runpy.run_path(str(path), run_name="converted")
-    module = namespace["main"](
-        max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path
+def _network_source(source: str) -> str:
+    """Everything above the project's LightningModule: the network code the conversion must not touch."""
+    return source[: source.index("class EDM")]
+
+
+@pytest.mark.parametrize("project", PROJECTS)
+def test_converted_project_trains_blockwise_and_samples(tmp_path, project):
+    original = (ROOT / project).read_text()
+    converted = converted_source(project)
+    assert _network_source(converted).replace("import lightning_diffusionblocks as ldb\n", "") == _network_source(
+        original
     )
+    path = tmp_path / "converted.py"
+    path.write_text(converted)
+    namespace = runpy.run_path(str(path), run_name="converted")
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "default_root_dir": tmp_path}
+    module = namespace["main"](max_steps=12, **quiet)
     assert isinstance(module, ldb.DiffusionBlocksModule)
     assert int(module.group_steps.sum()) == 12
     assert bool(module.trained_blockwise)
-    assert module.sample(labels=[1, 2], steps=4, shape=(1, 8, 8)).shape == (2, 1, 8, 8)
+    # no shape=, guided and unguided: the network's own conventions were found
+    assert module.sample(labels=[1, 2], steps=4, guidance=2.0).shape == (2, 1, 8, 8)
+    assert module.sample(num_samples=3, steps=3).shape == (3, 1, 8, 8)
     # the unconverted project still trains end to end
-    before = runpy.run_path(str(ROOT / "examples" / "existing_project.py"), run_name="original")
-    assert not isinstance(
-        before["main"](
-            max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path
-        ),
-        ldb.DiffusionBlocksModule,
-    )
+    before = runpy.run_path(str(ROOT / project), run_name="original")
+    assert not isinstance(before["main"](max_steps=2, **quiet), ldb.DiffusionBlocksModule)
     assert isinstance(module, L.LightningModule)
 
 

@@ -53,7 +53,9 @@ from lightning_diffusionblocks.models.stack_hooks import (
     StackHooks,
     infer_width,
 )
+from lightning_diffusionblocks.noise import edm_scalings
 from lightning_diffusionblocks.partition import _first_tensor, find_block_stack
+from lightning_diffusionblocks.records import RecordsInitArgs
 
 Layout = Literal["auto", "token", "additive"]
 LAYOUTS: tuple[str, ...] = ("auto", "token", "additive")
@@ -157,7 +159,7 @@ def _probe_stack(call: Callable[[], Any], blocks: Sequence[nn.Module], extra_tok
     return shapes
 
 
-class ConditioningAdapter(StackHooks, nn.Module):
+class ConditioningAdapter(RecordsInitArgs, StackHooks, nn.Module):
     """σ-conditioned classifier around a plain backbone (see the module docstring).
 
     Args:
@@ -323,12 +325,8 @@ class ConditioningAdapter(StackHooks, nn.Module):
         if mode != "logits" or inputs is None or z is None or sigma is None:
             raise ValueError("Call the adapter as adapter(inputs, z, sigma) or adapter(mode='embeddings').")
         self._check_inputs(inputs)
-        sigma = sigma.float().view(-1, 1)
-        sd2 = sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * sigma_data / (sigma**2 + sd2).sqrt()
-        c_in = 1 / (sigma**2 + sd2).sqrt()
-        c = self.noise_embed((sigma.log() / 4).flatten())
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma.float().view(-1, 1), sigma_data)
+        c = self.noise_embed(c_noise.flatten())
         readout = self._features(inputs, c, c_in * z.float())
         denoised = c_out * self.norm(readout.float()) + c_skip * z.float()
         shift, scale = self.final_ada(F.silu(c)).chunk(2, dim=-1)
