@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -98,14 +99,15 @@ def _init_args(obj: Any) -> dict[str, Any] | None:
     args = getattr(obj, "init_args", None)
     if isinstance(args, dict):
         return args
+    if callable(getattr(obj, "to_dict", None)) and type(obj).__module__.startswith("transformers."):
+        to_json = getattr(obj, "to_json_string", None)  # JSON: plain data, string keys
+        return json.loads(to_json(use_diff=False)) if callable(to_json) else obj.to_dict()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
     config = getattr(obj, "config", None)
     to_dict = getattr(config, "to_dict", None)
     if callable(to_dict) and "config" in inspect.signature(type(obj).__init__).parameters:
         return {"config": config}
-    if callable(getattr(obj, "to_dict", None)) and type(obj).__module__.startswith("transformers."):
-        return obj.to_dict()
     return None
 
 
