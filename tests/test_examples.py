@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 import lightning_diffusionblocks as ldb
 
@@ -172,3 +173,26 @@ def test_text_examples_run_with_hugging_face_backbones(tmp_path: Path, script: s
     assert "DiffusionBlocks:" in result.stdout
     row = json.loads((tmp_path / "r.json").read_text())["results"]["diffusionblocks"]
     assert row["steps"] == 2 * (4 if script == "text_ar.py" else 3)  # the paper's B per objective
+
+
+def test_readme_reload_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's reload/test/predict lines, on a tiny trained DiT instead of the MNIST demo model."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.conftest import image_loader, tiny_dit, trainer_kwargs
+
+    module = ldb.DiffusionBlocksModule(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=3)
+    trainer = L.Trainer(strategy="diffusionblocks", max_steps=2, **trainer_kwargs(tmp_path))
+    trainer.fit(module, image_loader())
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    text = (ROOT / "README.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "load_from_checkpoint" in c)
+    code = code.replace("datamodule=ldb.data.MNISTDataModule()", "image_loader()").replace(
+        "L.Trainer()", "L.Trainer(**quiet)"
+    )
+    monkeypatch.chdir(tmp_path)
+    scope = {"L": L, "ldb": ldb, "torch": torch, "DataLoader": DataLoader, "TensorDataset": TensorDataset,
+             "image_loader": image_loader, "quiet": trainer_kwargs(tmp_path)}  # fmt: skip
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
+    restored = scope["module"].network.net.blocks[0].attn.qkv.weight
+    assert torch.equal(restored, module.network.net.blocks[0].attn.qkv.weight)
