@@ -394,9 +394,9 @@ class DiffusionBlocksModule(L.LightningModule):
             return  # a resumed run keeps the horizons it started with
         total = float(self.trainer.estimated_stepping_batches)
         per_group = total if self._schedule is None else self._schedule.expected_steps(total)
-        base = self.group_steps.double() if self.trainer.global_step == 0 else torch.zeros(self.num_blocks)
-        horizons = torch.cat([base + per_group, torch.tensor([float(self.step_count) + total])])
-        self.lr_horizons.copy_(horizons.clamp_(min=1.0))
+        horizons = [float(s) + per_group if self.trainer.global_step == 0 else per_group for s in self.group_steps]
+        horizons.append(float(self.step_count) + total)
+        self.lr_horizons.copy_(torch.tensor(horizons, dtype=torch.float64).clamp_(min=1.0))
 
     # ------------------------------------------------------------------ steps
     def _generator(self, step: int, salt: int = 0) -> torch.Generator:
