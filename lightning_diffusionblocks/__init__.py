@@ -1,12 +1,15 @@
 """Block-wise training of stacked-block networks with DiffusionBlocks, as a Lightning strategy.
 
-Importing this package registers ``Trainer(strategy="diffusionblocks")`` (and
-``"diffusionblocks_sequential"``).
+Importing this package registers ``Trainer(strategy="diffusionblocks")`` (one device; and
+``"diffusionblocks_sequential"``), ``"diffusionblocks_ddp"`` (data parallel) and
+``"diffusionblocks_block_parallel"`` (one group per process), each also with a ``_spawn`` variant.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_diffusionblocks import callbacks, data, models, noise, tasks
+from lightning_diffusionblocks.block_parallel import BlockParallelStrategy
+from lightning_diffusionblocks.data_parallel import DiffusionBlocksDDPStrategy
 from lightning_diffusionblocks.module import DiffusionBlocksModule, NonFiniteLossError
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.partition import BlockStack, BlockwiseNetwork, find_block_stack, split_layers
@@ -15,10 +18,13 @@ from lightning_diffusionblocks.strategy import DiffusionBlocksStrategy
 
 __version__ = "0.1.0"
 
-if DiffusionBlocksStrategy.strategy_name not in StrategyRegistry:
-    DiffusionBlocksStrategy.register_strategies(StrategyRegistry)
+for _strategy in (DiffusionBlocksStrategy, DiffusionBlocksDDPStrategy, BlockParallelStrategy):
+    if _strategy.strategy_name not in StrategyRegistry:
+        _strategy.register_strategies(StrategyRegistry)
 
 __all__ = [
+    "BlockParallelStrategy",
+    "DiffusionBlocksDDPStrategy",
     "EDM",
     "BlockStack",
     "BlockwiseNetwork",

@@ -38,6 +38,7 @@ OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
 #: the owner of an optimizer param group: a block group's index, or SHARED for the shared stem/head
 SHARED = -1
 MAX_GAMMA = 0.5
+RANK_SALT = 1_000_003
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -152,6 +153,7 @@ class DiffusionBlocksModule(L.LightningModule):
         #: the group the last training step trained (None: end-to-end), for callbacks after the step
         self.last_group: int | None = None
         self._schedule: Schedule | None = None
+        self._reduce_gradients: Callable[[list[Tensor]], None] | None = None
         self._owners: tuple[int, list[int]] | None = None
 
     # ------------------------------------------------------------------ properties
@@ -168,8 +170,12 @@ class DiffusionBlocksModule(L.LightningModule):
     def sampling_network(self) -> BlockwiseNetwork:
         return self.ema_network if self.ema_network is not None else self.network
 
-    def use_schedule(self, schedule: Schedule | None) -> None:
-        """Called by a DiffusionBlocks strategy before fit (and with None after): which group trains at each step."""
+    def use_schedule(
+        self, schedule: Schedule | None, reduce_gradients: Callable[[list[Tensor]], None] | None = None
+    ) -> None:
+        """Called by a DiffusionBlocks strategy before fit (and with None after): which group trains at each step,
+        and how the gradients of a step's group are averaged over the processes that train it (if several)."""
+        self._reduce_gradients = reduce_gradients
         if schedule is not None and schedule.num_groups != self.num_blocks:
             raise MisconfigurationException(
                 f"The schedule is built for {schedule.num_groups} groups but the module has"
@@ -433,7 +439,8 @@ class DiffusionBlocksModule(L.LightningModule):
         group = self.group_at(step)
         self.task.observe(batch)
         opt = self.optimizers()
-        loss = self.group_loss(self.network, batch, group, self._generator(step))
+        # each process draws its own noise for its own shard (rank 0's stream is the single-device one)
+        loss = self.group_loss(self.network, batch, group, self._generator(step, salt=RANK_SALT * self.global_rank))
         if not torch.isfinite(loss):
             lo, hi = self.sigma_range(group)
             which = "the whole network (end-to-end)" if group is None else f"group {group}"
@@ -446,6 +453,9 @@ class DiffusionBlocksModule(L.LightningModule):
         self.last_group = group
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        if self._reduce_gradients is not None:
+            shared = self.network.shared_parameters()
+            self._reduce_gradients([p for g in trained for p in self.network.group_parameters(g)] + shared)
         self._clip(trained)
         self._prepare_groups(opt.optimizer, trained)
         opt.step()
@@ -461,20 +471,22 @@ class DiffusionBlocksModule(L.LightningModule):
     def _evaluation_step(self, stage: str, batch: Any, batch_idx: int) -> Tensor:
         """Loss in each group's nominal noise range (routed by how the model was trained), then task metrics."""
         n = self.task.batch_size(batch)
+        sync = self.trainer.world_size > 1  # every process logs the same keys; their shards are averaged
         losses = []
         for g in range(self.num_blocks):
             gen = self._generator(batch_idx, salt=1000 + g)
             run_group = g if self.blockwise else None
             with torch.no_grad():
                 loss = self.group_loss(self.sampling_network, batch, run_group, gen, self.nominal_range(g))
-            self.log(f"{stage}/loss_group_{g}", loss, batch_size=n)
+            self.log(f"{stage}/loss_group_{g}", loss, batch_size=n, sync_dist=sync)
             losses.append(loss)
         total = torch.stack(losses).mean()
-        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=n)
+        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=n, sync_dist=sync)
         with self.evaluating() as router:
             metrics = self.task.validation_metrics(router, batch, batch_idx)
         for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name in self.task.progress_metrics, batch_size=n)
+            shown = name in self.task.progress_metrics
+            self.log(f"{stage}/{name}", value, prog_bar=shown, batch_size=n, sync_dist=sync)
         return total
 
     @override

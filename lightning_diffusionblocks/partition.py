@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -108,6 +109,16 @@ def _first_tensor(obj: Any) -> Tensor | None:
     return None
 
 
+def _check_block_shape(idx: int, module: nn.Module, args: tuple, output: Any) -> None:
+    x, y = _first_tensor(args), _first_tensor(output)
+    if x is not None and y is not None and x.shape != y.shape:
+        raise ValueError(
+            f"Block {idx} ({type(module).__name__}) maps shape {tuple(x.shape)} to {tuple(y.shape)}."
+            " DiffusionBlocks needs every block to keep the token count and width unchanged;"
+            " move projections into the stem or head, outside the block stack."
+        )
+
+
 class BlockStack(nn.ModuleList):
     """The user's blocks, unchanged, that iterate over only the active group's blocks.
 
@@ -121,20 +132,7 @@ class BlockStack(nn.ModuleList):
         self.groups = groups
         self.active: int | None = None
         for idx, block in enumerate(self):
-            block.register_forward_hook(self._make_shape_check(idx))
-
-    @staticmethod
-    def _make_shape_check(idx: int):  # noqa: ANN205
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            x, y = _first_tensor(args), _first_tensor(output)
-            if x is not None and y is not None and x.shape != y.shape:
-                raise ValueError(
-                    f"Block {idx} ({type(module).__name__}) maps shape {tuple(x.shape)} to {tuple(y.shape)}."
-                    " DiffusionBlocks needs every block to keep the token count and width unchanged;"
-                    " move projections into the stem or head, outside the block stack."
-                )
-
-        return hook
+            block.register_forward_hook(partial(_check_block_shape, idx))  # a partial, so models pickle (spawn)
 
     def active_indices(self) -> list[int]:
         return list(range(len(self._modules))) if self.active is None else self.groups[self.active]

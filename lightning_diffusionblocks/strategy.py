@@ -4,18 +4,15 @@
 strategy hands the module its schedule (:meth:`DiffusionBlocksModule.use_schedule`); the module never
 asks which strategy trains it. The group of a step is a pure function of ``(seed, step)`` (see
 :mod:`schedules`), counted in the module's own steps, so a resumed run continues exactly and a second
-fit continues rather than replaying the first one's noise.
+fit continues rather than replaying the first one's noise. For several devices or nodes see
+:class:`~lightning_diffusionblocks.data_parallel.DiffusionBlocksDDPStrategy` and
+:class:`~lightning_diffusionblocks.block_parallel.BlockParallelStrategy`.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import pickle
-import zipfile
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal, Protocol
 
 import lightning.pytorch as pl
 import torch
@@ -24,43 +21,29 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_diffusionblocks.module import DiffusionBlocksModule
-from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
+from lightning_diffusionblocks.planning import GroupOffloader, GroupPlanning, ScheduleSpec
+
+__all__ = ["DiffusionBlocksStrategy", "GroupOffloader"]
+
+MULTI_PROCESS_HINT = (
+    " For several devices or nodes use strategy='diffusionblocks_ddp' (data parallel: every process trains the"
+    " same group on its own shard of the batch) or strategy='diffusionblocks_block_parallel' (each process trains"
+    " its own group, no traffic between groups)."
+)
 
 
-class GroupOffloader(Protocol):
-    """What the strategy needs of an offloading callback (e.g. ``BlockOffload``) around checkpoints: bring
-    every group into memory, then send the exposed ones back."""
-
-    def expose_for_checkpoint(self) -> list[int]:
-        """Load every offloaded group so a checkpoint sees real tensors; return the groups to offload again."""
-        ...
-
-    def offload(self, group: int) -> None:
-        """Move ``group`` off the compute device again."""
-        ...
-
-
-class DiffusionBlocksStrategy(SingleDeviceStrategy):
-    """Train a :class:`DiffusionBlocksModule` one block group per step on one device.
-
-    Args:
-        schedule: ``"random"`` (the paper: one group drawn per step), ``"sequential"`` (group 0 for
-            ``steps_per_phase`` steps, then group 1, …) or a :class:`Schedule` instance.
-        steps_per_phase: steps per group for ``"sequential"``; default ``max_steps / groups``.
-        groups_to_train: train only these groups in this job (e.g. one group per job).
-        seed: seed of the random schedule; default the module's ``seed``.
-    """
+class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
+    """Train a :class:`DiffusionBlocksModule` one block group per step on one device (see :class:`GroupPlanning`
+    for the arguments)."""
 
     strategy_name = "diffusionblocks"
 
     def __init__(
         self,
-        schedule: Literal["random", "sequential"] | Schedule = "random",
+        schedule: ScheduleSpec = "random",
         steps_per_phase: int | None = None,
         groups_to_train: Sequence[int] | None = None,
         seed: int | None = None,
@@ -71,17 +54,8 @@ class DiffusionBlocksStrategy(SingleDeviceStrategy):
         super().__init__(
             device="cpu", accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
         )
-        if isinstance(schedule, str) and schedule not in ("random", "sequential"):
-            raise ValueError(f"schedule must be 'random', 'sequential' or a Schedule instance, got {schedule!r}.")
-        self.schedule_spec = schedule
-        self.steps_per_phase = steps_per_phase
-        self.groups_to_train = None if groups_to_train is None else list(groups_to_train)
-        self.seed = seed
-        self.schedule: Schedule | None = schedule if isinstance(schedule, Schedule) else None
+        self._init_planning(schedule, steps_per_phase, groups_to_train, seed)
         self._parallel_devices: list[torch.device] | None = None
-        #: the offloading callback, when one is attached (BlockOffload registers itself in its setup)
-        self.offloader: GroupOffloader | None = None
-        self._exposed: list[int] = []
 
     # ------------------------------------------------------------------ devices
     # The accelerator connector only hands devices to strategies with `parallel_devices`; without it a
@@ -95,11 +69,22 @@ class DiffusionBlocksStrategy(SingleDeviceStrategy):
         if devices is not None and len(devices) > 1:
             raise MisconfigurationException(
                 f"strategy='diffusionblocks' runs on one device, but {len(devices)} were requested."
-                " Use devices=1 (pick the GPU with devices=[i])."
+                + MULTI_PROCESS_HINT
             )
         self._parallel_devices = devices
         if devices:
             self._root_device = torch.device(devices[0])
+
+    @property
+    def num_nodes(self) -> int:
+        return 1
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        if num_nodes > 1:
+            raise MisconfigurationException(
+                f"strategy='diffusionblocks' runs in one process, but num_nodes={num_nodes}." + MULTI_PROCESS_HINT
+            )
 
     @property
     @override
@@ -108,125 +93,24 @@ class DiffusionBlocksStrategy(SingleDeviceStrategy):
 
     # ------------------------------------------------------------------ set-up
     @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        module = self.lightning_module
-        if not isinstance(module, DiffusionBlocksModule):
+    def setup_environment(self) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # launched by torchrun / SLURM as one of several processes: never train N copies of rank 0
             raise MisconfigurationException(
-                f"strategy='diffusionblocks' trains a DiffusionBlocksModule, got {type(module).__name__}."
-                " Wrap your network: `DiffusionBlocksModule(net, task=..., num_blocks=B)`."
+                f"This process was launched as one of {world} (WORLD_SIZE={world}), but strategy='diffusionblocks'"
+                " runs in one process and every copy would train and save the same thing." + MULTI_PROCESS_HINT
             )
-        if trainer.training:
-            self.schedule = self.build_schedule(module, trainer)
-            self.validate(module)
-            module.use_schedule(self.schedule)
+        super().setup_environment()
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        self.plan(trainer)
         super().setup(trainer)
 
     @override
     def teardown(self) -> None:
-        module = self.lightning_module
-        if isinstance(module, DiffusionBlocksModule):
-            module.use_schedule(None)
+        self.unplan()
         super().teardown()
-
-    def build_schedule(self, module: DiffusionBlocksModule, trainer: pl.Trainer) -> Schedule:
-        if isinstance(self.schedule_spec, Schedule):
-            if self.schedule_spec.num_groups != module.num_blocks:
-                raise MisconfigurationException(
-                    f"The schedule is built for {self.schedule_spec.num_groups} groups but the module has"
-                    f" num_blocks={module.num_blocks}."
-                )
-            return self.schedule_spec
-        if self.schedule_spec == "random":
-            seed = module.hparams.seed if self.seed is None else self.seed
-            return RandomSchedule(module.num_blocks, seed=seed, groups=self.groups_to_train)
-        steps = self.steps_per_phase
-        n_groups = module.num_blocks if self.groups_to_train is None else len(set(self.groups_to_train))
-        if steps is None:
-            if trainer.max_steps is None or trainer.max_steps < 1:
-                raise MisconfigurationException(
-                    "schedule='sequential' needs a phase length: pass steps_per_phase=N to the strategy or set"
-                    " Trainer(max_steps=...) so each group gets max_steps / num_blocks steps."
-                )
-            steps = math.ceil(trainer.max_steps / n_groups)
-        schedule = SequentialSchedule(module.num_blocks, steps, groups=self.groups_to_train)
-        if trainer.max_steps and trainer.max_steps > schedule.total_steps():
-            rank_zero_warn(
-                f"Sequential phases cover {schedule.total_steps()} steps but max_steps={trainer.max_steps}; the last"
-                f" group keeps training after its phase. Set max_steps={schedule.total_steps()} to stop with it."
-            )
-        return schedule
-
-    def validate(self, module: DiffusionBlocksModule) -> None:
-        """Refuse option combinations that would silently train a wrong model."""
-        assert self.schedule is not None
-        if module.network.stem_mode == "shared" and (
-            self.schedule.phased or len(self.schedule.groups) < module.num_blocks
-        ):
-            raise MisconfigurationException(
-                "stem='shared' trains the stem and head at every step, so with sequential phases or a subset of"
-                " groups a later group would silently change the input of a group that already finished."
-                " Use DiffusionBlocksModule(..., stem='per_group') or schedule='random' over all groups."
-            )
-        rank_zero_info(
-            f"DiffusionBlocks: {module.num_blocks} groups of layers {[len(g) for g in module.network.groups]},"
-            f" schedule={type(self.schedule).__name__}, stem={module.network.stem_mode}, noise ranges "
-            + ", ".join(f"[{lo:.4g}, {hi:.4g}]" for lo, hi in module.ranges)
-        )
-
-    # ------------------------------------------------------------------ steps
-    def select_group(self, step: int) -> int:
-        """The group trained at Trainer step ``step`` (callbacks ask for the coming and the next step).
-
-        The schedule counts the module's own steps, which go on across fits; a fresh Trainer's step 0 is the
-        module's step ``step_count``.
-        """
-        assert self.schedule is not None, "The schedule is built in setup(); call trainer.fit first."
-        module = self.lightning_module
-        offset = int(module.step_count) - module.trainer.global_step if module is not None else 0
-        return self.schedule.group_at(step + offset)
-
-    # ------------------------------------------------------------------ checkpoints
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        if self.offloader is not None:
-            self._exposed = self.offloader.expose_for_checkpoint()
-        return super().lightning_module_state_dict()
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Write to a temporary file and rename it, so a crash mid-write never replaces a good checkpoint."""
-        try:
-            if self.is_global_zero and isinstance(filepath, (str, os.PathLike)) and "://" not in str(filepath):
-                path = Path(filepath)
-                tmp = path.with_name(path.name + ".partial")
-                self.checkpoint_io.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
-                os.replace(tmp, path)
-            else:
-                super().save_checkpoint(checkpoint, filepath, storage_options)
-        finally:
-            exposed, self._exposed = self._exposed, []
-            if self.offloader is not None:
-                for group in exposed:
-                    self.offloader.offload(group)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        # `weights_only` exists from Lightning 2.6 on; pass through whatever this version sends
-        try:
-            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
-        except pickle.UnpicklingError as err:
-            raise RuntimeError(
-                f"Checkpoint {checkpoint_path} holds objects other than tensors and plain data, which loading would"
-                f" execute; it was refused and nothing in it ran ({str(err).splitlines()[0]}). Resume only from"
-                " checkpoints you trust."
-            ) from err
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-            siblings = sorted(p.name for p in Path(checkpoint_path).parent.glob("*.ckpt") if p != Path(checkpoint_path))
-            hint = f" Other checkpoints there: {', '.join(siblings)}." if siblings else ""
-            raise RuntimeError(
-                f"Checkpoint {checkpoint_path} is corrupt or truncated ({type(err).__name__}: {err})."
-                f" It was not loaded and nothing was overwritten; resume from an earlier checkpoint.{hint}"
-            ) from err
 
     @classmethod
     @override

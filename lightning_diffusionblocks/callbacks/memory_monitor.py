@@ -44,10 +44,10 @@ class GroupMemory:
 
 
 def current_group(trainer: pl.Trainer) -> str:
-    from lightning_diffusionblocks.strategy import DiffusionBlocksStrategy
+    from lightning_diffusionblocks.planning import GroupPlanning
 
     strategy = trainer.strategy
-    if isinstance(strategy, DiffusionBlocksStrategy) and strategy.schedule is not None:
+    if isinstance(strategy, GroupPlanning) and strategy.schedule is not None:
         return str(strategy.select_group(trainer.global_step))
     return "all"
 

@@ -62,16 +62,17 @@ class BlockOffload(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from lightning_diffusionblocks.module import DiffusionBlocksModule
-        from lightning_diffusionblocks.strategy import DiffusionBlocksStrategy
+        from lightning_diffusionblocks.planning import GroupPlanning
 
         if stage != "fit":
             return
-        if not isinstance(trainer.strategy, DiffusionBlocksStrategy) or not isinstance(
+        if not isinstance(trainer.strategy, GroupPlanning) or not isinstance(
             pl_module, DiffusionBlocksModule
         ):
             raise MisconfigurationException(
                 "BlockOffload moves inactive block groups off the device, which only exist under"
-                " strategy='diffusionblocks' with a DiffusionBlocksModule. Remove the callback for end-to-end runs."
+                " a DiffusionBlocks strategy (e.g. strategy='diffusionblocks') with a DiffusionBlocksModule. Remove the"
+                " callback for end-to-end runs."
             )
         self._module = pl_module
         self._device = trainer.strategy.root_device

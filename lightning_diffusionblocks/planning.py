@@ -1,0 +1,203 @@
+"""What every DiffusionBlocks strategy shares: the schedule it builds and hands the module, checkpoints that
+hold every group, and the interface an offloading callback offers.
+
+Mixed into Lightning's own strategies (:class:`~lightning.pytorch.strategies.SingleDeviceStrategy`,
+:class:`~lightning.pytorch.strategies.DDPStrategy`); the module never asks which one trains it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_diffusionblocks.module import DiffusionBlocksModule
+from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
+
+ScheduleSpec = Literal["random", "sequential"] | Schedule
+
+
+class GroupOffloader(Protocol):
+    """What a strategy needs of an offloading callback (e.g. ``BlockOffload``) around checkpoints: bring
+    every group into memory, then send the exposed ones back."""
+
+    def expose_for_checkpoint(self) -> list[int]:
+        """Load every offloaded group so a checkpoint sees real tensors; return the groups to offload again."""
+        ...
+
+    def offload(self, group: int) -> None:
+        """Move ``group`` off the compute device again."""
+        ...
+
+
+class GroupPlanning:
+    """Mixin for a Lightning strategy that trains a :class:`DiffusionBlocksModule` one group per step.
+
+    Args:
+        schedule: ``"random"`` (the paper: one group drawn per step), ``"sequential"`` (group 0 for
+            ``steps_per_phase`` steps, then group 1, …) or a :class:`Schedule` instance.
+        steps_per_phase: steps per group for ``"sequential"``; default ``max_steps / groups``.
+        groups_to_train: train only these groups in this job (e.g. one group per job).
+        seed: seed of the random schedule; default the module's ``seed``.
+    """
+
+    strategy_name = "diffusionblocks"
+
+    def _init_planning(
+        self,
+        schedule: ScheduleSpec = "random",
+        steps_per_phase: int | None = None,
+        groups_to_train: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if isinstance(schedule, str) and schedule not in ("random", "sequential"):
+            raise ValueError(f"schedule must be 'random', 'sequential' or a Schedule instance, got {schedule!r}.")
+        self.schedule_spec = schedule
+        self.steps_per_phase = steps_per_phase
+        self.groups_to_train = None if groups_to_train is None else list(groups_to_train)
+        self.seed = seed
+        self.schedule: Schedule | None = schedule if isinstance(schedule, Schedule) else None
+        #: the offloading callback, when one is attached (BlockOffload registers itself in its setup)
+        self.offloader: GroupOffloader | None = None
+        self._exposed: list[int] = []
+
+    # ------------------------------------------------------------------ what subclasses may change
+    def trained_groups(self, module: DiffusionBlocksModule) -> list[int] | None:
+        """The groups this process trains (None: every group)."""
+        return self.groups_to_train
+
+    def reduce_gradients(self, params: list[Tensor]) -> None:
+        """Average the gradients of ``params`` over the processes that train the same group (none here)."""
+
+    def check_module(self, module: Any) -> DiffusionBlocksModule:
+        if not isinstance(module, DiffusionBlocksModule):
+            raise MisconfigurationException(
+                f"strategy={self.strategy_name!r} trains a DiffusionBlocksModule, got {type(module).__name__}."
+                " Wrap your network: `DiffusionBlocksModule(net, task=..., num_blocks=B)`."
+            )
+        return module
+
+    def plan(self, trainer: pl.Trainer) -> None:
+        """Build the schedule and hand it to the module (called from the strategy's ``setup``)."""
+        module = self.check_module(self.lightning_module)  # type: ignore[attr-defined]
+        if trainer.training:
+            self.schedule = self.build_schedule(module, trainer)
+            self.validate(module)
+            module.use_schedule(self.schedule, reduce_gradients=self.reduce_gradients)
+
+    def unplan(self) -> None:
+        module = self.lightning_module  # type: ignore[attr-defined]
+        if isinstance(module, DiffusionBlocksModule):
+            module.use_schedule(None)
+
+    def build_schedule(self, module: DiffusionBlocksModule, trainer: pl.Trainer) -> Schedule:
+        if isinstance(self.schedule_spec, Schedule):
+            if self.schedule_spec.num_groups != module.num_blocks:
+                raise MisconfigurationException(
+                    f"The schedule is built for {self.schedule_spec.num_groups} groups but the module has"
+                    f" num_blocks={module.num_blocks}."
+                )
+            return self.schedule_spec
+        if self.schedule_spec == "random":
+            seed = module.hparams.seed if self.seed is None else self.seed
+            return RandomSchedule(module.num_blocks, seed=seed, groups=self.trained_groups(module))
+        steps = self.steps_per_phase
+        groups = self.trained_groups(module)
+        n_groups = module.num_blocks if groups is None else len(set(groups))
+        if steps is None:
+            if trainer.max_steps is None or trainer.max_steps < 1:
+                raise MisconfigurationException(
+                    "schedule='sequential' needs a phase length: pass steps_per_phase=N to the strategy or set"
+                    " Trainer(max_steps=...) so each group gets max_steps / num_blocks steps."
+                )
+            steps = math.ceil(trainer.max_steps / n_groups)
+        schedule = SequentialSchedule(module.num_blocks, steps, groups=groups)
+        if trainer.max_steps and trainer.max_steps > schedule.total_steps():
+            rank_zero_warn(
+                f"Sequential phases cover {schedule.total_steps()} steps but max_steps={trainer.max_steps}; the last"
+                f" group keeps training after its phase. Set max_steps={schedule.total_steps()} to stop with it."
+            )
+        return schedule
+
+    def validate(self, module: DiffusionBlocksModule) -> None:
+        """Refuse option combinations that would silently train a wrong model."""
+        assert self.schedule is not None
+        if module.network.stem_mode == "shared" and (
+            self.schedule.phased or len(self.schedule.groups) < module.num_blocks
+        ):
+            raise MisconfigurationException(
+                "stem='shared' trains the stem and head at every step, so with sequential phases or a subset of"
+                " groups a later group would silently change the input of a group that already finished."
+                " Use DiffusionBlocksModule(..., stem='per_group') or schedule='random' over all groups."
+            )
+        rank_zero_info(
+            f"DiffusionBlocks: {module.num_blocks} groups of layers {[len(g) for g in module.network.groups]},"
+            f" schedule={type(self.schedule).__name__}, stem={module.network.stem_mode}, noise ranges "
+            + ", ".join(f"[{lo:.4g}, {hi:.4g}]" for lo, hi in module.ranges)
+        )
+
+    # ------------------------------------------------------------------ steps
+    def select_group(self, step: int) -> int:
+        """The group trained at Trainer step ``step`` (callbacks ask for the coming and the next step).
+
+        The schedule counts the module's own steps, which go on across fits; a fresh Trainer's step 0 is the
+        module's step ``step_count``.
+        """
+        assert self.schedule is not None, "The schedule is built in setup(); call trainer.fit first."
+        module = self.lightning_module
+        offset = int(module.step_count) - module.trainer.global_step if module is not None else 0
+        return self.schedule.group_at(step + offset)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self.offloader is not None:
+            self._exposed = self.offloader.expose_for_checkpoint()
+        return super().lightning_module_state_dict()
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write to a temporary file and rename it, so a crash mid-write never replaces a good checkpoint."""
+        try:
+            if self.is_global_zero and isinstance(filepath, (str, os.PathLike)) and "://" not in str(filepath):
+                path = Path(filepath)
+                tmp = path.with_name(path.name + ".partial")
+                self.checkpoint_io.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+                os.replace(tmp, path)
+            else:
+                super().save_checkpoint(checkpoint, filepath, storage_options)
+        finally:
+            exposed, self._exposed = self._exposed, []
+            if self.offloader is not None:
+                for group in exposed:
+                    self.offloader.offload(group)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # `weights_only` exists from Lightning 2.6 on; pass through whatever this version sends
+        try:
+            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            raise RuntimeError(
+                f"Checkpoint {checkpoint_path} holds objects other than tensors and plain data, which loading would"
+                f" execute; it was refused and nothing in it ran ({str(err).splitlines()[0]}). Resume only from"
+                " checkpoints you trust."
+            ) from err
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+            siblings = sorted(p.name for p in Path(checkpoint_path).parent.glob("*.ckpt") if p != Path(checkpoint_path))
+            hint = f" Other checkpoints there: {', '.join(siblings)}." if siblings else ""
+            raise RuntimeError(
+                f"Checkpoint {checkpoint_path} is corrupt or truncated ({type(err).__name__}: {err})."
+                f" It was not loaded and nothing was overwritten; resume from an earlier checkpoint.{hint}"
+            ) from err
+

@@ -1,0 +1,158 @@
+"""Multi-process DiffusionBlocks on CPU with gloo: data parallel and block parallel, real spawned processes."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, Dataset
+
+import lightning_diffusionblocks as ldb
+from lightning_diffusionblocks.block_parallel import block_layout
+from lightning_diffusionblocks.schedules import RandomSchedule
+from tests.conftest import tiny_dit, trainer_kwargs
+
+
+class IndexedImages(Dataset):
+    """Images with class labels whose pixel (0, 0, 0) carries the sample's index, so shards can be read back."""
+
+    def __init__(self, n: int = 64) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+        self.images[:, 0, 0, 0] = torch.arange(n).float()
+        self.labels = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+
+class Record(L.Callback):
+    """Each process writes what it saw and its weights, before and after any gathering, for the test to read."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.seen: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
+        self.seen += batch[0][:, 0, 0, 0].long().tolist()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
+        rank = trainer.global_rank
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save({"state": state, "seen": self.seen}, self.out / f"rank{rank}.pt")
+
+    def on_train_end(self, trainer, pl_module):  # noqa: ANN001, ANN201
+        trainer.save_checkpoint(self.out / "merged.ckpt")  # every rank enters; rank 0 writes
+
+
+#: plain SGD, so a step's weights show its averaged gradient directly (Adam's first step divides by |g|)
+SGD = partial(torch.optim.SGD, lr=0.1)
+
+
+def module(num_blocks: int = 2, **kwargs) -> ldb.DiffusionBlocksModule:  # noqa: ANN003
+    net = tiny_dit(depth=4)
+    return ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=num_blocks, lr=1e-2, **kwargs)
+
+
+def spawn_fit(strategy: L.pytorch.strategies.Strategy, devices: int, tmp_path: Path, steps: int, batch: int,
+              **kwargs) -> ldb.DiffusionBlocksModule:  # noqa: ANN003  # fmt: skip
+    m = module(**kwargs)
+    trainer = L.Trainer(strategy=strategy, max_steps=steps, callbacks=[Record(tmp_path)],
+                        **trainer_kwargs(tmp_path, devices=devices))  # fmt: skip
+    trainer.fit(m, DataLoader(IndexedImages(), batch_size=batch, shuffle=False))
+    return m
+
+
+def group_state(state: dict, m: ldb.DiffusionBlocksModule, group: int) -> list[torch.Tensor]:
+    names = {id(p): n for n, p in m.named_parameters()}
+    return [state[names[id(p)]] for p in m.network.group_parameters(group)]
+
+
+def test_block_layout_and_bad_world_sizes():
+    assert block_layout(4, 2) == (1, 2)
+    assert block_layout(2, 4) == (2, 1)
+    assert block_layout(3, 3) == (1, 1)
+    with pytest.raises(MisconfigurationException, match=r"divides B \(1, 2: .* multiple of B \(4, 8, 12"):
+        block_layout(3, 4)
+
+
+def test_single_device_strategy_refuses_several_devices_and_nodes(tmp_path):
+    with pytest.raises(MisconfigurationException, match="diffusionblocks_ddp.*diffusionblocks_block_parallel"):
+        L.Trainer(strategy="diffusionblocks", accelerator="cpu", devices=2)
+    with pytest.raises(MisconfigurationException, match="num_nodes=2"):
+        L.Trainer(strategy="diffusionblocks", accelerator="cpu", devices=1, num_nodes=2)
+
+
+def test_data_parallel_equals_one_process_with_the_whole_batch(tmp_path):
+    strategy = ldb.DiffusionBlocksDDPStrategy(start_method="spawn", process_group_backend="gloo")
+    spawn_fit(strategy, 2, tmp_path, steps=1, batch=8, optimizer=SGD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key, value in ranks[0]["state"].items():  # replicas identical
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    assert len(set(ranks[0]["seen"] + ranks[1]["seen"])) == 16  # two disjoint shards of 8
+    # the reference: one process, the two shards' losses averaged (= the mean over the 16 samples), each shard
+    # with the noise of its process, one AdamW step
+    ref = module()
+    group = RandomSchedule(2, seed=0).group_at(0)
+    data = IndexedImages()
+    opt = SGD(ref.param_groups())
+    loss = 0
+    for rank, seen in enumerate(r["seen"] for r in ranks):
+        batch = (data.images[seen], data.labels[seen])
+        gen = ref._generator(0, salt=1_000_003 * rank)
+        loss = loss + ref.group_loss(ref.network, batch, group, gen) / 2
+    loss.backward()
+    opt.step()
+    for got, want in zip(group_state(ranks[0]["state"], ref, group), ref.network.group_parameters(group)):
+        assert torch.allclose(got, want.detach(), atol=1e-6)
+    other = 1 - group
+    fresh = module()
+    for got, want in zip(group_state(ranks[0]["state"], ref, other), fresh.network.group_parameters(other)):
+        assert torch.equal(got, want.detach())  # the inactive group did not move
+
+
+def test_block_parallel_groups_train_apart_and_merge(tmp_path):
+    strategy = ldb.BlockParallelStrategy(start_method="spawn", process_group_backend="gloo")
+    m = spawn_fit(strategy, 4, tmp_path, steps=3, batch=4)  # B=2 groups x 2 replicas
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(4)]
+    fresh = module()
+    for rank, record in enumerate(ranks):
+        owned = rank // 2
+        other = 1 - owned
+        untouched = group_state(record["state"], fresh, other)
+        assert all(torch.equal(a, b.detach()) for a, b in zip(untouched, fresh.network.group_parameters(other)))
+        assert record["state"]["group_steps"].tolist()[owned] == 3
+    for g in range(2):  # replicas identical, shards disjoint
+        a, b = ranks[2 * g], ranks[2 * g + 1]
+        same = zip(group_state(a["state"], fresh, g), group_state(b["state"], fresh, g))
+        assert all(torch.equal(x, y) for x, y in same)
+        assert not set(a["seen"]) & set(b["seen"])
+    assert ranks[0]["seen"] != ranks[2]["seen"]  # each group shuffles with its own seed... or order
+    merged = torch.load(tmp_path / "merged.ckpt", weights_only=True)
+    for g in range(2):  # the checkpoint holds what each group's owners trained, and both groups' Adam state
+        assert all(torch.equal(x, y) for x, y in zip(group_state(merged["state_dict"], fresh, g),
+                                                      group_state(ranks[2 * g]["state"], fresh, g)))  # fmt: skip
+    assert merged["state_dict"]["group_steps"].tolist() == [3, 3]
+    n_params = sum(len(pg["params"]) for pg in merged["optimizer_states"][0]["param_groups"])
+    assert len(merged["optimizer_states"][0]["state"]) == n_params
+    # the spawn launcher hands the main process every group's trained weights
+    for g in range(2):
+        trained = group_state(ranks[2 * g]["state"], fresh, g)
+        assert all(torch.equal(x.detach(), y) for x, y in zip(m.network.group_parameters(g), trained))
+    restored = ldb.DiffusionBlocksModule.load_from_checkpoint(tmp_path / "merged.ckpt")
+    assert restored.sample(labels=[1, 2], steps=3).shape == (2, 1, 8, 8)
+
+
+def test_offload_under_block_parallel_with_one_group_per_process_is_refused(tmp_path):
+    strategy = ldb.BlockParallelStrategy(start_method="spawn", process_group_backend="gloo")
+    trainer = L.Trainer(strategy=strategy, max_steps=1, callbacks=[ldb.callbacks.BlockOffload()],
+                        **trainer_kwargs(tmp_path, devices=2))  # fmt: skip
+    with pytest.raises(Exception, match="BlockOffload has nothing to do"):
+        trainer.fit(module(), DataLoader(IndexedImages(), batch_size=4))
