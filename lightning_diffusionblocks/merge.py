@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from lightning_diffusionblocks.checkpoints import CheckpointLoadError, read_checkpoint
+
 
 class MergeError(ValueError):
     """The checkpoints cannot be merged into one consistent model."""
@@ -42,9 +44,9 @@ def group_of_key(key: str, info: dict[str, Any]) -> int | None:
 
 def _load(path: str | Path) -> dict[str, Any]:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any failure to read means the file is unusable
-        raise MergeError(f"Cannot read checkpoint {path}: {err}") from err
+        ckpt = read_checkpoint(path)  # torch's restricted unpickler: a crafted file is refused, never run
+    except CheckpointLoadError as err:
+        raise MergeError(str(err)) from err
     if "diffusionblocks" not in ckpt or "state_dict" not in ckpt:
         raise MergeError(f"{path} is not a DiffusionBlocks checkpoint (no 'diffusionblocks' record).")
     return ckpt

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_diffusionblocks.checkpoints import CheckpointLoadError, read_checkpoint
 from lightning_diffusionblocks.noise import Partition
 from lightning_diffusionblocks.partition import BlockwiseNetwork, StemMode
 from lightning_diffusionblocks.records import RecordError, build, is_plain, record_of
@@ -43,10 +44,6 @@ RANK_SALT = 1_000_003
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; training stops before the bad step touches any weight."""
-
-
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint could not be read safely or does not fit this module."""
 
 
 def _check_options(num_blocks: Any, gamma: float, lr: float, warmup_steps: int, min_lr_ratio: float) -> None:
@@ -611,22 +608,6 @@ class DiffusionBlocksModule(L.LightningModule):
             checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
             **kwargs,
         )  # fmt: skip
-
-
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with torch's restricted unpickler; a file that would run code is refused."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointLoadError(
-            f"{path} holds objects other than tensors and plain data, which loading would execute; it was refused"
-            f" and nothing in it ran ({str(err).splitlines()[0]}). Only load checkpoints from sources you trust, and"
-            " re-save them as plain state dicts."
-        ) from err
-    except (OSError, RuntimeError, EOFError) as err:
-        raise CheckpointLoadError(f"Cannot read checkpoint {path}: {err}") from err
 
 
 def _built(value: Any, what: str, expected: type) -> Any:

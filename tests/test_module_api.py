@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_diffusionblocks as ldb
-from lightning_diffusionblocks.module import CheckpointLoadError
+from lightning_diffusionblocks.checkpoints import CheckpointLoadError
 from lightning_diffusionblocks.schedules import RandomSchedule
 from lightning_diffusionblocks.tasks.image_generation import CallConvention, discover_null_label
 from tests.conftest import image_loader, tiny_dit, trainer_kwargs
@@ -159,6 +159,27 @@ def test_crafted_checkpoint_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(RuntimeError, match="refused and nothing in it ran"):
         trainer.fit(make_module(), image_loader(), ckpt_path=tmp_path / "evil.ckpt")
     assert not marker.exists()
+
+
+def test_merge_refuses_a_crafted_checkpoint_and_nothing_runs(tmp_path):
+    from lightning_diffusionblocks.merge import MergeError, merge_checkpoints
+
+    marker = tmp_path / "marker.txt"
+    paths = []
+    for group in range(3):
+        module = make_module()
+        trainer = fit(module, tmp_path, steps=1, strategy=ldb.DiffusionBlocksStrategy(groups_to_train=[group]))
+        trainer.save_checkpoint(tmp_path / f"job{group}.ckpt")
+        paths.append(tmp_path / f"job{group}.ckpt")
+    merged = merge_checkpoints(paths, tmp_path / "merged.ckpt")  # real checkpoints merge under weights_only
+    assert merged["state_dict"]["group_steps"].tolist() == [1, 1, 1]
+    ckpt = torch.load(paths[1], weights_only=True)
+    ckpt["state_dict"]["payload"] = Payload(marker)
+    torch.save(ckpt, paths[1])
+    with pytest.raises(MergeError, match="refused and nothing in it ran"):
+        merge_checkpoints(paths, tmp_path / "merged2.ckpt")
+    assert not marker.exists()
+    assert not (tmp_path / "merged2.ckpt").exists()
 
 
 def test_a_class_path_record_that_is_not_a_network_is_not_called(tmp_path):
