@@ -215,6 +215,29 @@ def test_a_checkpoint_with_a_missing_group_is_refused(tmp_path):
     assert not (tmp_path / "m.ckpt").exists()
 
 
+def test_lost_offload_files_never_give_an_empty_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    from lightning_diffusionblocks.callbacks.offload import OffloadError
+
+    module = make_module()
+    untouched = [p.detach().clone() for p in module.network.group_parameters(2)]
+
+    class LoseGroupZero(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
+            if trainer.global_step == 3:  # group 0 finished its phase and lives on disk
+                (tmp_path / "offload" / "group_0.pt").unlink()
+
+    callbacks = [ldb.callbacks.BlockOffload(directory=tmp_path / "offload"), LoseGroupZero(),
+                 OnExceptionCheckpoint(tmp_path)]  # fmt: skip
+    strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=2)
+    with pytest.raises((OffloadError, RuntimeError), match=r"group\(s\) \[0\]"):
+        fit(module, tmp_path, steps=4, strategy=strategy, callbacks=callbacks, enable_checkpointing=True)
+    assert not (tmp_path / "on_exception.ckpt").exists()
+    assert all(torch.equal(a, b) for a, b in zip(untouched, module.network.group_parameters(2)))  # read back
+    assert all(p.numel() == 0 for p in module.network.group_parameters(0))  # lost, and known to be
+
+
 # ---------------------------------------------------------------------------- predict and test
 def test_predict_and_test_steps(tmp_path):
     module = make_module()

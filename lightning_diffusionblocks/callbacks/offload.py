@@ -222,9 +222,24 @@ class BlockOffload(Callback):
             self.offload(other)
         self.load(group)
 
-    def load_all(self) -> None:
+    def load_all(self) -> list[int]:
+        """Bring every group back, trying each one even when another fails; returns the groups that could not
+        be read back (their weights stay empty, and the module refuses to write a checkpoint without them)."""
+        missing = []
         for g in range(self._module.num_blocks):
-            self.load(g)
+            try:
+                self.load(g)
+            except OffloadError:
+                missing.append(g)
+        return missing
+
+    def _load_every_group(self) -> None:
+        missing = self.load_all()
+        if missing:
+            raise OffloadError(
+                f"The offloaded copies of group(s) {missing} could not be read back from {self.directory}; the model"
+                " is incomplete and no checkpoint will be written from it. Resume from the last saved checkpoint."
+            )
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -253,11 +268,11 @@ class BlockOffload(Callback):
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._resident:  # training has started: validation visits every group
-            self.load_all()
+            self._load_every_group()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.load_all()  # leave a whole model behind for sampling and checkpoints
+        self._load_every_group()  # leave a whole model behind for sampling and checkpoints
         rank_zero_info(
             f"BlockOffload: {self.stats['offloads']} offloads, {self.stats['loads']} loads,"
             f" {self.stats['bytes_moved'] / 2**20:.1f} MiB moved in {self.stats['seconds']:.2f} s."
@@ -271,10 +286,9 @@ class BlockOffload(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._module is not None:
             if self._resident != set(range(self._module.num_blocks)):
-                try:
-                    self.load_all()
-                except OffloadError:
-                    pass
+                self.load_all()  # every group that can be read back is; the module refuses checkpoints without the rest
+            self._pinned.clear()  # host buffers go now, not when the callback does (large models: tens of GB)
+            self._prefetched.clear()
             if getattr(trainer.strategy, "offloader", None) is self:
                 trainer.strategy.offloader = None
             if self._own_directory and self.directory is not None:
