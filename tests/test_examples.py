@@ -196,3 +196,12 @@ def test_readme_reload_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
     restored = scope["module"].network.net.blocks[0].attn.qkv.weight
     assert torch.equal(restored, module.network.net.blocks[0].attn.qkv.weight)
+
+
+def test_multi_process_example_runs_block_parallel_on_two_cpu_processes(tmp_path: Path, mnist_dir: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "examples" / "multi_process.py"), "--devices", "2", "--steps", "3",
+           "--dim", "32", "--depth", "2", "--batch-size", "16", "--data-dir", str(mnist_dir), "--out", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "steps per group: [3, 3]" in result.stdout  # each process trained its own group
+    assert (tmp_path / "samples.png").stat().st_size > 0
