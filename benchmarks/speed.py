@@ -51,16 +51,13 @@ def train(args: argparse.Namespace, strategy, steps: int, callbacks=()):  # noqa
     return module, timer, time.perf_counter() - start
 
 
-def median_after_warmup(times: list[float], warmup: int) -> float:
-    return statistics.median(times[warmup:])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p, dim=384, depth=12, heads=6)
     p.add_argument("--blocks", type=int, default=3)
     p.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     p.add_argument("--steps-per-phase", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved end-to-end / DiffusionBlocks rounds")
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -69,9 +66,15 @@ def main() -> None:
     warm = 5
     B = args.blocks
 
-    _, e2e, _ = train(args, "auto", args.steps + warm)
-    _, db, _ = train(args, ldb.DiffusionBlocksStrategy(schedule="random"), args.steps + warm)
-    step_e2e, step_db = median_after_warmup(e2e.times, warm), median_after_warmup(db.times, warm)
+    # interleaved rounds (A, B, A, B, …): load on a shared machine hits both configurations alike
+    rounds = max(1, args.rounds)
+    e2e_times, db_times = [], []
+    for _ in range(rounds):
+        _, e2e, _ = train(args, "auto", args.steps // rounds + warm)
+        _, db, _ = train(args, ldb.DiffusionBlocksStrategy(schedule="random"), args.steps // rounds + warm)
+        e2e_times += e2e.times[warm:]
+        db_times += db.times[warm:]
+    step_e2e, step_db = statistics.median(e2e_times), statistics.median(db_times)
 
     offload = BlockOffload()
     phased = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=args.steps_per_phase)
@@ -83,18 +86,19 @@ def main() -> None:
     labels = torch.arange(10).repeat(2)
     if args.accelerator == "gpu":
         module.cuda()
-    timings = {}
-    for routed in (True, False):
-        module.trained_blockwise.fill_(routed)
-        module.sample(labels=labels, steps=3)  # warm-up
-        if args.accelerator == "gpu":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(3):
+    samples: dict[bool, list[float]] = {True: [], False: []}
+    module.sample(labels=labels, steps=3)  # warm-up
+    for _ in range(3):  # interleaved: routed, whole, routed, whole, …
+        for routed in (True, False):
+            module.trained_blockwise.fill_(routed)
+            if args.accelerator == "gpu":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
             module.sample(labels=labels, steps=args.sample_steps, guidance=2.0)
-        if args.accelerator == "gpu":
-            torch.cuda.synchronize()
-        timings[routed] = (time.perf_counter() - start) / 3
+            if args.accelerator == "gpu":
+                torch.cuda.synchronize()
+            samples[routed].append(time.perf_counter() - start)
+    timings = {routed: statistics.median(times) for routed, times in samples.items()}
 
     rows = {
         "train_step_seconds_end_to_end": step_e2e,

@@ -10,6 +10,7 @@ are all-reduced, as one flat bucket, so inactive groups stay bit-identical and r
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,8 +51,9 @@ class DiffusionBlocksDDPStrategy(GroupPlanning, DDPStrategy):
                 )
         super().__init__(**ddp_kwargs)
         self._init_planning(schedule, steps_per_phase, groups_to_train, seed)
-        #: bytes this process all-reduced for gradients (for benchmarks)
+        #: bytes this process all-reduced for gradients, and the seconds it spent doing so (for benchmarks)
         self.bytes_reduced = 0
+        self.seconds_reduced = 0.0
 
     @property
     def gradient_group(self) -> Any:
@@ -84,10 +86,12 @@ class DiffusionBlocksDDPStrategy(GroupPlanning, DDPStrategy):
         with_grad = [p for p in params if p.grad is not None]
         if not with_grad:
             return
+        start = time.perf_counter()
         flat = _flatten_dense_tensors([p.grad for p in with_grad])
         dist.all_reduce(flat, group=self.gradient_group)
         flat.div_(size)
         self.bytes_reduced += flat.numel() * flat.element_size()
+        self.seconds_reduced += time.perf_counter() - start
         for p, synced in zip(with_grad, _unflatten_dense_tensors(flat, [p.grad for p in with_grad])):
             p.grad.copy_(synced)
 

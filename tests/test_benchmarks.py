@@ -71,3 +71,17 @@ def test_parity_quick(tmp_path, mnist_dir):
         assert all(r["judge_bits_per_char"] > 0 and 0 <= r["word_validity"] <= 1 for r in text.values())
     assert report["text_masked"]["results"]["auto"]["bits_per_token"] > 0
     assert report["text_autoregressive"]["results"]["auto"]["ce_chain"] > 0
+
+
+def test_scaling_benchmark(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--worlds", "1,2", "--blocks", "2", "--dim", "32",
+           "--depth", "4", "--global-batch", "8", "--steps", "2", "--warmup", "1", "--repeats", "1",
+           "--out", str(tmp_path / "scaling.json")]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {(r["mode"], r["world"]): r for r in json.loads((tmp_path / "scaling.json").read_text())["rows"]}
+    assert len(rows) == 6
+    e2e, dp, bp = rows[("e2e", 2)], rows[("dp", 2)], rows[("bp", 2)]
+    assert 0 < dp["bytes_per_step"] < 0.75 * e2e["bytes_per_step"]  # one group of two, plus nothing else
+    assert bp["bytes_per_step"] == 0  # one group per process: nothing to all-reduce
+    assert bp["memory_total_mib"] < e2e["memory_total_mib"]
