@@ -1,6 +1,7 @@
 """A training job for the resume test: run it, kill it with SIGKILL mid-phase, resume it.
 
 python tests/resume_job.py OUT --max-steps 24 [--kill-at 14] [--resume CKPT]
+python tests/resume_job.py OUT --block-parallel 3 ...      # three processes (gloo), one group each
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--no-offload", action="store_true")
+    p.add_argument("--block-parallel", type=int, default=0, help="processes (one group each); 0 = one device")
     args = p.parse_args()
     out = Path(args.out)
     torch.manual_seed(0)
@@ -63,16 +65,22 @@ def main() -> None:
         gradient_clip_val=1.0,
         ema_decay=0.9,
     )
-    callbacks = [ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=5, save_top_k=-1, save_last=True)]
-    if not args.no_offload:
+    every = 6 if args.block_parallel else 5  # block parallel: at epoch ends (96 samples, batches of 16)
+    callbacks = [ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=every, save_top_k=-1, save_last=True)]
+    if args.block_parallel:
+        loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)  # Lightning shards it per group
+    if not args.no_offload and not args.block_parallel:
         callbacks.insert(0, BlockOffload(directory=out / "offload"))
     callbacks.append(PrintBatches())
     if args.kill_at is not None:
         callbacks.append(KillAt(args.kill_at))
     strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=8)
+    if args.block_parallel:
+        strategy = ldb.BlockParallelStrategy(process_group_backend="gloo")
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",
+        devices=max(1, args.block_parallel),
         max_steps=args.max_steps,
         callbacks=callbacks,
         logger=False,
@@ -81,7 +89,8 @@ def main() -> None:
         default_root_dir=out,
     )
     trainer.fit(module, loader, ckpt_path=args.resume)
-    torch.save(module.state_dict(), out / "final.pt")
+    if trainer.is_global_zero:  # block parallel: every group was gathered when training ended
+        torch.save(module.state_dict(), out / "final.pt")
 
 
 if __name__ == "__main__":

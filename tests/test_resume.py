@@ -40,6 +40,23 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted_run(tmp_path):
     assert a["group_steps"].tolist() == [8, 8, 8]
 
 
+def test_block_parallel_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    """Three processes, one group each: killed after the step-6 checkpoint, resumed, same final weights."""
+    full = run_job(tmp_path / "full", "--block-parallel", "3", "--max-steps", "12")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run_job(tmp_path / "killed", "--block-parallel", "3", "--max-steps", "12", "--kill-at", "8")
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "final.pt").exists()
+    resumed = run_job(tmp_path / "killed", "--block-parallel", "3", "--max-steps", "12",
+                      "--resume", str(tmp_path / "killed" / "ckpt" / "last.ckpt"))  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "full" / "final.pt")
+    b = torch.load(tmp_path / "killed" / "final.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert a["group_steps"].tolist() == [12, 12, 12]  # every process trained its own group at every step
+
+
 def test_truncated_checkpoint_is_refused_and_kept(tmp_path):
     module = ldb.DiffusionBlocksModule(tiny_dit(), ldb.tasks.ImageGeneration(), num_blocks=3)
     trainer = L.Trainer(strategy="diffusionblocks", max_steps=3, **trainer_kwargs(tmp_path))
