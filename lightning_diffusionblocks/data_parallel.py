@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.strategies.registry import _StrategyRegistry
@@ -63,16 +62,6 @@ class DiffusionBlocksDDPStrategy(GroupPlanning, DDPStrategy):
     @property
     def gradient_group_size(self) -> int:
         return self.world_size
-
-    @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        self.plan(trainer)
-        super().setup(trainer)
-
-    @override
-    def teardown(self) -> None:
-        self.unplan()
-        super().teardown()
 
     @override
     def configure_ddp(self) -> None:

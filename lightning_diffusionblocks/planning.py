@@ -87,6 +87,14 @@ class GroupPlanning:
             )
         return module
 
+    def setup(self, trainer: pl.Trainer) -> None:
+        self.plan(trainer)
+        super().setup(trainer)  # type: ignore[misc]  # the Lightning strategy this is mixed into
+
+    def teardown(self) -> None:
+        self.unplan()
+        super().teardown()  # type: ignore[misc]
+
     def plan(self, trainer: pl.Trainer) -> None:
         """Build the schedule and hand it to the module (called from the strategy's ``setup``)."""
         module = self.check_module(self.lightning_module)  # type: ignore[attr-defined]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import lightning.pytorch as pl
 import torch
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.accelerators import Accelerator
@@ -101,16 +100,6 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
                 " runs in one process and every copy would train and save the same thing." + MULTI_PROCESS_HINT
             )
         super().setup_environment()
-
-    @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        self.plan(trainer)
-        super().setup(trainer)
-
-    @override
-    def teardown(self) -> None:
-        self.unplan()
-        super().teardown()
 
     @classmethod
     @override
