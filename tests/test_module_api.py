@@ -238,6 +238,45 @@ def test_lost_offload_files_never_give_an_empty_checkpoint(tmp_path):
     assert all(p.numel() == 0 for p in module.network.group_parameters(0))  # lost, and known to be
 
 
+def test_stale_offload_folders_of_dead_runs_are_removed(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from lightning_diffusionblocks.callbacks.offload import remove_stale_directories
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folders = {}
+    for name, owner in (("dead", f"{dead.stdout.strip()} {socket.gethostname()}"),
+                        ("alive", f"{os.getpid()} {socket.gethostname()}"),
+                        ("elsewhere", f"{dead.stdout.strip()} another-host"), ("unowned", None)):  # fmt: skip
+        folders[name] = tmp_path / f"ldb-offload-{name}"
+        folders[name].mkdir()
+        (folders[name] / "group_0.pt").write_bytes(b"x")
+        if owner:
+            (folders[name] / "owner").write_text(owner)
+    assert remove_stale_directories(tmp_path) == [folders["dead"]]
+    assert {p.name for p in tmp_path.iterdir()} == {"ldb-offload-alive", "ldb-offload-elsewhere", "ldb-offload-unowned"}
+
+
+def test_a_replaced_offload_file_is_refused_and_nothing_runs(tmp_path):
+    from lightning_diffusionblocks.callbacks.offload import OffloadError
+
+    marker = tmp_path / "marker.txt"
+
+    class Replace(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
+            if trainer.global_step == 2:  # group 0 sits on disk while group 1 trains; its file is swapped
+                torch.save([Payload(marker)], tmp_path / "offload" / "group_0.pt")
+
+    strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=2)
+    callbacks = [ldb.callbacks.BlockOffload(directory=tmp_path / "offload"), Replace()]
+    with pytest.raises((OffloadError, RuntimeError), match=r"group\(s\) \[0\]"):
+        fit(make_module(), tmp_path, steps=4, strategy=strategy, callbacks=callbacks)
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------- predict and test
 def test_predict_and_test_steps(tmp_path):
     module = make_module()

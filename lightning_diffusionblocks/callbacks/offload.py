@@ -9,7 +9,9 @@ random schedule it happens whenever the drawn group changes (the overhead is mea
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -30,14 +32,48 @@ class OffloadError(RuntimeError):
     """Writing or reading an offloaded group failed; nothing in memory was released."""
 
 
+PREFIX, OWNER = "ldb-offload-", "owner"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def remove_stale_directories(root: Path) -> list[Path]:
+    """Remove ``ldb-offload-*`` folders in ``root`` left by killed runs on this host (their owner process is gone).
+
+    A folder is only removed when its owner file names this host and a process that no longer exists; folders of
+    live processes, of other hosts, or without an owner file are left alone.
+    """
+    removed = []
+    for folder in root.glob(PREFIX + "*"):
+        try:
+            pid_text, host = (folder / OWNER).read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        if host == socket.gethostname() and pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 class BlockOffload(Callback):
     """Keep inactive block groups (weights, EMA weights, optimizer state) off the compute device.
 
     Args:
         target: ``"cpu"`` (pinned host memory; for GPU training), ``"disk"`` (files in ``directory``;
             for CPU training) or ``"auto"`` (cpu on a GPU, disk on the CPU).
-        directory: where ``"disk"`` writes ``group_{k}.pt`` (default a fresh temporary directory,
-            removed at the end of fit).
+        directory: where ``"disk"`` writes ``group_{k}.pt``. By default a fresh ``ldb-offload-*`` folder in the
+            system's temporary directory (``$TMPDIR``), removed at the end of fit; a run killed before that (e.g.
+            SIGKILL) leaves it behind, and the next BlockOffload on the same host removes such folders whose
+            owner process is gone. A ``directory`` you give is never removed.
         prefetch: on a GPU, copy the next step's group in on a side stream ahead of time.
     """
 
@@ -88,8 +124,10 @@ class BlockOffload(Callback):
 
     def _prepare_directory(self) -> None:
         if self.directory is None:
-            self.directory = Path(tempfile.mkdtemp(prefix="ldb-offload-"))
+            remove_stale_directories(Path(tempfile.gettempdir()))
+            self.directory = Path(tempfile.mkdtemp(prefix=PREFIX))
             self._own_directory = True
+            (self.directory / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             probe = self.directory / ".write-test"
@@ -193,7 +231,7 @@ class BlockOffload(Callback):
             path = self._file(group)
             try:
                 tensors = torch.load(path, map_location=self._device, weights_only=True)
-            except (OSError, RuntimeError, EOFError) as err:
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # a replaced file is refused
                 raise OffloadError(f"Reading offloaded group {group} from {path} failed ({err}).") from err
             if len(tensors) != len(slots):
                 raise OffloadError(f"{path} holds {len(tensors)} tensors, expected {len(slots)}; was it replaced?")
