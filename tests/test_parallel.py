@@ -156,3 +156,17 @@ def test_offload_under_block_parallel_with_one_group_per_process_is_refused(tmp_
                         **trainer_kwargs(tmp_path, devices=2))  # fmt: skip
     with pytest.raises(Exception, match="BlockOffload has nothing to do"):
         trainer.fit(module(), DataLoader(IndexedImages(), batch_size=4))
+
+
+def test_data_parallel_keeps_offload_memory_monitor_ema_and_clipping_working(tmp_path):
+    strategy = ldb.DiffusionBlocksDDPStrategy(start_method="spawn", process_group_backend="gloo")
+    callbacks = [ldb.callbacks.BlockOffload(), ldb.callbacks.BlockMemoryMonitor(log=False), Record(tmp_path)]
+    trainer = L.Trainer(strategy=strategy, max_steps=4, callbacks=callbacks, **trainer_kwargs(tmp_path, devices=2))
+    m = module(ema_decay=0.9, gradient_clip_val=0.5, warmup_steps=2, lr_schedule="cosine")
+    trainer.fit(m, DataLoader(IndexedImages(), batch_size=8))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key, value in ranks[0]["state"].items():  # offloaded, clipped, EMA-averaged: still identical replicas
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    assert int(m.group_steps.sum()) == 4
+    merged = torch.load(tmp_path / "merged.ckpt", weights_only=True)
+    assert all(v.numel() > 0 for v in merged["state_dict"].values() if v.ndim)  # offloaded groups exposed
