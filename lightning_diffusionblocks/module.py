@@ -540,6 +540,14 @@ class DiffusionBlocksModule(L.LightningModule):
         if not is_plain(record):  # anything else would need the unrestricted unpickler to load
             record["net"] = record["task"] = None
         checkpoint["diffusionblocks"] = record
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None and not is_plain(dict(hparams)):
+            rank_zero_warn(
+                "Some hyper-parameters are not plain data (e.g. an OmegaConf config or a Path); they are saved as"
+                " strings so the checkpoint stays loadable with weights_only=True."
+            )
+            checkpoint["hyper_parameters"] = _plain(dict(hparams))
+            checkpoint.pop("hparams_type", None)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -608,6 +616,17 @@ class DiffusionBlocksModule(L.LightningModule):
             checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
             **kwargs,
         )  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every leaf that is not plain data replaced by its string (for hyper-parameters)."""
+    if is_plain(value):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
 
 
 def _built(value: Any, what: str, expected: type) -> Any:

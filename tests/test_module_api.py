@@ -401,3 +401,16 @@ SWITCHES = [({"gradient_clip_val": 1.0}, r"DiffusionBlocksModule\(..., gradient_
 def test_trainer_switches_name_the_module_option(tmp_path, switch, fix):
     with pytest.raises(MisconfigurationException, match=fix):
         fit(make_module(), tmp_path, steps=1, **switch)
+
+
+def test_non_plain_hyperparameters_are_saved_as_strings(tmp_path):
+    class WithPath(ldb.DiffusionBlocksModule):
+        def __init__(self, *args, data_dir: Path = Path("/data/mnist"), **kwargs) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            self.save_hyperparameters({"data_dir": data_dir})
+
+    module = WithPath(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=3)
+    trainer = fit(module, tmp_path, steps=1)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)  # loads with the restricted unpickler
+    assert ckpt["hyper_parameters"]["data_dir"] == "/data/mnist"

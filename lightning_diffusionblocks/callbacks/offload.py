@@ -53,6 +53,8 @@ def remove_stale_directories(root: Path) -> list[Path]:
     """
     removed = []
     for folder in root.glob(PREFIX + "*"):
+        if folder.is_symlink() or not folder.is_dir():  # only real folders: never follow a link out of ``root``
+            continue
         try:
             pid_text, host = (folder / OWNER).read_text().split()
             pid = int(pid_text)
@@ -67,13 +69,27 @@ def remove_stale_directories(root: Path) -> list[Path]:
 class BlockOffload(Callback):
     """Keep inactive block groups (weights, EMA weights, optimizer state) off the compute device.
 
+    Where the files go (``"disk"``): one ``group_{k}.pt`` per offloaded group, written to a temporary name and
+    renamed, read back with torch's restricted unpickler (``weights_only=True``), so a file replaced by a crafted
+    one is refused and never run. Without ``directory``, a fresh private ``ldb-offload-*`` folder in the system's
+    temporary directory (``tempfile.gettempdir()``, i.e. ``$TMPDIR``) holds them, with an ``owner`` file naming
+    this process and host.
+
+    When they are cleaned: that folder is removed at the end of fit (also after an exception), unless a group could
+    not be read back, in which case it stays until every group is whole again or the process ends. A run killed
+    before that (SIGKILL, out of memory) leaves it behind; the next ``BlockOffload`` started on the same host
+    removes every sibling ``ldb-offload-*`` folder whose owner process no longer runs there (folders of live
+    processes, of other hosts, and without an owner file are left alone). A ``directory`` you give is never
+    removed and never cleaned: its group files stay there.
+
+    A group whose file cannot be read back (deleted, truncated, replaced) is reported by :meth:`missing_groups`;
+    its parameters stay empty, so no checkpoint is written while it is missing (the offloader stays attached to
+    the strategy and refuses, naming the groups).
+
     Args:
         target: ``"cpu"`` (pinned host memory; for GPU training), ``"disk"`` (files in ``directory``;
             for CPU training) or ``"auto"`` (cpu on a GPU, disk on the CPU).
-        directory: where ``"disk"`` writes ``group_{k}.pt``. By default a fresh ``ldb-offload-*`` folder in the
-            system's temporary directory (``$TMPDIR``), removed at the end of fit; a run killed before that (e.g.
-            SIGKILL) leaves it behind, and the next BlockOffload on the same host removes such folders whose
-            owner process is gone. A ``directory`` you give is never removed.
+        directory: where ``"disk"`` writes ``group_{k}.pt`` (default: a temporary folder, see above).
         prefetch: on a GPU, copy the next step's group in on a side stream ahead of time.
     """
 
@@ -86,10 +102,14 @@ class BlockOffload(Callback):
         self.stats = {"offloads": 0, "loads": 0, "seconds": 0.0, "bytes_moved": 0}
         self._own_directory = False
         self._resident: set[int] = set()
+        self._lost: dict[int, OffloadError] = {}  # groups whose offloaded copy could not be read back, and why
+        self._layout: dict[int, list[tuple[torch.Size, torch.dtype]]] = {}  # what each group's file must hold
+        self._finished = False  # teardown ran: groups are not offloaded again
         self._pinned: dict[int, dict[int, Tensor]] = {}  # cpu target: group -> {tensor slot -> pinned buffer}
         self._prefetched: dict[int, dict[int, Tensor]] = {}
         self._stream: torch.cuda.Stream | None = None
         self._module: Any = None
+        self._strategy: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._device = torch.device("cpu")
         self._mode: Literal["cpu", "disk"] = "disk"
@@ -102,15 +122,22 @@ class BlockOffload(Callback):
 
         if stage != "fit":
             return
-        if not isinstance(trainer.strategy, GroupPlanning) or not isinstance(
-            pl_module, DiffusionBlocksModule
-        ):
+        if pl_module is self._module and self.missing_groups():
+            raise MisconfigurationException(
+                f"The weights of group(s) {self.missing_groups()} were lost in the previous fit (their offloaded copies"
+                " could not be read back). Load the last complete checkpoint (ckpt_path=...) instead of training on."
+            )
+        self._release_directory()  # a folder kept for an earlier module's lost groups
+        self._lost.clear()
+        self._layout.clear()
+        self._finished = False
+        if not isinstance(trainer.strategy, GroupPlanning) or not isinstance(pl_module, DiffusionBlocksModule):
             raise MisconfigurationException(
                 "BlockOffload moves inactive block groups off the device, which only exist under"
                 " a DiffusionBlocks strategy (e.g. strategy='diffusionblocks') with a DiffusionBlocksModule. Remove the"
                 " callback for end-to-end runs."
             )
-        self._module = pl_module
+        self._module, self._strategy = pl_module, trainer.strategy
         self._device = trainer.strategy.root_device
         self._mode = ("cpu" if self._device.type == "cuda" else "disk") if self.target == "auto" else self.target
         if self._mode == "cpu" and self._device.type == "cpu":
@@ -172,7 +199,8 @@ class BlockOffload(Callback):
 
     # ------------------------------------------------------------------ moves
     def _file(self, group: int) -> Path:
-        assert self.directory is not None
+        if self.directory is None:
+            raise OffloadError(f"Group {group} is not in memory and the offload folder is gone; reload a checkpoint.")
         return self.directory / f"group_{group}.pt"
 
     def offload(self, group: int) -> None:
@@ -194,6 +222,7 @@ class BlockOffload(Callback):
                     f"Writing group {group} to {path} failed ({err}). Training stopped; the group is still in memory"
                     " and saved checkpoints are untouched. Free disk space or pass BlockOffload(directory=...)."
                 ) from err
+            self._layout[group] = [(t.shape, t.dtype) for t in tensors]
             for slot, t in zip(slots, tensors):
                 self._set(slot, torch.empty(0, dtype=t.dtype, device=t.device))
         else:
@@ -231,10 +260,18 @@ class BlockOffload(Callback):
             path = self._file(group)
             try:
                 tensors = torch.load(path, map_location=self._device, weights_only=True)
-            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # a replaced file is refused
-                raise OffloadError(f"Reading offloaded group {group} from {path} failed ({err}).") from err
-            if len(tensors) != len(slots):
-                raise OffloadError(f"{path} holds {len(tensors)} tensors, expected {len(slots)}; was it replaced?")
+            except pickle.UnpicklingError as err:  # a replaced file is refused by the restricted unpickler
+                raise OffloadError(
+                    f"The offloaded copy of group {group} at {path} holds objects other than tensors: it was replaced"
+                    " after this run wrote it, so it was refused and nothing in it ran. Keep the offload directory"
+                    " private to one run, and resume from the last saved checkpoint."
+                ) from err
+            except (OSError, RuntimeError, EOFError) as err:
+                raise OffloadError(
+                    f"Reading offloaded group {group} from {path} failed ({err}). Was the offload directory deleted or"
+                    " shared with another run? Resume from the last saved checkpoint."
+                ) from err
+            self._check_layout(group, path, tensors, len(slots))
             for slot, t in zip(slots, tensors):
                 self._set(slot, t)
         else:
@@ -254,6 +291,17 @@ class BlockOffload(Callback):
         self.stats["bytes_moved"] += moved
         self.stats["seconds"] += time.perf_counter() - start
 
+    def _check_layout(self, group: int, path: Path, tensors: Any, count: int) -> None:
+        """Refuse a file that is not the list of tensors this run wrote (a stale or foreign file of the same name)."""
+        expected = self._layout.get(group)
+        valid = isinstance(tensors, list) and len(tensors) == count and all(isinstance(t, Tensor) for t in tensors)
+        if not valid or (expected is not None and [(t.shape, t.dtype) for t in tensors] != expected):
+            raise OffloadError(
+                f"{path} does not hold the {count} tensors this run offloaded for group {group} (shapes or types"
+                " differ); was it replaced? Keep the offload directory private to one run and resume from the last"
+                " saved checkpoint."
+            )
+
     def activate(self, group: int) -> None:
         """Make ``group`` the only resident group."""
         for other in sorted(self._resident - {group}):
@@ -262,22 +310,39 @@ class BlockOffload(Callback):
 
     def load_all(self) -> list[int]:
         """Bring every group back, trying each one even when another fails; returns the groups that could not
-        be read back (their weights stay empty, and the module refuses to write a checkpoint without them)."""
-        missing = []
+        be read back (their weights stay empty; :meth:`missing_groups` keeps reporting them)."""
         for g in range(self._module.num_blocks):
             try:
                 self.load(g)
-            except OffloadError:
-                missing.append(g)
-        return missing
+            except OffloadError as err:
+                self._lost[g] = err.with_traceback(None)  # keep the reason, not the frames (and their tensors)
+            else:
+                self._lost.pop(g, None)
+        return self.missing_groups()
+
+    def missing_groups(self) -> list[int]:
+        """The groups whose offloaded copy could not be read back and whose weights are still empty in the module.
+
+        Empty until a read fails; a group leaves the list once it is read back (:meth:`load_all` retries).
+        """
+        if self._module is None:
+            return []
+        self._lost = {g: e for g, e in self._lost.items() if any(p.numel() == 0 for p in self._params(g))}
+        return sorted(self._lost)
+
+    def _lost_error(self, missing: list[int], consequence: str) -> OffloadError:
+        reasons = " ".join(f"Group {g}: {self._lost[g]}" for g in missing)
+        err = OffloadError(
+            f"The offloaded copies of group(s) {missing} could not be read back from {self.directory}; {consequence}"
+            f" Resume from the last saved checkpoint. {reasons}"
+        )
+        err.__cause__ = self._lost[missing[0]]
+        return err
 
     def _load_every_group(self) -> None:
         missing = self.load_all()
         if missing:
-            raise OffloadError(
-                f"The offloaded copies of group(s) {missing} could not be read back from {self.directory}; the model"
-                " is incomplete and no checkpoint will be written from it. Resume from the last saved checkpoint."
-            )
+            raise self._lost_error(missing, "the model is incomplete and no checkpoint will be written from it.")
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -323,20 +388,38 @@ class BlockOffload(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._module is not None:
+            self._finished = True
             if self._resident != set(range(self._module.num_blocks)):
-                self.load_all()  # every group that can be read back is; the module refuses checkpoints without the rest
+                self.load_all()  # every group that can be read back is; missing_groups() names the rest
             self._pinned.clear()  # host buffers go now, not when the callback does (large models: tens of GB)
             self._prefetched.clear()
-            if getattr(trainer.strategy, "offloader", None) is self:
-                trainer.strategy.offloader = None
-            if self._own_directory and self.directory is not None:
-                shutil.rmtree(self.directory, ignore_errors=True)
-                self.directory, self._own_directory = None, False
+            if not self.missing_groups():
+                self._detach(trainer.strategy)
+            # else: stay attached, so a checkpoint saved after this (OnExceptionCheckpoint) asks this offloader,
+            # which refuses while groups are missing; the folder stays for a retry (cleaned once the process is gone)
+
+    def _detach(self, strategy: Any) -> None:
+        if getattr(strategy, "offloader", None) is self:
+            strategy.offloader = None
+        self._release_directory()
+
+    def _release_directory(self) -> None:
+        if self._own_directory and self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory, self._own_directory = None, False
 
     # ------------------------------------------------------------------ checkpoints
     def expose_for_checkpoint(self) -> list[int]:
-        """Load every offloaded group so a checkpoint sees real tensors; returns the groups to re-offload."""
+        """Load every offloaded group so a checkpoint sees real tensors; returns the groups to re-offload.
+
+        Raises :class:`OffloadError` naming the groups that cannot be read back: a checkpoint without them would
+        hold empty tensors.
+        """
         offloaded = [g for g in range(self._module.num_blocks) if g not in self._resident]
-        for g in offloaded:
-            self.load(g)
+        missing = self.load_all() if offloaded else self.missing_groups()
+        if missing:
+            raise self._lost_error(missing, "refusing to write a checkpoint that would hold empty tensors for them.")
+        if self._finished:  # after fit the model stays whole: nothing goes back to disk
+            self._detach(self._strategy)
+            return []
         return offloaded
