@@ -1,6 +1,7 @@
 """Quality parity: DiffusionBlocks vs end-to-end at the same number of layer evaluations.
 
     python benchmarks/parity.py --task generation        # DiT on MNIST: FID + class accuracy of samples
+    python benchmarks/parity.py --task generation --formulation flow   # … trained with rectified flow (or ddpm)
     python benchmarks/parity.py --task classification    # timm ViT on Fashion-MNIST: test accuracy
     python benchmarks/parity.py --task text              # char LMs on the KJV: masked (bits/char) and AR
     python benchmarks/parity.py --task generation --reuse outputs/mnist_diffusionblocks outputs/mnist_auto
@@ -36,6 +37,8 @@ from lightning_diffusionblocks.data.idx import load_split
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 DEMO_MODEL = {"dim": 128, "depth": 6, "heads": 4, "patch": 4}  # examples/mnist_generation.py defaults
+#: examples/mnist_generation.py --formulation → its task (runs made before the option existed are EDM)
+GENERATION_TASKS = {"edm": ldb.tasks.ImageGeneration, "flow": ldb.tasks.FlowMatching, "ddpm": ldb.tasks.DDPM}
 
 
 class FeatureNet(nn.Module):
@@ -103,9 +106,8 @@ def load_generator(out: Path) -> tuple[ldb.DiffusionBlocksModule, dict]:
     summary = json.loads((out / "summary.json").read_text())
     m = summary.get("model", DEMO_MODEL)  # runs made before the demo recorded its model used its defaults
     net = ldb.models.DiT(image_size=28, channels=1, patch=m["patch"], dim=m["dim"], depth=m["depth"], heads=m["heads"])
-    module = ldb.DiffusionBlocksModule.load_from_checkpoint(
-        out / "model.ckpt", net=net, task=ldb.tasks.ImageGeneration()
-    )
+    task = GENERATION_TASKS[summary.get("formulation", "edm")]()
+    module = ldb.DiffusionBlocksModule.load_from_checkpoint(out / "model.ckpt", net=net, task=task)
     return module.eval(), summary
 
 
@@ -128,6 +130,7 @@ def generation_quality(
     return {
         "run": str(out),
         "strategy": summary["strategy"],
+        "formulation": summary.get("formulation", "edm"),
         "steps": summary["steps"],
         "layer_evaluations": summary["layer_evaluations"],
         "fid": float(fid.compute()),
@@ -144,11 +147,13 @@ def generation(args: argparse.Namespace) -> dict:
         runs = [Path(p) for p in args.reuse]
     else:
         runs = []
-        base = ["--steps", str(args.gen_steps), "--data-dir", str(mnist), "--sample-steps", "4", "--per-class", "1"]
+        base = ["--steps", str(args.gen_steps), "--data-dir", str(mnist), "--sample-steps", "4", "--per-class", "1",
+                "--formulation", args.formulation]  # fmt: skip
         if args.quick:
             base += ["--dim", "32", "--depth", "3", "--heads", "2", "--batch-size", "16"]
         for strategy in ("diffusionblocks", "auto"):
-            out = Path(args.workdir) / f"gen_{strategy}"
+            suffix = "" if args.formulation == "edm" else f"_{args.formulation}"
+            out = Path(args.workdir) / f"gen_{strategy}{suffix}"
             steps = args.gen_steps if strategy == "diffusionblocks" else args.gen_steps // 3
             cmd = [*base, "--strategy", strategy, "--out", str(out)]
             cmd[1] = str(steps)
@@ -287,6 +292,7 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="retrain ablation runs even if their folder is complete")
     p.add_argument("--reuse", nargs=2, metavar=("DB_RUN", "E2E_RUN"), help="evaluate existing demo output folders")
     p.add_argument("--gen-steps", type=int, default=6000, help="DiffusionBlocks steps (end-to-end gets a third)")
+    p.add_argument("--formulation", default="edm", choices=list(GENERATION_TASKS), help="generation runs' formulation")
     p.add_argument("--cls-steps", type=int, default=1000, help="end-to-end steps (DiffusionBlocks gets B×)")
     p.add_argument("--fid-samples", type=int, default=1000)
     p.add_argument("--feature-steps", type=int, default=1500, help="training steps of the MNIST feature CNN")

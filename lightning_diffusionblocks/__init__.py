@@ -10,13 +10,15 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_diffusionblocks import callbacks, data, models, noise, tasks
 from lightning_diffusionblocks.block_parallel import BlockParallelStrategy
 from lightning_diffusionblocks.data_parallel import DiffusionBlocksDDPStrategy
+from lightning_diffusionblocks.ddpm import DDPMSchedule
+from lightning_diffusionblocks.flow import FlowSchedule
 from lightning_diffusionblocks.module import DiffusionBlocksModule, NonFiniteLossError
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.partition import BlockStack, BlockwiseNetwork, find_block_stack, split_layers
 from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
 from lightning_diffusionblocks.strategy import DiffusionBlocksStrategy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 for _strategy in (DiffusionBlocksStrategy, DiffusionBlocksDDPStrategy, BlockParallelStrategy):
     if _strategy.strategy_name not in StrategyRegistry:
@@ -25,7 +27,9 @@ for _strategy in (DiffusionBlocksStrategy, DiffusionBlocksDDPStrategy, BlockPara
 __all__ = [
     "BlockParallelStrategy",
     "DiffusionBlocksDDPStrategy",
+    "DDPMSchedule",
     "EDM",
+    "FlowSchedule",
     "BlockStack",
     "BlockwiseNetwork",
     "DiffusionBlocksModule",

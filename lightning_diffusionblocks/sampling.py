@@ -1,7 +1,11 @@
-"""Group-routed Euler sampling: walk σ from high to low and call only the group that owns each σ."""
+"""Group-routed samplers: walk the noise level from high to low and call only the group that owns each level.
+
+EDM Euler in σ, flow-matching Euler/Heun in t, DDIM over DDPM timesteps, and classifier-free guidance.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -14,6 +18,23 @@ Denoiser = Callable[[Tensor, Tensor, float], Tensor]
 def euler_step(z: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
     """One EDM Euler step z ← z + (σ_next − σ)·(z − D)/σ (the paper's printed Eq. 3–5 has the opposite sign)."""
     return z + (sigma_next - sigma) * (z - denoised) / sigma
+
+
+def classifier_free_guidance(
+    predict: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    z: Tensor,
+    level: Tensor,
+    labels: Tensor | None,
+    null_label: int,
+    guidance: float,
+) -> Tensor:
+    """Classifier-free guidance u + g·(c − u) of ``predict(z, level, labels)`` (a denoised image, a velocity or an
+    ε), the conditional and the null-label halves in one batch; a plain call without labels or at g = 1."""
+    if labels is None or guidance == 1.0:
+        return predict(z, level, labels)
+    null = torch.full_like(labels, null_label)
+    cond, uncond = predict(torch.cat([z, z]), torch.cat([level, level]), torch.cat([labels, null])).chunk(2)
+    return uncond + guidance * (cond - uncond)
 
 
 def check_grid(sigmas: Tensor) -> None:
@@ -41,3 +62,57 @@ def euler_sample(denoise: Denoiser, z: Tensor, sigmas: Tensor) -> Tensor:
         if i + 1 < len(grid):
             z = euler_step(z, denoised, sigma, grid[i + 1])
     return denoised
+
+
+# ---------------------------------------------------------------------- flow matching (time t, t = 1 noise)
+#: velocity(z, t (N,), level) -> dz/dt at time ``level``
+Velocity = Callable[[Tensor, Tensor, float], Tensor]
+
+
+def flow_euler_step(z: Tensor, velocity: Tensor, t: float, t_next: float) -> Tensor:
+    """One Euler step of the flow ODE dz/dt = v: z ← z + (t_next − t)·v (t decreasing towards the data)."""
+    return z + (t_next - t) * velocity
+
+
+@torch.no_grad()
+def flow_sample(velocity: Velocity, z: Tensor, times: Tensor, method: str = "euler") -> Tensor:
+    """Integrate dz/dt = v from times[0] down to times[-1] (usually 0) with Euler or Heun.
+
+    ``velocity(z, t_vec, t)`` is called at every time but the last (Heun: twice per step, its second call at
+    the step's end, except on the final step into the last time, which is an Euler step, as in EDM's Heun), so
+    the caller can route each call to the group owning ``t``.
+    """
+    if method not in ("euler", "heun"):
+        raise ValueError(f"Unknown sampler {method!r}; use 'euler' or 'heun'.")
+    if times.ndim != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()):
+        raise ValueError("times must be a strictly decreasing 1-D grid of at least two points (start, …, end).")
+    n = z.shape[0]
+    z = z.float()
+    grid = times.tolist()
+
+    def v_at(state: Tensor, t: float) -> Tensor:
+        return velocity(state, torch.full((n,), t, device=z.device, dtype=torch.float32), t).float()
+
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        v = v_at(z, t)
+        euler = flow_euler_step(z, v, t, t_next)
+        if method == "heun" and t_next != grid[-1]:
+            z = flow_euler_step(z, (v + v_at(euler, t_next)) / 2, t, t_next)
+        else:
+            z = euler
+    return z
+
+
+# ---------------------------------------------------------------------- DDPM timesteps
+def ddim_step(
+    x0: Tensor, eps: Tensor, alpha_bar: float, alpha_bar_prev: float, eta: float = 0.0, noise: Tensor | None = None
+) -> Tensor:
+    """One DDIM step (Song et al. 2021, Eq. 12) from ᾱ to ᾱ_prev given the predictions x̂₀ and ε̂:
+    x_prev = √ᾱ_prev·x̂₀ + √(1 − ᾱ_prev − s²)·ε̂ + s·ξ, s = η·√((1 − ᾱ_prev)/(1 − ᾱ))·√(1 − ᾱ/ᾱ_prev)."""
+    s = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
+    out = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(1 - alpha_bar_prev - s**2, 0.0)) * eps
+    if s > 0:
+        if noise is None:
+            raise ValueError("A stochastic DDIM step (eta > 0) needs `noise`.")
+        out = out + s * noise
+    return out

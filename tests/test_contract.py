@@ -96,6 +96,19 @@ def _dit() -> tuple[nn.Module, ldb.tasks.Task]:
     return tiny_dit(depth=3), ldb.tasks.ImageGeneration()
 
 
+def _flow(**options: Any) -> Callable[[], tuple[nn.Module, ldb.tasks.Task]]:
+    return lambda: (tiny_dit(depth=3), ldb.tasks.FlowMatching(**options))
+
+
+def _ddpm(**options: Any) -> Callable[[], tuple[nn.Module, ldb.tasks.Task]]:
+    return lambda: (tiny_dit(depth=3), ldb.tasks.DDPM(**options))
+
+
+def _level_scaled(scale: float) -> Callable[[tuple, dict], float | None]:
+    """The level is what the network receives as its second argument (flow t, DDPM timestep), divided by ``scale``."""
+    return lambda args, kwargs: float(args[1][0]) / scale
+
+
 CASES = [
     Case("generation-dit", _dit, image_loader, lambda m, s: m.sample(labels=[1, 2], steps=s, guidance=2.0),
          _sigma_of_c_noise),
@@ -113,6 +126,16 @@ CASES = [
     Case("autoregressive-llama", _lm("llama", "autoregressive"), lambda: token_loader(n=32),
          _lm_infer("autoregressive"), _level_kwarg, reload=lambda: {"net": _lm("llama", "autoregressive")()[0]},
          marks=(needs_hf,)),
+    Case("flow-dit", _flow(loss_bins=2), image_loader,
+         lambda m, s: m.sample(labels=[1, 2], steps=s, guidance=2.0), _level_scaled(1.0)),
+    Case("flow-dit-heun-x0-shift", _flow(noise=ldb.FlowSchedule(shift=3.0), prediction="x0", sampler="heun",
+                                         time_scale=1000.0, grid="equiprobable"), image_loader,
+         lambda m, s: m.sample(labels=[1, 2], steps=s, guidance=2.0), _level_scaled(1000.0)),
+    Case("ddpm-dit", _ddpm(loss_bins=2), image_loader,
+         lambda m, s: m.sample(labels=[1, 2], steps=s, guidance=2.0), _level_scaled(1.0)),
+    Case("ddpm-dit-v-cosine", _ddpm(noise=ldb.DDPMSchedule(num_timesteps=100, beta_schedule="cosine"),
+                                    prediction="v", eta=1.0), image_loader,
+         lambda m, s: m.sample(num_samples=2, steps=s), _level_scaled(1.0)),
 ]  # fmt: skip
 PARAMS = [pytest.param(c, id=c.name, marks=c.marks) for c in CASES]
 

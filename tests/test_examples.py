@@ -47,7 +47,8 @@ def readme_diffs() -> dict[str, list[tuple[str, str]]]:
     return diffs
 
 
-PROJECTS = ["examples/existing_project.py", "examples/dit_project.py"]
+PROJECTS = ["examples/existing_project.py", "examples/dit_project.py", "examples/flow_project.py",
+            "examples/ddpm_project.py"]  # fmt: skip
 
 
 def converted_source(project: str) -> str:
@@ -69,7 +70,7 @@ def test_readme_diffs_cover_both_projects_and_change_only_a_few_lines():
 
 def _network_source(source: str) -> str:
     """Everything above the project's LightningModule: the network code the conversion must not touch."""
-    return source[: source.index("class EDM")]
+    return source[: re.search(r"^class \w+\(L\.LightningModule\)", source, re.M).start()]
 
 
 @pytest.mark.parametrize("project", PROJECTS)

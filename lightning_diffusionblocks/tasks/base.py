@@ -10,6 +10,7 @@ Adding a task is one new file: subclass :class:`Task`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.records import RecordsInitArgs
 from lightning_diffusionblocks.routing import Router, Runner
 
-__all__ = ["Router", "Runner", "Task"]
+__all__ = ["Router", "Runner", "Task", "routed_loss"]
 
 
 class Task(RecordsInitArgs, ABC):
@@ -72,3 +73,12 @@ class Task(RecordsInitArgs, ABC):
         """The error for a public call this task does not answer."""
         offered = ", ".join(f"{name}()" for name in self.inference) or "none"
         return TypeError(f"{call}() is not offered by the {type(self).__name__} task (it offers: {offered}).")
+
+
+def routed_loss(router: Router, levels: Tensor, loss_at: Callable[[Runner, Tensor | slice], Tensor]) -> Tensor:
+    """Per-sample loss (N,) at per-sample ``levels``, each row served by the group owning its level;
+    ``loss_at(run, rows)`` returns the loss of the rows ``rows`` run by ``run``."""
+    loss = torch.empty(levels.shape[0], device=levels.device)
+    for rows, run in router.split(levels):
+        loss[rows] = loss_at(run, rows).to(loss)
+    return loss

@@ -13,6 +13,7 @@ import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,10 +21,14 @@ from torch import Tensor, nn
 
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
-from lightning_diffusionblocks.sampling import euler_sample
+from lightning_diffusionblocks.sampling import classifier_free_guidance, euler_sample
 from lightning_diffusionblocks.tasks.base import Task
 
 EXPECTED_SIGNATURE = "forward(x, c_noise, labels=None)"
+#: how ImageGeneration calls the network, quoted when a signature is refused
+EXPECTED_CALL = (
+    f"ImageGeneration calls the network as {EXPECTED_SIGNATURE} (x = c_in·z, c_noise = ¼·ln σ, labels = class ids)"
+)
 _CHANNEL_ATTRS = ("channels", "in_channels", "in_chans", "num_channels")
 _SIZE_ATTRS = ("image_size", "input_size", "img_size", "sample_size")
 _LABEL_MODULE = re.compile(r"(label|class|y_emb)", re.IGNORECASE)
@@ -39,8 +44,9 @@ class CallConvention:
     takes_labels: bool = True
 
     @classmethod
-    def of(cls, net: nn.Module) -> CallConvention:
-        """Read the convention from ``net.forward``'s signature; refuse shapes it cannot serve."""
+    def of(cls, net: nn.Module, expected: str = EXPECTED_CALL) -> CallConvention:
+        """Read the convention from ``net.forward``'s signature; refuse shapes it cannot serve (quoting ``expected``,
+        the task's own call)."""
         try:
             params = list(inspect.signature(net.forward).parameters.values())
         except (TypeError, ValueError):
@@ -54,8 +60,7 @@ class CallConvention:
 
         def refuse(why: str) -> ValueError:
             return ValueError(
-                f"{type(net).__name__}.forward{inspect.signature(net.forward)} {why}. ImageGeneration calls the"
-                f" network as {EXPECTED_SIGNATURE} (x = c_in·z, c_noise = ¼·ln σ, labels = class ids); the noise"
+                f"{type(net).__name__}.forward{inspect.signature(net.forward)} {why}. {expected}; the noise"
                 " level and the labels may also be keyword-only arguments."
             )
 
@@ -144,6 +149,8 @@ class ImageGeneration(Task):
     """
 
     inference = ("sample",)
+    #: how this task calls the network, quoted when the network's signature cannot be served
+    expected_call = EXPECTED_CALL
 
     def __init__(self, label_dropout: float = 0.1, noise: NoiseSchedule = EDM, null_label: int | None = None) -> None:
         super().__init__(noise)
@@ -163,7 +170,7 @@ class ImageGeneration(Task):
         if self.null_label_option is None:
             found = discover_null_label(net)
             self.null_label = -1 if found is None else found
-        self.convention = CallConvention.of(net)
+        self.convention = CallConvention.of(net, self.expected_call)
         self.sample_shape = self.sample_shape or discover_sample_shape(net)
 
     def observe(self, batch: Any) -> None:
@@ -181,14 +188,14 @@ class ImageGeneration(Task):
         self.sample_shape = state.get("sample_shape") or self.sample_shape
         self.data_range = state.get("data_range") or self.data_range
 
-    @staticmethod
-    def split(batch: Any) -> tuple[Tensor, Tensor | None]:
+    @classmethod
+    def split(cls, batch: Any) -> tuple[Tensor, Tensor | None]:
         if isinstance(batch, Tensor):
             return batch, None
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
             return batch[0], batch[1]
         raise ValueError(
-            "ImageGeneration expects batches of `images` or `(images, labels)`, got"
+            f"{cls.__name__} expects batches of `images` or `(images, labels)`, got"
             f" {type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}."
         )
 
@@ -205,9 +212,7 @@ class ImageGeneration(Task):
 
     def loss(self, run: Runner, batch: Any, sigma: Tensor, generator: torch.Generator) -> Tensor:
         images, labels = self.split(batch)
-        if labels is not None and self.label_dropout > 0:
-            drop = torch.rand(labels.shape, generator=generator, device=generator.device) < self.label_dropout
-            labels = torch.where(drop.to(labels.device), torch.full_like(labels, self.null_label), labels)
+        labels = self.drop_labels(labels, generator)
         eps = torch.randn(images.shape, generator=generator, device=generator.device).to(images)
         shape = (-1,) + (1,) * (images.ndim - 1)
         z = images + sigma.view(shape).to(images) * eps
@@ -215,16 +220,18 @@ class ImageGeneration(Task):
         per_sample = (denoised - images.float()).pow(2).flatten(1).mean(1)
         return self.noise.loss_weight(sigma) * per_sample
 
+    def drop_labels(self, labels: Tensor | None, generator: torch.Generator) -> Tensor | None:
+        """Training labels with a share ``label_dropout`` replaced by the null label (for guidance)."""
+        if labels is None or self.label_dropout == 0:
+            return labels
+        drop = torch.rand(labels.shape, generator=generator, device=generator.device) < self.label_dropout
+        return torch.where(drop.to(labels.device), torch.full_like(labels, self.null_label), labels)
+
     def guided_denoise(
         self, run: Runner, z: Tensor, sigma: Tensor, labels: Tensor | None, guidance: float = 1.0
     ) -> Tensor:
         """Denoiser with classifier-free guidance: D_u + g·(D_c − D_u), both halves in one batch."""
-        if labels is None or guidance == 1.0:
-            return self.denoise(run, z, sigma, labels)
-        null = torch.full_like(labels, self.null_label)
-        both = self.denoise(run, torch.cat([z, z]), torch.cat([sigma, sigma]), torch.cat([labels, null]))
-        cond, uncond = both.chunk(2)
-        return uncond + guidance * (cond - uncond)
+        return classifier_free_guidance(partial(self.denoise, run), z, sigma, labels, self.null_label, guidance)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -249,6 +256,27 @@ class ImageGeneration(Task):
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")
+        labels, num_samples, shape = self.sampling_inputs(router, labels, num_samples, guidance, shape)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        sigmas = self.noise.inference_sigmas(steps)
+        z = (torch.randn((num_samples, *shape), generator=gen) * sigmas[0].item()).to(router.device)
+
+        def denoise(z: Tensor, sigma_vec: Tensor, sigma: float) -> Tensor:
+            return self.guided_denoise(router.at(sigma), z, sigma_vec, labels, guidance)
+
+        images = euler_sample(denoise, z, sigmas)
+        return self._clip(images, clip)
+
+    def sampling_inputs(
+        self,
+        router: Router,
+        labels: Tensor | Sequence[int] | None,
+        num_samples: int | None,
+        guidance: float,
+        shape: Sequence[int] | None,
+    ) -> tuple[Tensor | None, int, Sequence[int]]:
+        """Check :meth:`sample`'s arguments: (labels on the router's device or None, number of samples, the shape
+        of one sample). Without labels a class-conditional network gets its null label."""
         device = router.device
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long, device=device).view(-1)
@@ -268,15 +296,7 @@ class ImageGeneration(Task):
                     " no training batch was seen. Pass shape=(C, H, W)."
                 )
             shape = self.sample_shape
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        sigmas = self.noise.inference_sigmas(steps)
-        z = (torch.randn((num_samples, *shape), generator=gen) * sigmas[0].item()).to(device)
-
-        def denoise(z: Tensor, sigma_vec: Tensor, sigma: float) -> Tensor:
-            return self.guided_denoise(router.at(sigma), z, sigma_vec, labels, guidance)
-
-        images = euler_sample(denoise, z, sigmas)
-        return self._clip(images, clip)
+        return labels, num_samples, shape
 
     def _clip(self, images: Tensor, clip: bool | tuple[float, float]) -> Tensor:
         if clip is False:
