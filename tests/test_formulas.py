@@ -25,7 +25,7 @@ from torch import Tensor, nn
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.masking import MaskingSchedule
 from lightning_diffusionblocks.noise import NoiseSchedule
-from lightning_diffusionblocks.sampling import euler_sample
+from lightning_diffusionblocks.sampling import classifier_free_guidance, ddim_step, euler_sample, flow_euler_step
 from lightning_diffusionblocks.tasks import AutoregressiveLM, Classification, ImageGeneration, MaskedLM
 
 P_MEAN, P_STD, SIGMA_MIN, SIGMA_MAX, SIGMA_DATA = -1.2, 1.2, 0.002, 80.0, 0.5
@@ -890,3 +890,266 @@ def test_noise_schedule_is_the_papers() -> None:
     e = ldb.EDM
     assert (e.p_mean, e.p_std, e.sigma_min, e.sigma_max, e.sigma_data) == (P_MEAN, P_STD, SIGMA_MIN, SIGMA_MAX, 0.5)
     assert ImageGeneration().label_dropout == pytest.approx(0.1)  # 10% label dropout for CFG (App. E.2)
+
+
+# ============================================================================ pinned by mutation testing (mutmut)
+# Each test below kills mutants that survived `mutmut run` over noise.py, sampling.py, masking.py and tasks/
+# (BENCHMARKS.md, "Mutation testing — mutmut"): formulas the tests above reach only in one configuration.
+
+
+def test_icdf_of_a_python_float_is_float64() -> None:
+    """σ = exp(P_mean + P_std·Φ⁻¹(q)) of a plain float is computed in float64 (float32 would be off by ~1e-7)."""
+    for q in (1e-6, 0.05, 0.3, 0.5, 0.77, 0.999999):
+        got = ldb.EDM.icdf(q)
+        assert got.dtype == torch.float64
+        assert float(got) == pytest.approx(icdf(q), rel=1e-12)
+
+
+def test_one_step_grid_is_sigma_max_in_float64() -> None:
+    """A one-step inference grid is [σ_max], in float64 like every longer grid."""
+    grid = ldb.EDM.inference_sigmas(1)
+    assert grid.dtype == ldb.EDM.inference_sigmas(4).dtype == torch.float64
+    assert grid.tolist() == [SIGMA_MAX]
+
+
+def test_schedule_arguments_are_checked() -> None:
+    """Schedules refuse σ_min ≤ 0, σ_min ≥ σ_max, P_std ≤ 0, σ_data ≤ 0, t_min ∉ (0, 1) and groups outside [0, B)."""
+    for bad in ({"sigma_min": 0.0}, {"sigma_min": 1.0, "sigma_max": 1.0}):
+        with pytest.raises(ValueError, match="Need 0 < sigma_min < sigma_max"):
+            NoiseSchedule(**bad)
+    for bad in ({"p_std": 0.0}, {"sigma_data": 0.0}):
+        with pytest.raises(ValueError, match="p_std and sigma_data must be positive"):
+            NoiseSchedule(**bad)
+    assert NoiseSchedule(p_std=0.8, sigma_data=0.3).p_std == 0.8  # any positive P_std and σ_data are fine
+    for t_min in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"t_min must be in \(0, 1\)"):
+            MaskingSchedule(t_min=t_min)
+    for schedule in (ldb.EDM, MaskingSchedule()):
+        bounds = schedule.boundaries(3)
+        with pytest.raises(ValueError, match=r"group must be in \[0, 3\), got 3"):
+            schedule.group_range(bounds, 3)
+        with pytest.raises(ValueError, match="Overlap gamma must be >= 0"):
+            schedule.group_range(bounds, 0, -0.1)
+    with pytest.raises(ValueError, match="Need lo < hi"):
+        MaskingSchedule().sample(4, 0.5, 0.5)
+
+
+def test_masking_linear_partition_is_the_equiprobable_one() -> None:
+    """For α(t) = 1 − t, equal steps of t are equal drops of α: both partitions give t_b = b/B (§2.5)."""
+    schedule = MaskingSchedule()
+    for num_groups in (1, 3, 5):
+        expected = masking_boundaries(num_groups)
+        assert schedule.boundaries(num_groups, "linear").tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    with pytest.raises(ValueError, match="has no meaning here. Use partition="):
+        schedule.boundaries(3, "uniform_log")
+
+
+def test_masking_sample_defaults_to_the_whole_range() -> None:
+    """Masking times over [t_min, 1] by default: t = lo + (π_k + u_k)/n·(hi − lo), u ~ U(0,1) in float64, π a
+    random permutation (one t per 1/n slice); float32 result."""
+    n = 32
+    got = MaskingSchedule().sample(n, generator=gen(6))
+    assert got.dtype == torch.float32
+    g = gen(6)
+    u = torch.rand(n, dtype=torch.float64, generator=g)  # the draws the sampler makes, in its order
+    order = torch.randperm(n, generator=g).double()
+    expected = T_MIN + (order + u) / n * (1.0 - T_MIN)
+    close(got, expected, rtol=1e-6, atol=0.0)
+
+
+def test_flow_euler_step() -> None:
+    """Euler step of the flow ODE dz/dt = v from t to t_next: z + (t_next − t)·v."""
+    z = torch.randn(4, 3, generator=gen(0))
+    v = torch.randn(4, 3, generator=gen(1))
+    for t, t_next in ((1.0, 0.75), (0.6, 0.2), (0.3, 0.0)):
+        close(flow_euler_step(z, v, t, t_next), z.double() + (t_next - t) * v.double(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_is_song_et_al_eq_12(eta: float) -> None:
+    """DDIM (Song et al. 2021, Eq. 12): x_prev = √ᾱ_prev·x̂₀ + √(1 − ᾱ_prev − s²)·ε̂ + s·ξ,
+    s = η·√((1 − ᾱ_prev)/(1 − ᾱ))·√(1 − ᾱ/ᾱ_prev)."""
+    x0 = torch.randn(5, 2, generator=gen(0))
+    eps = torch.randn(5, 2, generator=gen(1))
+    xi = torch.randn(5, 2, generator=gen(2))
+    for alpha_bar, alpha_bar_prev in ((0.3, 0.6), (0.05, 0.2), (0.7, 0.95)):
+        s = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * math.sqrt(1 - alpha_bar / alpha_bar_prev)
+        expected = math.sqrt(alpha_bar_prev) * x0.double() + math.sqrt(1 - alpha_bar_prev - s**2) * eps.double()
+        expected = expected + s * xi.double()
+        got = ddim_step(x0, eps, alpha_bar, alpha_bar_prev, eta=eta, noise=xi)
+        close(got, expected, rtol=1e-6, atol=1e-7)
+    if eta == 0.0:  # deterministic by default: no noise needed
+        close(ddim_step(x0, eps, 0.3, 0.6), math.sqrt(0.6) * x0.double() + math.sqrt(0.4) * eps.double(), rtol=1e-6)
+    else:
+        with pytest.raises(ValueError, match=r"^A stochastic DDIM step \(eta > 0\) needs `noise`\.$"):
+            ddim_step(x0, eps, 0.3, 0.6, eta=eta)
+
+
+def test_euler_grid_must_be_strictly_decreasing_and_one_dimensional() -> None:
+    """The Euler sampler walks a non-empty, strictly decreasing 1-D σ grid; anything else is refused."""
+    z = torch.zeros(2, 3)
+
+    def denoise(z: Tensor, *_: Any) -> Tensor:
+        return z
+
+    for bad in (torch.tensor([3.0, 2.0, 2.0]), torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match=r"^sigmas must be strictly decreasing \(from high noise to low\)\.$"):
+            euler_sample(denoise, z, bad)
+    for bad in (torch.tensor([[3.0], [2.0], [1.0]]), torch.tensor([])):
+        with pytest.raises(ValueError, match=r"^sigmas must be a non-empty 1-D grid\.$"):
+            euler_sample(denoise, z, bad)
+    close(euler_sample(denoise, z, torch.tensor([5.0])), z)  # one point: a plain evaluation
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0, 3.5])
+def test_classifier_free_guidance_mixes_only_when_guided(guidance: float) -> None:
+    """CFG: D_u + g·(D_c − D_u) from one doubled batch; at g = 1 it is D_c, from one plain call."""
+    n, null = 4, 9
+    z = torch.randn(n, 3, generator=gen(0))
+    level = torch.full((n,), 0.7)
+    labels = torch.tensor([0, 2, 1, 2])
+    calls: list[Tensor] = []
+
+    def predict(z: Tensor, level: Tensor, labels: Tensor | None) -> Tensor:
+        assert labels is not None
+        calls.append(labels.clone())
+        return z * 0.5 + labels.view(-1, 1).float() * 0.1  # a conditional term, none for the null label
+
+    got = classifier_free_guidance(predict, z, level, labels, null, guidance)
+    cond = z.double() * 0.5 + labels.view(-1, 1).double() * 0.1
+    uncond = z.double() * 0.5 + null * 0.1
+    if guidance == 1.0:
+        assert len(calls) == 1
+        assert torch.equal(calls[0], labels)  # one plain call of N rows
+        close(got, cond, rtol=1e-6, atol=1e-6)
+    else:
+        assert len(calls) == 1
+        assert torch.equal(calls[0], torch.cat([labels, torch.full_like(labels, null)]))
+        close(got, uncond + guidance * (cond - uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_image_generation_keeps_the_data_dtype() -> None:
+    """The network sees c_in·z in the data's dtype (bf16 data stays bf16: z = y + σε is formed in it)."""
+    n = 3
+    images = (torch.rand(n, 1, 2, 2, generator=gen(0)) * 2 - 1).to(torch.bfloat16)
+    run = Recorder(torch.zeros(n, 1, 2, 2))
+    ImageGeneration(label_dropout=0.0).loss(run, images, torch.tensor([0.1, 1.0, 10.0]), gen(1))
+    assert run.calls[0][0][0].dtype == torch.bfloat16
+
+
+def test_image_generation_without_label_dropout_keeps_labels_and_draws_only_eps() -> None:
+    """label_dropout = 0: labels reach the network unchanged and ε is the generator's first draw."""
+    n, shape = 5, (1, 2, 2)
+    images = torch.rand(n, *shape, generator=gen(0)) * 2 - 1
+    labels = torch.tensor([3, 0, 1, 2, 1])
+    sigma = torch.tensor([0.01, 0.2, 1.0, 5.0, 40.0])
+    run = Recorder(torch.zeros(n, *shape))
+    ImageGeneration(label_dropout=0.0).loss(run, (images, labels), sigma, gen(42))
+    args, kwargs = run.calls[0]
+    seen = labels_in_call(args, kwargs)
+    assert seen is not None
+    assert torch.equal(seen, labels)
+    eps = torch.randn(images.shape, generator=gen(42)).double()
+    c_in = coefficient_tensors(sigma)[2].view(-1, 1, 1, 1)
+    close(args[0], c_in * (images.double() + sigma.double().view(-1, 1, 1, 1) * eps), rtol=1e-5, atol=1e-7)
+
+
+def test_guided_denoise_defaults_to_no_guidance() -> None:
+    """guided_denoise without a guidance scale is the plain denoiser D = c_skip·z + c_out·F (one call, N rows)."""
+    n = 4
+    z = torch.randn(n, 1, 2, 2, generator=gen(0)) * 3
+    sigma = torch.tensor([0.05, 0.5, 2.0, 20.0])
+    labels = torch.tensor([1, 0, 3, 2])
+    net_out = torch.randn(n, 1, 2, 2, generator=gen(1))
+    run = Recorder(net_out)
+    got = ImageGeneration().guided_denoise(run, z, sigma, labels)
+    assert len(run.calls) == 1
+    assert run.calls[0][0][0].shape[0] == n
+    c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in coefficient_tensors(sigma))
+    close(got, c_skip * z.double() + c_out * net_out.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weighting", ["per_sample", "batch_mean", "none"])
+def test_bridges_use_the_schedules_sigma_data(weighting: str) -> None:
+    """Classification and AR pass the schedule's σ_d to the network and weight by λ(σ) = (σ² + σ_d²)/(σσ_d)²."""
+    sigma_data = 0.8
+    schedule = NoiseSchedule(sigma_data=sigma_data)
+    sigma = torch.tensor([0.01, 0.3, 2.0, 60.0])
+    lam = (sigma.double() ** 2 + sigma_data**2) / (sigma.double() * sigma_data) ** 2
+    scale = {"per_sample": lam, "batch_mean": lam.mean(), "none": torch.tensor(1.0, dtype=torch.float64)}[weighting]
+    n, num_classes, dim = 4, 3, 5
+    table = F.normalize(torch.randn(num_classes, dim, generator=gen(0)), dim=-1)
+    labels = torch.tensor([2, 0, 1, 1])
+    logits = torch.randn(n, num_classes, generator=gen(1)) * 2
+    run = Recorder(logits, table)
+    task = Classification(num_classes, noise=schedule, weighting=weighting)  # type: ignore[arg-type]
+    loss = task.loss(run, (torch.randn(n, 2, generator=gen(2)), labels), sigma, gen(3))
+    assert run.calls[0][1]["sigma_data"] == sigma_data
+    close(loss, scale * cross_entropy(logits, labels), rtol=1e-5)
+    tokens = torch.randint(0, num_classes, (n, 6), generator=gen(4))
+    ar_out = torch.randn(n, 6, num_classes, generator=gen(5)) * 2
+    run = Recorder(ar_out, table)
+    loss = AutoregressiveLM(num_classes, noise=schedule, weighting=weighting).loss(run, tokens, sigma, gen(6))  # type: ignore[arg-type]
+    assert run.calls[0][1]["sigma_data"] == sigma_data
+    close(loss, scale * cross_entropy(ar_out, tokens).mean(1), rtol=1e-5)
+
+
+def bridge_probs(net: FakeClassifier, inputs: Tensor, z0: Tensor, sigmas: list[float]) -> Tensor:
+    """The classification bridge (App. C/H) from z_0: routed logits, D̂ = softmax·Ê, Euler; the last softmax."""
+    z, table, bounds, p = z0.double(), net.table.double(), edm_boundaries(3), None
+    for i, s in enumerate(sigmas):
+        p = (FACTORS[owner(s, bounds)] * z @ net.w.double() + inputs.double() @ net.p.double()).softmax(-1)
+        if i + 1 < len(sigmas):
+            z = z + (sigmas[i + 1] - s) * (z - p @ table) / s
+    assert p is not None
+    return p
+
+
+def test_classification_accuracy_and_prediction_use_the_batch_index_as_seed() -> None:
+    """Validation accuracy = mean(argmax of the bridge's last softmax == label), its noise seeded by the batch
+    index; predict_step returns the same probabilities for `inputs`, `(inputs,)` and `(inputs, labels)` batches."""
+    net = FakeClassifier()
+    module = ldb.DiffusionBlocksModule(net, Classification(5), num_blocks=3)
+    task, router = module.task, module.router()
+    n = 8
+    inputs = torch.randn(n, 3, generator=gen(4))
+    task.predict_proba(router, inputs, seed=3)
+    reference_z0 = net.calls[0]["z"].clone()
+    predicted = bridge_probs(net, inputs, reference_z0, edm_grid(3)).argmax(-1)
+    labels = predicted.clone()
+    labels[:2] = (labels[:2] + 1) % 5  # 6 of 8 right
+    net.calls.clear()
+    acc = task.validation_metrics(router, (inputs, labels), 3)["acc"]
+    close(net.calls[0]["z"], reference_z0, rtol=0.0, atol=0.0)  # the noise of seed = batch index
+    assert float(acc) == pytest.approx(0.75)
+    for batch in (inputs, (inputs,), (inputs, labels)):
+        net.calls.clear()
+        probs = task.predict_step(router, batch, 3)
+        close(net.calls[0]["z"], reference_z0, rtol=0.0, atol=0.0)
+        close(probs, bridge_probs(net, inputs, reference_z0, edm_grid(3)), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="takes batches of `inputs` or `\\(inputs, labels\\)`"):
+        task.predict_step(router, (inputs, labels, labels), 0)
+
+
+def test_language_validation_and_prediction_use_the_batch_index_as_seed() -> None:
+    """MaskedLM and AutoregressiveLM: validation metrics are the batch means of evaluate_batch(seed=batch index),
+    predict_step its per-sequence values; a 1-tuple or (tokens, extra) batch reads the tokens."""
+    vocab, num_groups = 6, 3
+    tokens = torch.randint(0, vocab, (4, 12), generator=gen(1))
+    masked = ldb.DiffusionBlocksModule(
+        FakeMaskedLM(vocab, num_groups, torch.randn(num_groups, vocab, generator=gen(0)) * 2),
+        MaskedLM(vocab),
+        num_blocks=num_groups,
+    )
+    ar = ldb.DiffusionBlocksModule(FakeARLM(vocab), AutoregressiveLM(vocab), num_blocks=3)
+    for module in (masked, ar):
+        task, router = module.task, module.router()
+        reference = task.evaluate_batch(router, tokens, seed=5)
+        assert any(not torch.equal(v, task.evaluate_batch(router, tokens, seed=0)[k]) for k, v in reference.items())
+        for batch in (tokens, (tokens,), (tokens, torch.zeros(4))):
+            metrics = task.validation_metrics(router, batch, 5)
+            assert set(metrics) == set(reference)
+            for name, value in metrics.items():
+                close(value, reference[name].mean(), rtol=1e-6, atol=1e-7)
+            for name, value in task.predict_step(router, batch, 5).items():
+                close(value, reference[name], rtol=1e-6, atol=1e-7)
