@@ -1153,3 +1153,39 @@ def test_language_validation_and_prediction_use_the_batch_index_as_seed() -> Non
                 close(value, reference[name].mean(), rtol=1e-6, atol=1e-7)
             for name, value in task.predict_step(router, batch, 5).items():
                 close(value, reference[name], rtol=1e-6, atol=1e-7)
+
+
+def test_sigma_and_t_draws_without_a_generator() -> None:
+    """Both schedules draw from the global generator when none is given: n float32 levels inside the range."""
+    torch.manual_seed(0)
+    sigma = ldb.EDM.sample(64)
+    t = MaskingSchedule().sample(64)
+    for levels, lo, hi in ((sigma, SIGMA_MIN, SIGMA_MAX), (t, T_MIN, 1.0)):
+        assert levels.shape == (64,)
+        assert levels.dtype == torch.float32
+        assert bool((levels >= lo * (1 - 1e-6)).all())
+        assert bool((levels <= hi * (1 + 1e-6)).all())
+
+
+def test_bridges_keep_the_embedding_dtype() -> None:
+    """Classification and AR form z = Ê[y] + σε in the embeddings' dtype (bf16 tables give bf16 targets)."""
+    table = F.normalize(torch.randn(3, 4, generator=gen(0)), dim=-1).to(torch.bfloat16)
+    sigma = torch.tensor([0.1, 1.0])
+    run = Recorder(torch.zeros(2, 3), table)
+    Classification(3).loss(run, (torch.zeros(2, 2), torch.tensor([0, 2])), sigma, gen(1))
+    assert run.calls[0][0][1].dtype == torch.bfloat16
+    run = Recorder(torch.zeros(2, 5, 3), table)
+    AutoregressiveLM(3).loss(run, torch.randint(0, 3, (2, 5), generator=gen(2)), sigma, gen(3))
+    assert run.calls[0][0][1].dtype == torch.bfloat16
+
+
+def test_unlabelled_sampling_of_a_conditional_network_feeds_the_null_label() -> None:
+    """sample(num_samples=n) on a class-conditional network conditions every call on the null label."""
+    net = FakeDenoiser()
+    module = ldb.DiffusionBlocksModule(net, ImageGeneration(), num_blocks=3)
+    module.sample(num_samples=3, steps=2, seed=0, shape=(1, 2, 2))
+    assert len(net.calls) == 2
+    for call in net.calls:
+        assert call["labels"] is not None
+        assert call["labels"].tolist() == [module.task.null_label] * 3
+        assert not 0 <= module.task.null_label < net.num_classes
