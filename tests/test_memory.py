@@ -171,3 +171,34 @@ def test_memory_monitor_logs_to_wandb_offline(tmp_path, monkeypatch):
         wandb.finish()
     assert any(key.startswith("memory/group_") and key.endswith("/total_mib") for key in summary)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_after_training_offloaded_optimizer_state_comes_back_to_the_host(tmp_path, monkeypatch):
+    """At the end of fit every group's weights return to the compute device, but the optimizer state of offloaded
+    groups goes to host memory: a model trained block-wise because its training state does not fit the device
+    would run out of memory there (the H100 headline did), and Lightning's teardown moves that state to the host."""
+    module = make_module()
+    opt = torch.optim.AdamW(module.network.parameters())
+    for p in module.network.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    offload = BlockOffload(directory=tmp_path / "off")
+    offload._module, offload._optimizer, offload._mode = module, opt, "disk"
+    offload._device = torch.device("cpu", 0)  # stands in for an accelerator: distinct from the host's "cpu"
+    offload._resident = {0, 1, 2}
+    offload.directory.mkdir()
+    placed: list[tuple[str, torch.device]] = []
+    target = offload._target
+    monkeypatch.setattr(offload, "_target", lambda slot: placed.append((slot[1], target(slot))) or target(slot))
+    offload.offload(1)
+    offload.load(1)  # during training: weights and optimizer state back to the device
+    assert {d for _, d in placed} == {torch.device("cpu", 0)}
+    assert {k for k, _ in placed} == {"data", "exp_avg", "exp_avg_sq"}
+    offload.offload(1)
+    offload.offload(2)
+    placed.clear()
+    offload.on_train_end(None, module)
+    assert {d for k, d in placed if k == "data"} == {torch.device("cpu", 0)}
+    assert {d for k, d in placed if k != "data"} == {torch.device("cpu")}
+    for g in range(3):
+        assert all(p.numel() for p in module.network.group_parameters(g))

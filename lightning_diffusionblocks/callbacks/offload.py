@@ -113,6 +113,7 @@ class BlockOffload(Callback):
         self._optimizer: torch.optim.Optimizer | None = None
         self._device = torch.device("cpu")
         self._mode: Literal["cpu", "disk"] = "disk"
+        self._state_on_host = False  # after training: optimizer state comes back to host memory, not the device
 
     # ------------------------------------------------------------------ set-up
     @override
@@ -131,6 +132,7 @@ class BlockOffload(Callback):
         self._lost.clear()
         self._layout.clear()
         self._finished = False
+        self._state_on_host = False
         if not isinstance(trainer.strategy, GroupPlanning) or not isinstance(pl_module, DiffusionBlocksModule):
             raise MisconfigurationException(
                 "BlockOffload moves inactive block groups off the device, which only exist under"
@@ -183,6 +185,10 @@ class BlockOffload(Callback):
                 state = opt.state.get(p, {})
                 slots += [(state, k) for k, v in state.items() if isinstance(v, Tensor) and v.dim() > 0]
         return slots
+
+    def _target(self, slot: tuple[Any, Any]) -> torch.device:
+        """Where a slot's tensor goes on load: the compute device, except optimizer state once training is over."""
+        return torch.device("cpu") if self._state_on_host and slot[1] != "data" else self._device
 
     @staticmethod
     def _get(slot: tuple[Any, Any]) -> Tensor:
@@ -259,7 +265,7 @@ class BlockOffload(Callback):
         if self._mode == "disk":
             path = self._file(group)
             try:
-                tensors = torch.load(path, map_location=self._device, weights_only=True)
+                tensors = torch.load(path, map_location="cpu", weights_only=True)  # then each to its _target
             except pickle.UnpicklingError as err:  # a replaced file is refused by the restricted unpickler
                 raise OffloadError(
                     f"The offloaded copy of group {group} at {path} holds objects other than tensors: it was replaced"
@@ -273,7 +279,7 @@ class BlockOffload(Callback):
                 ) from err
             self._check_layout(group, path, tensors, len(slots))
             for slot, t in zip(slots, tensors):
-                self._set(slot, t)
+                self._set(slot, t.to(self._target(slot)))
         else:
             ready = self._prefetched.pop(group, None)
             if ready is not None:
@@ -282,7 +288,7 @@ class BlockOffload(Callback):
                 for t in ready.values():
                     t.record_stream(torch.cuda.current_stream(self._device))
             else:
-                ready = {i: self._get(s).to(self._device, non_blocking=True) for i, s in enumerate(slots)}
+                ready = {i: self._get(s).to(self._target(s), non_blocking=True) for i, s in enumerate(slots)}
             for i, slot in enumerate(slots):
                 self._set(slot, ready[i])
         moved = sum(self._get(s).numel() * self._get(s).element_size() for s in slots)
@@ -375,7 +381,11 @@ class BlockOffload(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._load_every_group()  # leave a whole model behind for sampling and checkpoints
+        # leave a whole model behind for sampling and checkpoints; the optimizer state of offloaded groups comes
+        # back to host memory (Lightning's teardown moves it there anyway), since a model trained block-wise
+        # because its training state does not fit the device must not need it all on the device now
+        self._state_on_host = True
+        self._load_every_group()
         rank_zero_info(
             f"BlockOffload: {self.stats['offloads']} offloads, {self.stats['loads']} loads,"
             f" {self.stats['bytes_moved'] / 2**20:.1f} MiB moved in {self.stats['seconds']:.2f} s."
