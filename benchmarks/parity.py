@@ -132,7 +132,8 @@ def run_examples(jobs: list[tuple[str, list[str]]], parallel: int, done=None) ->
 def load_generator(out: Path) -> tuple[ldb.DiffusionBlocksModule, dict]:
     summary = json.loads((out / "summary.json").read_text())
     m = summary.get("model", DEMO_MODEL)  # runs made before the demo recorded its model used its defaults
-    net = ldb.models.DiT(image_size=28, channels=1, patch=m["patch"], dim=m["dim"], depth=m["depth"], heads=m["heads"])
+    net = ldb.models.DiT(image_size=28, channels=1, patch=m["patch"], dim=m["dim"], depth=m["depth"], heads=m["heads"],
+                         noise_scale=m.get("noise_scale", 100.0))  # fmt: skip
     task = GENERATION_TASKS[summary.get("formulation", "edm")]()
     module = ldb.DiffusionBlocksModule.load_from_checkpoint(out / "model.ckpt", net=net, task=task, map_location="cpu")
     return module.eval(), summary

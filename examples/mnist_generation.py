@@ -26,6 +26,8 @@ from lightning_diffusionblocks.visualize import save_image_grid
 
 #: the task of each formulation (the DiT is the same; it receives ¼ ln σ, t ∈ [0, 1] or integer timesteps)
 TASKS = {"edm": ldb.tasks.ImageGeneration, "flow": ldb.tasks.FlowMatching, "ddpm": ldb.tasks.DDPM}
+#: the DiT's noise-embedding scale per formulation: its input is ¼·ln σ (edm), t ∈ [0, 1] (flow), k ∈ [0, 999] (ddpm)
+NOISE_SCALE = {"edm": 100.0, "flow": 100.0, "ddpm": 0.1}
 
 
 class LossTracker(Callback):
@@ -54,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--patch", type=int, default=4)
+    p.add_argument("--noise-scale", type=float, default=None,
+                   help="DiT noise-embedding scale (default 100; 0.1 for ddpm's integer timesteps)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100, help="warmup steps, counted per group")
@@ -82,9 +86,9 @@ def main() -> None:
     L.seed_everything(args.seed, verbose=False)
     torch.set_float32_matmul_precision("high")
 
-    net = ldb.models.DiT(
-        image_size=28, channels=1, patch=args.patch, dim=args.dim, depth=args.depth, heads=args.heads, num_classes=10
-    )
+    noise_scale = args.noise_scale or NOISE_SCALE[args.formulation]
+    net = ldb.models.DiT(image_size=28, channels=1, patch=args.patch, dim=args.dim, depth=args.depth, heads=args.heads,
+                         num_classes=10, noise_scale=noise_scale)  # fmt: skip
     module = ldb.DiffusionBlocksModule(
         net,
         TASKS[args.formulation](label_dropout=0.1),
@@ -135,7 +139,13 @@ def main() -> None:
         "strategy": args.strategy,
         "formulation": args.formulation,
         "seed": args.seed,
-        "model": {"dim": args.dim, "depth": args.depth, "heads": args.heads, "patch": args.patch},
+        "model": {
+            "dim": args.dim,
+            "depth": args.depth,
+            "heads": args.heads,
+            "patch": args.patch,
+            "noise_scale": noise_scale,
+        },
         "num_blocks": args.num_blocks,
         "groups": module.network.groups,
         "stem": args.stem,

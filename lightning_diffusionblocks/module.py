@@ -40,6 +40,7 @@ OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
 SHARED = -1
 MAX_GAMMA = 0.5
 RANK_SALT = 1_000_003
+MICRO_SALT = 101  #: seed salt of the j-th micro-batch of an accumulated step (j = 0 draws the plain step's noise)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,6 +81,9 @@ class DiffusionBlocksModule(L.LightningModule):
         warmup_steps, lr_schedule, min_lr_ratio: learning rate per group, counted in that group's own steps.
         gradient_clip_val: clip each group's gradient norm separately (use this instead of the Trainer's
             ``gradient_clip_val``: the module optimises manually, one group at a time).
+        accumulate_grad_batches: micro-batches whose gradients are summed (each scaled by 1/k) before one
+            optimizer step of the same group (use this instead of the Trainer's ``accumulate_grad_batches``).
+            Steps, LR schedules, EMA and the group schedule count optimizer steps; ``max_steps`` too.
         ema_decay: keep an exponential moving average of the weights, used for sampling and validation.
         optimizer: ``factory(param_groups) -> Optimizer`` to replace AdamW. It receives one param group per
             block group (``name`` "group_k", plus "shared"); it may split each further (e.g. decay / no-decay)
@@ -107,6 +111,7 @@ class DiffusionBlocksModule(L.LightningModule):
         ema_decay: float | None = None,
         optimizer: OptimizerFactory | None = None,
         seed: int = 0,
+        accumulate_grad_batches: int = 1,
     ) -> None:
         super().__init__()
         net = _built(net, "net", nn.Module)
@@ -124,6 +129,10 @@ class DiffusionBlocksModule(L.LightningModule):
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}.")
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val must be positive or None, got {gradient_clip_val}.")
+        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int):
+            raise TypeError(f"accumulate_grad_batches must be a positive integer, got {accumulate_grad_batches!r}.")
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be a positive integer, got {accumulate_grad_batches}.")
         self.save_hyperparameters(ignore=["net", "task", "optimizer"])
         self.automatic_optimization = False
         self.task = task
@@ -318,13 +327,14 @@ class DiffusionBlocksModule(L.LightningModule):
         progress = min(max(step - hp.warmup_steps, 0) / span, 1.0)
         return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def _prepare_groups(self, opt: Optimizer, trained: Iterable[int]) -> None:
-        trained = set(trained)
+    def _set_learning_rates(self, opt: Optimizer) -> None:
+        """Give every param group the learning rate of its group's next step (its own step count), so that the
+        optimizer, and an LR monitor reading it before the step, hold the rate actually used."""
         steps, horizons = self.group_steps.tolist(), self.lr_horizons.tolist()
         for pg, owner in zip(opt.param_groups, self.param_group_owners(opt)):
             if owner == SHARED:  # shared stem: trained every step
                 pg["lr"] = pg["base_lr"] * self.lr_factor(int(self.step_count), horizons[-1])
-            elif owner in trained:
+            else:
                 pg["lr"] = pg["base_lr"] * self.lr_factor(steps[owner], horizons[owner])
 
     def _clip(self, trained: Iterable[int]) -> None:
@@ -366,10 +376,12 @@ class DiffusionBlocksModule(L.LightningModule):
                 f" from the Trainer and pass DiffusionBlocksModule(..., gradient_clip_val={trainer.gradient_clip_val})."
             )
         if trainer is not None and trainer.accumulate_grad_batches != 1:
+            k = trainer.accumulate_grad_batches
             raise MisconfigurationException(
-                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported:"
-                " DiffusionBlocksModule optimises manually, one group per step. Remove it and raise the batch size"
-                " (a group needs about 1/B of the end-to-end memory, so a B× larger batch usually fits)."
+                f"Trainer(accumulate_grad_batches={k}) does not apply: DiffusionBlocksModule optimises manually,"
+                " one group per step, and Lightning accumulates only automatic optimisation. Remove it from the"
+                f" Trainer and pass DiffusionBlocksModule(..., accumulate_grad_batches={k}): the module sums {k}"
+                " micro-batches for the same group before each optimizer step."
             )
         return []
 
@@ -393,9 +405,26 @@ class DiffusionBlocksModule(L.LightningModule):
 
     @override
     def on_train_start(self) -> None:
+        self._micro, self._accumulated = 0, None  # a fit (or a resume) starts at an optimizer-step boundary
+        self._horizons()
+        if self.trainer.optimizers:
+            self._set_learning_rates(self.trainer.optimizers[0])
+
+    def _optimizer_steps(self) -> float:
+        """The optimizer steps this fit will take (Lightning's estimate counts batches once we accumulate)."""
+        trainer, k = self.trainer, self.hparams.accumulate_grad_batches
+        if k == 1:
+            return float(trainer.estimated_stepping_batches)
+        epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
+        batches = float(trainer.num_training_batches) * epochs
+        limit = trainer.max_steps if trainer.max_steps != -1 else math.inf
+        total = min(math.ceil(batches / k) if math.isfinite(batches) else math.inf, limit)
+        return float(total) if math.isfinite(total) else float(trainer.estimated_stepping_batches)
+
+    def _horizons(self) -> None:
         if self.trainer.global_step > 0 and bool(self.lr_horizons.any()):
             return  # a resumed run keeps the horizons it started with
-        total = float(self.trainer.estimated_stepping_batches)
+        total = self._optimizer_steps()
         per_group = total if self._schedule is None else self._schedule.expected_steps(total)
         horizons = [float(s) + per_group if self.trainer.global_step == 0 else per_group for s in self.group_steps]
         horizons.append(float(self.step_count) + total)
@@ -432,12 +461,15 @@ class DiffusionBlocksModule(L.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        step = int(self.step_count)
+        step, k = int(self.step_count), self.hparams.accumulate_grad_batches
+        micro = getattr(self, "_micro", 0)  # this batch's place in an accumulated optimizer step
         group = self.group_at(step)
         self.task.observe(batch)
         opt = self.optimizers()
-        # each process draws its own noise for its own shard (rank 0's stream is the single-device one)
-        loss = self.group_loss(self.network, batch, group, self._generator(step, salt=RANK_SALT * self.global_rank))
+        # each process draws its own noise for its own shard (rank 0's stream is the single-device one), and each
+        # micro-batch of an accumulated step its own (the first one the plain step's)
+        salt = RANK_SALT * self.global_rank + MICRO_SALT * micro
+        loss = self.group_loss(self.network, batch, group, self._generator(step, salt=salt))
         if not torch.isfinite(loss):
             lo, hi = self.sigma_range(group)
             which = "the whole network (end-to-end)" if group is None else f"group {group}"
@@ -448,17 +480,26 @@ class DiffusionBlocksModule(L.LightningModule):
             )
         trained = list(range(self.num_blocks)) if group is None else [group]
         self.last_group = group
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        if micro == 0:
+            opt.zero_grad(set_to_none=True)
+            self._accumulated = torch.zeros((), device=loss.device)
+        self.manual_backward(loss / k if k > 1 else loss)
+        self._accumulated = self._accumulated + loss.detach()
+        if micro + 1 < k:
+            self._micro = micro + 1
+            return loss.detach()
+        self._micro = 0
+        loss = self._accumulated / k  # the mean over the step's micro-batches, for the logs
         if self._reduce_gradients is not None:
             shared = self.network.shared_parameters()
             self._reduce_gradients([p for g in trained for p in self.network.group_parameters(g)] + shared)
         self._clip(trained)
-        self._prepare_groups(opt.optimizer, trained)
+        self._set_learning_rates(opt.optimizer)
         opt.step()
         self.group_steps[trained] += 1
         self.step_count += 1
         self._update_ema(trained)
+        self._set_learning_rates(opt.optimizer)  # the next step's rates, where LR monitors read them
         self.log("train/loss", loss.detach(), prog_bar=True)
         if group is not None:
             self.log(f"train/loss_group_{group}", loss.detach())
@@ -523,6 +564,13 @@ class DiffusionBlocksModule(L.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if getattr(self, "_micro", 0):
+            rank_zero_warn(
+                f"A checkpoint is being saved after {self._micro} of {self.hparams.accumulate_grad_batches}"
+                " accumulated micro-batches; their gradients are not saved, so a resume from it starts that"
+                " optimizer step afresh. Save at optimizer steps (ModelCheckpoint(every_n_train_steps=...)) for"
+                " exact resumes."
+            )
         missing = self.missing_groups()
         if missing:
             raise RuntimeError(

@@ -386,6 +386,11 @@ class BlockOffload(Callback):
         # because its training state does not fit the device must not need it all on the device now
         self._state_on_host = True
         self._load_every_group()
+        # the pinned copies of the weights are stale now; dropping them before Lightning's teardown copies the
+        # model to the host keeps the host from holding the weights twice (the H100 headline's process was killed
+        # for memory there); the optimizer state keeps the pinned buffers it now lives in
+        self._pinned.clear()
+        self._prefetched.clear()
         rank_zero_info(
             f"BlockOffload: {self.stats['offloads']} offloads, {self.stats['loads']} loads,"
             f" {self.stats['bytes_moved'] / 2**20:.1f} MiB moved in {self.stats['seconds']:.2f} s."

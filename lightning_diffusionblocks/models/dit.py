@@ -49,7 +49,9 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class NoiseEmbedding(nn.Module):
-    """Sinusoidal features of c_noise = ¼·ln σ (≈ −1.6 … 1.1) followed by an MLP."""
+    """Sinusoidal features of ``scale``·c_noise followed by an MLP. The default scale (100) suits inputs of order
+    one (EDM's c_noise = ¼·ln σ ≈ −1.6 … 1.1, flow time t ∈ [0, 1]); integer DDPM timesteps k ∈ [0, 999] need
+    about 0.1, or most frequencies wrap around between neighbouring timesteps."""
 
     def __init__(self, dim: int, frequencies: int = 256, scale: float = 100.0) -> None:
         super().__init__()
@@ -133,15 +135,18 @@ class DiT(RecordsInitArgs, nn.Module):
         heads: int = 4,
         num_classes: int = 10,
         mlp_ratio: float = 4.0,
+        noise_scale: float = 100.0,
     ) -> None:
         super().__init__()
+        if not noise_scale > 0:
+            raise ValueError(f"noise_scale must be positive, got {noise_scale}.")
         if image_size % patch:
             raise ValueError(f"image_size={image_size} must be divisible by patch={patch}.")
         self.image_size, self.channels, self.patch, self.num_classes = image_size, channels, patch, num_classes
         self.grid = image_size // patch
         self.patch_embed = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
         self.register_buffer("pos_embed", sincos_2d(dim, self.grid)[None], persistent=False)
-        self.noise_embed = NoiseEmbedding(dim)
+        self.noise_embed = NoiseEmbedding(dim, scale=noise_scale)
         # index num_classes is the null label (classifier-free guidance)
         self.label_embed = nn.Embedding(num_classes + 1, dim) if num_classes > 0 else None
         self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio) for _ in range(depth))
