@@ -1,7 +1,7 @@
 """DiffusionBlocks in several processes: data parallel or block parallel, on CPUs (gloo) or GPUs.
 
     python examples/multi_process.py --devices 2                            # block parallel, CPU, MNIST
-    python examples/multi_process.py --devices 2 --mode ddp                 # data parallel
+    python examples/multi_process.py --devices 2 --mode ddp                 # data parallel: "diffusionblocks"
     python examples/multi_process.py --devices 4 --accelerator gpu --steps 6000
     torchrun --nproc-per-node 4 examples/multi_process.py --devices 4 --accelerator gpu
 
@@ -40,9 +40,10 @@ def main() -> None:
     net = ldb.models.DiT(image_size=28, channels=1, patch=4, dim=args.dim, depth=args.depth, heads=4, num_classes=10)
     module = ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=args.num_blocks, lr=2e-3,
                                        warmup_steps=50, lr_schedule="cosine", ema_decay=0.995)  # fmt: skip
-    strategy = (ldb.BlockParallelStrategy if args.mode == "block_parallel" else ldb.DiffusionBlocksDDPStrategy)(
-        process_group_backend="gloo" if args.accelerator == "cpu" else None
-    )
+    if args.mode == "block_parallel":
+        strategy = ldb.BlockParallelStrategy(process_group_backend="gloo" if args.accelerator == "cpu" else None)
+    else:  # the plain name: with several devices or nodes it trains data parallel
+        strategy = "diffusionblocks"
     out = Path(args.out)
     trainer = L.Trainer(strategy=strategy, accelerator=args.accelerator, devices=args.devices,
                         num_nodes=args.num_nodes, max_steps=args.steps, default_root_dir=out, logger=False,

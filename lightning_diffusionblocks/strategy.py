@@ -1,6 +1,9 @@
-"""The single-device DiffusionBlocks strategy: builds the schedule that picks the group each step trains.
+"""The DiffusionBlocks strategy: builds the schedule that picks the group each step trains.
 
-``Trainer(strategy="diffusionblocks")`` works once ``lightning_diffusionblocks`` is imported. The
+``Trainer(strategy="diffusionblocks")`` works once ``lightning_diffusionblocks`` is imported. On one device
+it is this single-device strategy; given several devices or nodes (``devices=N``, ``num_nodes``, a
+``torchrun`` or SLURM launch) it becomes :class:`~lightning_diffusionblocks.data_parallel.DiffusionBlocksDDPStrategy`
+with the same schedule, as ``strategy="ddp"`` is to one device what ``"auto"`` is. The
 strategy hands the module its schedule (:meth:`DiffusionBlocksModule.use_schedule`); the module never
 asks which strategy trains it. The group of a step is a pure function of ``(seed, step)`` (see
 :mod:`schedules`), counted in the module's own steps, so a resumed run continues exactly and a second
@@ -15,11 +18,13 @@ import os
 from collections.abc import Sequence
 
 import torch
+from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -28,9 +33,10 @@ from lightning_diffusionblocks.planning import GroupOffloader, GroupPlanning, Sc
 __all__ = ["DiffusionBlocksStrategy", "GroupOffloader"]
 
 MULTI_PROCESS_HINT = (
-    " For several devices or nodes use strategy='diffusionblocks_ddp' (data parallel: every process trains the"
-    " same group on its own shard of the batch) or strategy='diffusionblocks_block_parallel' (each process trains"
-    " its own group, no traffic between groups)."
+    " For several processes give the Trainer their devices and nodes: Trainer(strategy='diffusionblocks',"
+    " devices=N, num_nodes=M) trains data parallel (every process trains the same group on its own shard of the"
+    " batch); strategy='diffusionblocks_block_parallel' has each process train its own group, with no traffic"
+    " between groups."
 )
 
 
@@ -55,6 +61,9 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
         )
         self._init_planning(schedule, steps_per_phase, groups_to_train, seed)
         self._parallel_devices: list[torch.device] | None = None
+        self._launched = False
+        #: set by Lightning's accelerator connector (TorchElastic, SLURM, …); used if this becomes data parallel
+        self.cluster_environment: ClusterEnvironment | None = None
 
     # ------------------------------------------------------------------ devices
     # The accelerator connector only hands devices to strategies with `parallel_devices`; without it a
@@ -66,10 +75,8 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
     @parallel_devices.setter
     def parallel_devices(self, devices: list[torch.device] | None) -> None:
         if devices is not None and len(devices) > 1:
-            raise MisconfigurationException(
-                f"strategy='diffusionblocks' runs on one device, but {len(devices)} were requested."
-                + MULTI_PROCESS_HINT
-            )
+            self._become_data_parallel(devices, num_nodes=1)
+            return
         self._parallel_devices = devices
         if devices:
             self._root_device = torch.device(devices[0])
@@ -81,9 +88,38 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
     @num_nodes.setter
     def num_nodes(self, num_nodes: int) -> None:
         if num_nodes > 1:
+            self._become_data_parallel(self._parallel_devices or [self._root_device], num_nodes)
+
+    def _become_data_parallel(self, devices: list[torch.device], num_nodes: int) -> None:
+        """Turn into :class:`DiffusionBlocksDDPStrategy` with this schedule, in place.
+
+        Lightning's accelerator connector builds a string-named strategy before it knows the devices, then hands
+        them over here; the connector keeps this object, so it changes its class rather than being replaced.
+        """
+        from lightning_diffusionblocks.data_parallel import DiffusionBlocksDDPStrategy
+
+        if self._launched:
             raise MisconfigurationException(
-                f"strategy='diffusionblocks' runs in one process, but num_nodes={num_nodes}." + MULTI_PROCESS_HINT
+                "strategy='diffusionblocks' cannot change its devices once set up; build a new Trainer."
             )
+        parallel = DiffusionBlocksDDPStrategy(
+            schedule=self.schedule_spec,
+            steps_per_phase=self.steps_per_phase,
+            groups_to_train=self.groups_to_train,
+            seed=self.seed,
+            accelerator=self._accelerator,
+            parallel_devices=list(devices),
+            cluster_environment=self.cluster_environment,
+            checkpoint_io=self._checkpoint_io,
+            precision_plugin=self._precision_plugin,
+        )
+        parallel.num_nodes = num_nodes
+        self.__class__ = DiffusionBlocksDDPStrategy  # type: ignore[assignment]
+        self.__dict__ = parallel.__dict__
+        rank_zero_info(
+            f"DiffusionBlocks: {len(devices)} device(s) × {num_nodes} node(s), so strategy='diffusionblocks' trains"
+            " data parallel (DiffusionBlocksDDPStrategy: every process trains the step's group on its shard)."
+        )
 
     @property
     @override
@@ -93,6 +129,7 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
     # ------------------------------------------------------------------ set-up
     @override
     def setup_environment(self) -> None:
+        self._launched = True
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:  # launched by torchrun / SLURM as one of several processes: never train N copies of rank 0
             raise MisconfigurationException(

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.block_parallel import block_layout
 from lightning_diffusionblocks.schedules import RandomSchedule
-from tests.conftest import tiny_dit, trainer_kwargs
+from tests.conftest import image_loader, tiny_dit, trainer_kwargs
 
 
 class IndexedImages(Dataset):
@@ -83,11 +83,27 @@ def test_block_layout_and_bad_world_sizes():
         block_layout(3, 4)
 
 
-def test_single_device_strategy_refuses_several_devices_and_nodes(tmp_path):
-    with pytest.raises(MisconfigurationException, match="diffusionblocks_ddp.*diffusionblocks_block_parallel"):
-        L.Trainer(strategy="diffusionblocks", accelerator="cpu", devices=2)
-    with pytest.raises(MisconfigurationException, match="num_nodes=2"):
-        L.Trainer(strategy="diffusionblocks", accelerator="cpu", devices=1, num_nodes=2)
+def test_the_plain_strategy_name_becomes_data_parallel_on_several_devices_or_nodes(tmp_path):
+    """strategy="diffusionblocks" (or a preset such as "diffusionblocks_sequential") with devices=N or num_nodes=M
+    trains data parallel with the same schedule, in Lightning's own DDP launcher and cluster environment."""
+    trainer = L.Trainer(strategy="diffusionblocks_sequential", accelerator="cpu", devices=2, logger=False)
+    strategy = trainer.strategy
+    assert type(strategy) is ldb.DiffusionBlocksDDPStrategy
+    assert (strategy.world_size, strategy.num_nodes, strategy.schedule_spec) == (2, 1, "sequential")
+    assert strategy.cluster_environment is not None and strategy.launcher is not None
+    trainer = L.Trainer(strategy="diffusionblocks", accelerator="cpu", devices=1, num_nodes=2, logger=False)
+    assert type(trainer.strategy) is ldb.DiffusionBlocksDDPStrategy
+    assert (trainer.strategy.world_size, trainer.strategy.num_nodes) == (2, 2)
+    single = L.Trainer(strategy="diffusionblocks", accelerator="cpu", devices=1, logger=False).strategy
+    assert type(single) is ldb.DiffusionBlocksStrategy
+
+
+def test_a_launch_of_several_processes_with_one_device_each_is_refused(tmp_path, monkeypatch):
+    """torchrun with WORLD_SIZE=2 but Trainer(devices=1): never two copies of rank 0."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    trainer = L.Trainer(strategy="diffusionblocks", max_steps=1, **trainer_kwargs(tmp_path))
+    with pytest.raises(MisconfigurationException, match=r"WORLD_SIZE=2.*devices=N"):
+        trainer.fit(ldb.DiffusionBlocksModule(tiny_dit(), ldb.tasks.ImageGeneration(), num_blocks=2), image_loader())
 
 
 def test_data_parallel_equals_one_process_with_the_whole_batch(tmp_path):

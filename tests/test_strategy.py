@@ -57,8 +57,8 @@ def test_gpu_accelerator_gets_a_cuda_root_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     trainer = L.Trainer(strategy="diffusionblocks", accelerator="gpu", devices=[1], logger=False)
     assert trainer.strategy.root_device == torch.device("cuda", 1)
-    with pytest.raises(MisconfigurationException, match="runs on one device"):
-        L.Trainer(strategy="diffusionblocks", accelerator="gpu", devices=2, logger=False)
+    two = L.Trainer(strategy="diffusionblocks", accelerator="gpu", devices=2, logger=False).strategy
+    assert [d.index for d in two.parallel_devices] == [0, 1]  # data parallel over both
 
 
 def test_schedules_are_pure_functions_of_step():
