@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--resume", default=None)
     p.add_argument("--no-offload", action="store_true")
     p.add_argument("--block-parallel", type=int, default=0, help="processes (one group each); 0 = one device")
+    p.add_argument("--every", type=int, default=None, help="checkpoint every N steps (default 6 / 5)")
+    p.add_argument("--plain-loader", action="store_true", help="block parallel: a plain DataLoader")
     args = p.parse_args()
     out = Path(args.out)
     torch.manual_seed(0)
@@ -65,9 +67,9 @@ def main() -> None:
         gradient_clip_val=1.0,
         ema_decay=0.9,
     )
-    every = 6 if args.block_parallel else 5  # block parallel: at epoch ends (96 samples, batches of 16)
+    every = args.every or (6 if args.block_parallel else 5)
     callbacks = [ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=every, save_top_k=-1, save_last=True)]
-    if args.block_parallel:
+    if args.block_parallel and args.plain_loader:
         loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)  # Lightning shards it per group
     if not args.no_offload and not args.block_parallel:
         callbacks.insert(0, BlockOffload(directory=out / "offload"))

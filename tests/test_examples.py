@@ -200,15 +200,31 @@ def test_readme_reload_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_multi_process_example_runs_block_parallel_on_two_cpu_processes(tmp_path: Path, mnist_dir: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "examples" / "multi_process.py"), "--devices", "2", "--steps", "3",
-           "--dim", "32", "--depth", "2", "--batch-size", "16", "--data-dir", str(mnist_dir), "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "multi_process.py"),
+        "--devices",
+        "2",
+        "--steps",
+        "3",
+        "--dim",
+        "32",
+        "--depth",
+        "2",
+        "--batch-size",
+        "16",
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "steps per group: [3, 3]" in result.stdout  # each process trained its own group
     assert (tmp_path / "samples.png").stat().st_size > 0
 
 
-def test_multi_process_example_trains_data_parallel_from_the_plain_strategy_name(tmp_path: Path, mnist_dir: Path) -> None:
+def test_multi_process_example_trains_data_parallel_from_the_plain_name(tmp_path: Path, mnist_dir: Path) -> None:
     """Trainer(strategy="diffusionblocks", devices=2) launches two processes that train the same group each step."""
     cmd = [sys.executable, str(ROOT / "examples" / "multi_process.py"), "--mode", "ddp", "--devices", "2", "--steps",
            "3", "--dim", "32", "--depth", "2", "--batch-size", "16", "--data-dir", str(mnist_dir), "--out",
@@ -217,4 +233,5 @@ def test_multi_process_example_trains_data_parallel_from_the_plain_strategy_name
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trains data parallel" in result.stdout + result.stderr
     steps = re.search(r"steps per group: \[(\d+), (\d+)\]", result.stdout)
-    assert steps and int(steps[1]) + int(steps[2]) == 3  # one group per step, shared by both processes
+    assert steps is not None
+    assert int(steps[1]) + int(steps[2]) == 3  # one group per step, shared by both processes

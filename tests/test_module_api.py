@@ -393,8 +393,10 @@ def test_bad_options_are_refused():
         ldb.DiffusionBlocksModule(adapter, ldb.tasks.Classification(10), num_blocks=3)
 
 
-SWITCHES = [({"gradient_clip_val": 1.0}, r"DiffusionBlocksModule\(..., gradient_clip_val"),
-            ({"accumulate_grad_batches": 2}, r"DiffusionBlocksModule\(..., accumulate_grad_batches=2\)")]
+SWITCHES = [
+    ({"gradient_clip_val": 1.0}, r"DiffusionBlocksModule\(..., gradient_clip_val"),
+    ({"accumulate_grad_batches": 2}, r"DiffusionBlocksModule\(..., accumulate_grad_batches=2\)"),
+]
 
 
 @pytest.mark.parametrize(("switch", "fix"), SWITCHES)

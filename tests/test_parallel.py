@@ -90,7 +90,8 @@ def test_the_plain_strategy_name_becomes_data_parallel_on_several_devices_or_nod
     strategy = trainer.strategy
     assert type(strategy) is ldb.DiffusionBlocksDDPStrategy
     assert (strategy.world_size, strategy.num_nodes, strategy.schedule_spec) == (2, 1, "sequential")
-    assert strategy.cluster_environment is not None and strategy.launcher is not None
+    assert strategy.cluster_environment is not None
+    assert strategy.launcher is not None
     trainer = L.Trainer(strategy="diffusionblocks", accelerator="cpu", devices=1, num_nodes=2, logger=False)
     assert type(trainer.strategy) is ldb.DiffusionBlocksDDPStrategy
     assert (trainer.strategy.world_size, trainer.strategy.num_nodes) == (2, 2)

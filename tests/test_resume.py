@@ -41,13 +41,16 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_block_parallel_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
-    """Three processes, one group each: killed after the step-6 checkpoint, resumed, same final weights."""
-    full = run_job(tmp_path / "full", "--block-parallel", "3", "--max-steps", "12")
+    """Three processes, one group each, the package's resumable loader (sharded per group by Lightning): killed
+    after the step-4 checkpoint, in the middle of an epoch (6 batches), resumed, same final weights."""
+    full = run_job(tmp_path / "full", "--block-parallel", "3", "--max-steps", "12", "--every", "4")
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = run_job(tmp_path / "killed", "--block-parallel", "3", "--max-steps", "12", "--kill-at", "8")
+    killed = run_job(tmp_path / "killed", "--block-parallel", "3", "--max-steps", "12", "--every", "4",
+                     "--kill-at", "6")  # fmt: skip
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "final.pt").exists()
-    resumed = run_job(tmp_path / "killed", "--block-parallel", "3", "--max-steps", "12",
+    assert sorted(p.name for p in (tmp_path / "killed" / "ckpt").glob("epoch=*")) == ["epoch=0-step=4.ckpt"]
+    resumed = run_job(tmp_path / "killed", "--block-parallel", "3", "--max-steps", "12", "--every", "4",
                       "--resume", str(tmp_path / "killed" / "ckpt" / "last.ckpt"))  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = torch.load(tmp_path / "full" / "final.pt")
