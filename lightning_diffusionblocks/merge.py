@@ -132,8 +132,8 @@ def merge_checkpoints(paths: Sequence[str | Path], out: str | Path) -> dict[str,
         raise MergeError(f"No checkpoint trained group(s) {missing}; train them (groups_to_train={missing}) first.")
     merged = {}
     for key, value in reference.items():
-        g = group_of_key(key, info)
-        merged[key] = ckpts[owner[g]]["state_dict"][key] if g is not None else value
+        key_group = group_of_key(key, info)
+        merged[key] = ckpts[owner[key_group]]["state_dict"][key] if key_group is not None else value
     merged["group_steps"] = torch.stack([ckpts[owner[g]]["state_dict"]["group_steps"][g] for g in range(len(owner))])
     if "lr_horizons" in reference:  # each group's LR horizon from the job that trained it; the shared entry as is
         horizons = reference["lr_horizons"].clone()

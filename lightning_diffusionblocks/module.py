@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_diffusionblocks.checkpoints import CheckpointLoadError, read_checkpoint
+from lightning_diffusionblocks.dashboard import GroupLossLog, log_group_summary, log_run_config, show_in_progress_bar
 from lightning_diffusionblocks.noise import Partition
 from lightning_diffusionblocks.partition import BlockwiseNetwork, StemMode
 from lightning_diffusionblocks.records import RecordError, build, is_plain, record_of
@@ -161,6 +162,9 @@ class DiffusionBlocksModule(L.LightningModule):
         self._schedule: Schedule | None = None
         self._reduce_gradients: Callable[[list[Tensor]], None] | None = None
         self._owners: tuple[int, list[int]] | None = None
+        #: per-group training-loss points waiting for a logging row, and each group's running loss (progress bar)
+        self._loss_log = GroupLossLog()
+        self._running_loss: dict[int, Tensor] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -285,12 +289,13 @@ class DiffusionBlocksModule(L.LightningModule):
         owner_of = {id(p): g for g in range(self.num_blocks) for p in self.network.group_parameters(g)}
         owner_of.update({id(p): SHARED for p in self.network.shared_parameters()})
         names = {id(p): n for n, p in self.network.named_parameters()}
-        owners, seen = [], set()
+        owners: list[int] = []
+        seen: set[int] = set()
         for i, pg in enumerate(opt.param_groups):
-            found = {owner_of.get(id(p)) for p in pg["params"]}
+            found = {owner_of[id(p)] for p in pg["params"] if id(p) in owner_of}
             label = f"param group {i}" + (f" ({pg['name']!r})" if "name" in pg else "")
-            if None in found:
-                stray = next(p for p in pg["params"] if id(p) not in owner_of)
+            stray = next((p for p in pg["params"] if id(p) not in owner_of), None)
+            if stray is not None:
                 raise MisconfigurationException(
                     f"The optimizer's {label} holds a tensor that is not a parameter of the network"
                     f" ({names.get(id(stray), tuple(stray.shape))}); build the optimizer from the param groups"
@@ -402,6 +407,8 @@ class DiffusionBlocksModule(L.LightningModule):
             raise ValueError(
                 "gradient_clip_val with precision='16-mixed' is not supported; use precision='bf16-mixed'."
             )
+        self._loss_log = GroupLossLog()  # points a crashed fit left waiting belong to its own rows
+        log_run_config(self.trainer, self)  # partition, σ ranges, schedule, task and network: plain data
 
     @override
     def on_train_start(self) -> None:
@@ -500,11 +507,37 @@ class DiffusionBlocksModule(L.LightningModule):
         self.step_count += 1
         self._update_ema(trained)
         self._set_learning_rates(opt.optimizer)  # the next step's rates, where LR monitors read them
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        if group is not None:
-            self.log(f"train/loss_group_{group}", loss.detach())
-            self.log("group", float(group), prog_bar=True)
+        self._log_training_step(group, loss)
         return loss.detach()
+
+    # ------------------------------------------------------------------ dashboard
+    #: weight of the newest step in the running loss shown in the progress bar (per group)
+    RUNNING_LOSS_WEIGHT = 0.1
+
+    def _log_training_step(self, group: int | None, loss: Tensor) -> None:
+        """Log one optimizer step: ``train/loss`` (every step's loss, whichever group) through ``self.log``, and the
+        group's own point through :class:`~lightning_diffusionblocks.dashboard.GroupLossLog`, at this step only.
+
+        ``self.log`` would write ``train/loss_group_{g}`` of every group on every logging row (inactive groups
+        repeating a stale value) and drop the steps between rows, so per-group points bypass it. The progress bar
+        shows the active group (a string: Rich prints numbers as ``2.000``) and its running loss ``loss_g``.
+        """
+        loss = loss.detach()
+        self.log("train/loss", loss, prog_bar=group is None)
+        if group is None:
+            return
+        running = self._running_loss.get(group)
+        running = loss.float() if running is None else torch.lerp(running, loss.float(), self.RUNNING_LOSS_WEIGHT)
+        self._running_loss[group] = running
+        self.log("loss_g", running, prog_bar=True, logger=False)
+        show_in_progress_bar(self.trainer, "group", str(group))
+        self._loss_log.add(self.trainer, group, self.group_steps[group], loss)
+
+    @override
+    def on_train_end(self) -> None:
+        # the points since the last logging row, then the table of σ ranges, steps, parameters and memory
+        self._loss_log.flush(self.trainer)
+        log_group_summary(self.trainer, self)
 
     def _evaluation_step(self, stage: str, batch: Any, batch_idx: int) -> Tensor:
         """Loss in each group's nominal noise range (routed by how the model was trained), then task metrics."""

@@ -10,7 +10,7 @@ import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -161,6 +161,10 @@ class BlockwiseNetwork(nn.Module):
     trained at every step. ``stem="per_group"``: group 0 uses the network's own stem/head and every other
     group owns a private copy in ``stems[k-1]``, so groups are fully independent.
     """
+
+    if TYPE_CHECKING:  # the type check does not read torch, so it learns the call signature (nn.Module's) here
+
+        def __call__(self, *args: Any, group: int | None = None, **kwargs: Any) -> Any: ...
 
     def __init__(
         self,

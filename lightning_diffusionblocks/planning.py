@@ -13,7 +13,7 @@ import pickle
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -25,6 +25,11 @@ from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
 
 ScheduleSpec = Literal["random", "sequential"] | Schedule
+
+if TYPE_CHECKING:  # a mixin of Lightning strategies: type-check its calls against theirs
+    _StrategyBase = pl.strategies.Strategy
+else:
+    _StrategyBase = object
 
 
 class GroupOffloader(Protocol):
@@ -40,7 +45,7 @@ class GroupOffloader(Protocol):
         ...
 
 
-class GroupPlanning:
+class GroupPlanning(_StrategyBase):
     """Mixin for a Lightning strategy that trains a :class:`DiffusionBlocksModule` one group per step.
 
     Args:
@@ -117,7 +122,7 @@ class GroupPlanning:
                 )
             return self.schedule_spec
         if self.schedule_spec == "random":
-            seed = module.hparams.seed if self.seed is None else self.seed
+            seed = module.hparams["seed"] if self.seed is None else self.seed
             return RandomSchedule(module.num_blocks, seed=seed, groups=self.trained_groups(module))
         steps = self.steps_per_phase
         groups = self.trained_groups(module)
@@ -208,4 +213,3 @@ class GroupPlanning:
                 f"Checkpoint {checkpoint_path} is corrupt or truncated ({type(err).__name__}: {err})."
                 f" It was not loaded and nothing was overwritten; resume from an earlier checkpoint.{hint}"
             ) from err
-

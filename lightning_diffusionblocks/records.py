@@ -58,7 +58,7 @@ class RecordsInitArgs:
                     recorded.pop(name, None)
             object.__setattr__(self, "_recorded_init_args", recorded)
 
-        cls.__init__ = __init__  # type: ignore[misc]
+        cls.__init__ = __init__  # type: ignore[method-assign]
 
     @property
     def init_args(self) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 _MASK = (1 << 64) - 1
 
@@ -47,6 +48,10 @@ class Schedule(ABC):
         """How many optimizer steps each trained group gets in ``total_steps`` steps (its LR horizon)."""
         return total_steps / len(self.groups)
 
+    def config(self) -> dict[str, Any]:
+        """The schedule as plain data, for a run's logged hyper-parameters."""
+        return {"name": type(self).__name__, "groups": list(self.groups)}
+
 
 class RandomSchedule(Schedule):
     """The paper's schedule: one group drawn uniformly at random per step, shared by the whole batch."""
@@ -57,6 +62,9 @@ class RandomSchedule(Schedule):
 
     def group_at(self, step: int) -> int:
         return self.groups[step_seed(self.seed, step) % len(self.groups)]
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "seed": self.seed}
 
 
 class SequentialSchedule(Schedule):
@@ -78,3 +86,6 @@ class SequentialSchedule(Schedule):
 
     def expected_steps(self, total_steps: float) -> float:
         return float(self.steps_per_phase)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "steps_per_phase": self.steps_per_phase}

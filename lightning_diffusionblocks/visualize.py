@@ -34,7 +34,7 @@ def save_image_grid(images: Tensor, path: str | Path, rows: int, scale: int = 3)
     grid = image_grid(images, rows)
     img = Image.fromarray(grid)
     if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

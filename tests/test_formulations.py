@@ -444,6 +444,26 @@ def test_ddim_sampler(prediction: str, guidance: float) -> None:
     assert [int(c[1][0]) for c in net.calls] == grid
 
 
+def test_ddim_with_clip_clamps_the_denoised_estimate_at_every_step() -> None:
+    """clip=(lo, hi): x̂₀ ← clamp(x̂₀) at every step and ε̂ ← (z − √ᾱ·x̂₀)/√(1 − ᾱ) before the DDIM step (DDPM's
+    clip_denoised), so the output is inside the range too."""
+    net = FakeNet(lambda x, k, y: 0.3 * x - 0.2)
+    task = bound(DDPM(DDPMSchedule(num_timesteps=10)), net)
+    out = task.sample(router(net, task.noise), num_samples=2, steps=3, seed=5, clip=(-0.5, 0.5))
+    alpha_bar = linear_alpha_bar(10)
+    z = torch.randn(2, 1, 2, 2, generator=gen(5)).double()
+    grid = [9, 4, 0]  # round(linspace(9, 0, 3))
+    for i, k in enumerate(grid):
+        a = alpha_bar[k]
+        x0 = ((z - math.sqrt(1 - a) * (0.3 * z - 0.2)) / math.sqrt(a)).clamp(-0.5, 0.5)
+        eps = (z - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        a_prev = alpha_bar[grid[i + 1]] if i + 1 < len(grid) else 1.0
+        z = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    close(out, z, rtol=1e-4, atol=1e-5)
+    assert float(out.abs().max()) <= 0.5 + 1e-6
+    assert [int(c[1][0]) for c in net.calls] == grid
+
+
 def test_ddim_with_eta_adds_the_papers_noise() -> None:
     """η > 0: x_prev = √ᾱ'x̂₀ + √(1 − ᾱ' − s²)ε̂ + s·ξ, s = η√((1 − ᾱ')/(1 − ᾱ))√(1 − ᾱ/ᾱ')."""
     net = FakeNet(lambda x, k, y: 0.2 * x)

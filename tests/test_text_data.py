@@ -130,6 +130,7 @@ def test_datamodule_batches_shapes_and_dtypes(corpus):
     dm.setup("test")
     test = torch.cat(list(dm.test_dataloader()))
     assert dm.tokenizer.decode(test.flatten()) == dm.test_text[: len(test) * 32]
+    assert torch.equal(torch.cat(list(dm.predict_dataloader())), test)  # trainer.predict: the test windows
 
 
 def test_splits_are_contiguous_deterministic_and_disjoint(corpus):

@@ -2,5 +2,6 @@
 
 from lightning_diffusionblocks.callbacks.memory_monitor import BlockMemoryMonitor
 from lightning_diffusionblocks.callbacks.offload import BlockOffload, OffloadError
+from lightning_diffusionblocks.callbacks.samples import SampleLogger
 
-__all__ = ["BlockMemoryMonitor", "BlockOffload", "OffloadError"]
+__all__ = ["BlockMemoryMonitor", "BlockOffload", "OffloadError", "SampleLogger"]

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_diffusionblocks.dashboard import is_logging_row, log_metrics
 from lightning_diffusionblocks.memory import (
     SavedTensorMeter,
     gradient_bytes,
@@ -58,12 +59,17 @@ class BlockMemoryMonitor(Callback):
     Exact accounting (any device): parameters, gradients and optimizer state resident on the compute
     device, and the bytes autograd saved for backward. Peaks: on CUDA ``max_memory_allocated`` (reset
     at each step, so each group's peak is its own); on the CPU the process's peak RSS (reset at each
-    step on Linux). Logged as ``memory/group_{k}/<kind>_mib``; a table is printed at the end of fit.
+    step on Linux). On every logging row (``log_every_n_steps``) every group measured so far is logged as
+    ``memory/group_{k}/<kind>_mib``, from its own last step (inactive groups keep their last measurement rather
+    than vanishing from the chart); ``groups`` keeps each group's peak over all its steps, printed as a table at the
+    end of fit and added to the per-group table the module logs.
     """
 
     def __init__(self, log: bool = True) -> None:
         self.log = log
         self.groups: dict[str, GroupMemory] = {}
+        #: each group's measurement at its most recent step (what is logged)
+        self.last: dict[str, GroupMemory] = {}
         self._meter: SavedTensorMeter | None = None
         self._step = GroupMemory()
         self._group = "all"
@@ -113,16 +119,16 @@ class BlockMemoryMonitor(Callback):
         else:
             step.peak_rss = peak_rss_bytes()
         self.groups.setdefault(self._group, GroupMemory()).update(step)
-        if self.log and trainer.loggers and trainer._logger_connector.should_update_logs:
+        self.last[self._group] = step
+        if self.log and is_logging_row(trainer):
+            skip = {"steps", "peak_rss" if device.type == "cuda" else "cuda_peak"}
             metrics = {
-                f"memory/group_{self._group}/{f.name}_mib": getattr(step, f.name) / MIB
-                for f in fields(step)
-                if f.name != "steps"
-                and (f.name != "cuda_peak" or device.type == "cuda")
-                and (f.name != "peak_rss" or device.type != "cuda")
+                f"memory/group_{name}/{f.name}_mib": getattr(last, f.name) / MIB
+                for name, last in self.last.items()
+                for f in fields(last)
+                if f.name not in skip
             }
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+            log_metrics(trainer, metrics)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -25,6 +25,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_diffusionblocks.dashboard import is_logging_row, log_metrics
+
 Target = Literal["auto", "cpu", "disk"]
 
 
@@ -373,6 +375,20 @@ class BlockOffload(Callback):
     ) -> None:
         if self.prefetch:
             self._start_prefetch(trainer.strategy.select_group(trainer.global_step))
+        if is_logging_row(trainer):
+            log_metrics(trainer, self.metrics())
+
+    def metrics(self) -> dict[str, float]:
+        """The moves so far, as logged on every logging row: ``offload/seconds`` (time spent moving, excluding
+        prefetches that overlap a step), ``offload/mib_moved``, and the counts ``offload/offloads`` and
+        ``offload/loads``."""
+        stats = self.stats
+        return {
+            "offload/seconds": float(stats["seconds"]),
+            "offload/mib_moved": stats["bytes_moved"] / 2**20,
+            "offload/offloads": float(stats["offloads"]),
+            "offload/loads": float(stats["loads"]),
+        }
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -395,6 +411,8 @@ class BlockOffload(Callback):
             f"BlockOffload: {self.stats['offloads']} offloads, {self.stats['loads']} loads,"
             f" {self.stats['bytes_moved'] / 2**20:.1f} MiB moved in {self.stats['seconds']:.2f} s."
         )
+        if getattr(trainer, "loggers", None):  # the totals, end-of-fit loads included
+            log_metrics(trainer, self.metrics())
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

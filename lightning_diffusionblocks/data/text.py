@@ -352,3 +352,7 @@ class TextDataModule(L.LightningDataModule):
         self.setup()
         assert self.test_set is not None
         return make_loader(self.test_set, self.batch_size, False, 0, self.seed)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test windows: a language-model task's prediction is the per-sequence metrics of each."""
+        return self.test_dataloader()

@@ -290,7 +290,7 @@ class ConditioningAdapter(RecordsInitArgs, StackHooks, nn.Module):
         size = getattr(patch_embed, "img_size", None)
         size = (size, size) if isinstance(size, int) else size
         strict = size is not None and getattr(patch_embed, "strict_img_size", True) and inputs.ndim == 4
-        if strict and tuple(inputs.shape[-2:]) != tuple(size):
+        if strict and size is not None and tuple(inputs.shape[-2:]) != tuple(size):
             raise ValueError(
                 f"Images are {tuple(inputs.shape[-2:])} but the backbone was built for {tuple(size)}."
                 f" Resize the data or create the backbone with img_size={tuple(inputs.shape[-2:])}."

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
 from lightning_diffusionblocks.sampling import euler_step
-from lightning_diffusionblocks.tasks.base import Task
+from lightning_diffusionblocks.tasks.base import Preview, Task
 from lightning_diffusionblocks.tasks.masked_lm import check_language_model, token_batch
 
 Weighting = Literal["per_sample", "batch_mean", "none"]
@@ -92,9 +92,7 @@ class AutoregressiveLM(Task):
         return first, logits
 
     @torch.no_grad()
-    def evaluate_batch(
-        self, router: Router, batch: Any, steps: int | None = None, seed: int = 0
-    ) -> dict[str, Tensor]:
+    def evaluate_batch(self, router: Router, batch: Any, steps: int | None = None, seed: int = 0) -> dict[str, Tensor]:
         """Teacher-forced per-sequence cross-entropy (nats/token) at σ_max and after the ``steps``-step
         chain (default B), and the chain's greedy next-token accuracy. Every position is denoised in parallel."""
         steps = router.num_groups if steps is None else steps
@@ -117,6 +115,29 @@ class AutoregressiveLM(Task):
     def predict_step(self, router: Router, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Per-sequence teacher-forced metrics of a batch of token ids (see :meth:`evaluate_batch`)."""
         return self.evaluate_batch(router, batch, seed=batch_idx)
+
+    def preview(
+        self,
+        router: Router,
+        batch: Any,
+        num_samples: int = 4,
+        prompt_length: int = 16,
+        max_new_tokens: int = 48,
+        steps: int | None = None,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> Preview:
+        """Continuations of the first ``prompt_length`` tokens of ``batch``'s first ``num_samples`` sequences."""
+        tokens = token_batch(batch, self.vocab_size)[:num_samples]
+        limit = tokens.shape[1] if self.context_length is None else min(tokens.shape[1], self.context_length - 1)
+        prompt_length = max(1, min(prompt_length, limit))
+        steps = router.num_groups if steps is None else steps
+        ids = self.generate(
+            router, tokens[:, :prompt_length], max_new_tokens=max_new_tokens, steps=steps, temperature=temperature,
+            seed=seed,
+        )  # fmt: skip
+        caption = f"AutoregressiveLM: prompt of {prompt_length} tokens | {max_new_tokens} generated, {steps} steps each"
+        return Preview(tokens=ids.tolist(), prompt_length=prompt_length, caption=caption)
 
     @torch.no_grad()
     def generate(

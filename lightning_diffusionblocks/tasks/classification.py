@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
 from lightning_diffusionblocks.sampling import euler_step
-from lightning_diffusionblocks.tasks.base import Task
+from lightning_diffusionblocks.tasks.base import Preview, Task
 
 
 class Classification(Task):
@@ -106,6 +106,14 @@ class Classification(Task):
         Each step the owning group gives logits; their expectation softmax(logits)·Ê under the same normalised
         embeddings as in training is the denoised estimate for the Euler step (the classification bridge).
         """
+        return self.probability_chain(router, inputs, steps, seed)[-1][1]
+
+    @torch.no_grad()
+    def probability_chain(
+        self, router: Router, inputs: Tensor, steps: int | None = None, seed: int = 0
+    ) -> list[tuple[float, Tensor]]:
+        """(σ, class probabilities) after each of the ``steps`` σ steps of :meth:`predict_proba` (the last is its
+        answer), to see what each group's step adds."""
         steps = router.num_groups if steps is None else steps
         if steps < 1:
             raise ValueError(f"Prediction needs at least 1 inference step, got steps={steps}.")
@@ -114,20 +122,40 @@ class Classification(Task):
         embeddings = router.at(sigmas[0])(mode="embeddings")
         gen = torch.Generator(device="cpu").manual_seed(seed)
         z = (torch.randn(n, embeddings.shape[1], generator=gen) * sigmas[0]).to(inputs.device)
-        probs = None
+        chain = []
         for i, sigma in enumerate(sigmas):
             run = router.at(sigma)
             sigma_vec = torch.full((n,), sigma, device=inputs.device)
             probs = run(inputs, z, sigma_vec, sigma_data=self.noise.sigma_data).float().softmax(-1)
+            chain.append((sigma, probs))
             if i + 1 < len(sigmas):
                 z = euler_step(z, probs @ run(mode="embeddings").float(), sigma, sigmas[i + 1])
-        assert probs is not None
-        return probs
+        return chain
 
     def validation_metrics(self, router: Router, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         inputs, labels = self.split(batch)
         probs = self.predict_proba(router, inputs, seed=batch_idx)
         return {"acc": (probs.argmax(-1) == labels).float().mean()}
+
+    def preview(self, router: Router, batch: Any, steps: int | None = None, seed: int = 0) -> Preview:
+        """The confusion matrix of ``batch``'s predictions (rows: true class, columns: predicted) and the accuracy
+        after each σ step (``accuracy_step_{i}``; default B steps, one per group)."""
+        inputs, labels = self.split(batch)
+        chain = self.probability_chain(router, inputs, steps, seed)
+        accuracy = [float((probs.argmax(-1) == labels).float().mean()) for _, probs in chain]
+        predicted = chain[-1][1].argmax(-1)
+        matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+        matrix.index_put_((labels.cpu(), predicted.cpu()), torch.ones_like(labels.cpu()), accumulate=True)
+        columns = ["true/predicted", *(str(c) for c in range(self.num_classes))]
+        rows = [[str(c), *matrix[c].tolist()] for c in range(self.num_classes)]
+        sigmas = [sigma for sigma, _ in chain]
+        text = [f"step {i}: sigma {s:.4g}, accuracy {a:.3f}" for i, (s, a) in enumerate(zip(sigmas, accuracy))]
+        return Preview(
+            table=(columns, rows),
+            text=text,
+            scalars={f"accuracy_step_{i}": acc for i, acc in enumerate(accuracy)},
+            caption=f"Classification: {len(labels)} inputs, {len(chain)} sigma steps",
+        )
 
     def predict_step(self, router: Router, batch: Any, batch_idx: int) -> Tensor:
         """Class probabilities of ``inputs`` or ``(inputs, labels)`` batches (labels are not used)."""

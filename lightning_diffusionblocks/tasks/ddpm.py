@@ -8,6 +8,7 @@ training timestep distribution. Its null label, call convention and sample shape
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -64,8 +65,9 @@ class DDPM(ImageGeneration):
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM), got {eta}.")
         if isinstance(loss_bins, bool) or not isinstance(loss_bins, int) or not 0 <= loss_bins <= noise.num_timesteps:
             raise ValueError(f"loss_bins must be an integer in [0, {noise.num_timesteps}], got {loss_bins!r}.")
-        super().__init__(label_dropout=label_dropout, noise=noise, null_label=null_label)
-        self.noise: DDPMSchedule = noise
+        # a DDPMSchedule answers what a task asks of its noise levels (duck-typed like NoiseSchedule), in timesteps
+        super().__init__(label_dropout=label_dropout, noise=noise, null_label=null_label)  # type: ignore[arg-type]
+        self.noise: DDPMSchedule = noise  # type: ignore[assignment]
         self.prediction = prediction
         self.eta = eta
         self.loss_bins = loss_bins
@@ -133,7 +135,9 @@ class DDPM(ImageGeneration):
     ) -> Tensor:
         """Generate with DDIM over ``steps`` timesteps (1 ≤ steps ≤ T), each call served by the group owning its
         timestep; the last step returns x̂₀. Arguments as :meth:`ImageGeneration.sample`; ``guidance`` > 1 mixes
-        conditional and null-label outputs, u + g·(c − u)."""
+        conditional and null-label outputs, u + g·(c − u). ``clip`` clamps x̂₀ at *every* step, with ε̂ recomputed
+        from the clamped x̂₀ (DDPM's ``clip_denoised``): an ε-prediction's error is multiplied by 1/√ᾱ in x̂₀ at
+        high noise (×156 at the linear schedule's last timestep), and the clamp keeps it from compounding."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")
         labels, num_samples, shape = self.sampling_inputs(router, labels, num_samples, guidance, shape)
@@ -146,6 +150,9 @@ class DDPM(ImageGeneration):
             predict = partial(self.predict, router.at(float(k)))
             out = classifier_free_guidance(predict, z, k_vec, labels, self.null_label, guidance)
             eps, x0 = eps_and_x0(self.prediction, out, z, torch.tensor(alpha_bar[k]))
+            if clip is not False:
+                x0 = self._clip(x0, clip)
+                eps = (z - math.sqrt(alpha_bar[k]) * x0) / math.sqrt(1 - alpha_bar[k])
             prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
             noise = torch.randn(z.shape, generator=gen).to(z) if self.eta > 0 and prev < 1.0 else None
             z = ddim_step(x0, eps, alpha_bar[k], prev, self.eta, noise)

@@ -84,8 +84,9 @@ class FlowMatching(ImageGeneration):
             raise ValueError(f"time_scale must be positive, got {time_scale}.")
         if isinstance(loss_bins, bool) or not isinstance(loss_bins, int) or loss_bins < 0:
             raise ValueError(f"loss_bins must be a non-negative integer, got {loss_bins!r}.")
-        super().__init__(label_dropout=label_dropout, noise=noise, null_label=null_label)
-        self.noise: FlowSchedule = noise
+        # a FlowSchedule answers what a task asks of its noise levels (duck-typed like NoiseSchedule), in t
+        super().__init__(label_dropout=label_dropout, noise=noise, null_label=null_label)  # type: ignore[arg-type]
+        self.noise: FlowSchedule = noise  # type: ignore[assignment]
         self.prediction = prediction
         self.time_scale = time_scale
         self.reverse_time = reverse_time

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
 from lightning_diffusionblocks.sampling import classifier_free_guidance, euler_sample
-from lightning_diffusionblocks.tasks.base import Task
+from lightning_diffusionblocks.tasks.base import Preview, Task
 
 EXPECTED_SIGNATURE = "forward(x, c_noise, labels=None)"
 #: how ImageGeneration calls the network, quoted when a signature is refused
@@ -280,7 +280,7 @@ class ImageGeneration(Task):
         device = router.device
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long, device=device).view(-1)
-            num_samples = labels.shape[0]
+            num_samples = len(labels)
             if not self.convention.takes_labels:
                 raise ValueError("The network takes no labels; call sample(num_samples=...) without labels.")
         elif guidance != 1.0:
@@ -319,6 +319,34 @@ class ImageGeneration(Task):
                 f" ({_describe(batch)}); images in a predict batch would be ignored, so they are refused."
             )
         return self.sample(router, labels=labels, seed=batch_idx)
+
+    def preview(
+        self,
+        router: Router,
+        batch: Any,
+        per_row: int = 8,
+        max_rows: int = 10,
+        steps: int = 32,
+        guidance: float = 1.0,
+        seed: int = 0,
+    ) -> Preview:
+        """A grid of samples, one row per class seen in ``batch`` (at most ``max_rows``), ``per_row`` each; without
+        labels (unlabelled data or a network that takes none) ``max_rows`` rows of unconditional samples. The noise is
+        the same at every call (``seed``), so successive previews show the model changing, not the noise."""
+        _, labels = self.split(batch)
+        classes: list[int] = []
+        if labels is not None and self.convention.takes_labels:
+            classes = [c for c in sorted(set(labels.view(-1).tolist())) if c != self.null_label][:max_rows]
+        if classes:
+            grid_labels = torch.tensor(classes).repeat_interleave(per_row)
+            images = self.sample(router, labels=grid_labels, steps=steps, guidance=guidance, seed=seed)
+            rows, what = len(classes), f"one row per class ({', '.join(map(str, classes))}), guidance {guidance}"
+        else:
+            images = self.sample(router, num_samples=max_rows * per_row, steps=steps, seed=seed)
+            rows, what = max_rows, "unconditional samples"
+        value_range = (self.data_range[0], self.data_range[1]) if self.data_range else (-1.0, 1.0)
+        caption = f"{type(self).__name__}: {what}, {steps} sampling steps"
+        return Preview(images=images.detach().cpu(), rows=rows, value_range=value_range, caption=caption)
 
 
 def _describe(batch: Any) -> str:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_diffusionblocks.masking import LINEAR_MASKING, MaskingSchedule
 from lightning_diffusionblocks.routing import Router, Runner
-from lightning_diffusionblocks.tasks.base import Task
+from lightning_diffusionblocks.tasks.base import Preview, Task
 
 
 def token_batch(batch: Any, vocab_size: int) -> Tensor:
@@ -59,6 +59,7 @@ class MaskedLM(Task):
 
     def __init__(self, vocab_size: int, noise: MaskingSchedule = LINEAR_MASKING) -> None:
         super().__init__(noise)  # type: ignore[arg-type]
+        self.noise: MaskingSchedule = noise  # type: ignore[assignment]  # masking times, duck-typed like NoiseSchedule
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
         self.vocab_size = vocab_size
@@ -119,6 +120,27 @@ class MaskedLM(Task):
     def predict_step(self, router: Router, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Per-sequence ELBO metrics of a batch of token ids (see :meth:`evaluate_batch`)."""
         return self.evaluate_batch(router, batch, seed=batch_idx)
+
+    def preview(
+        self,
+        router: Router,
+        batch: Any,
+        num_samples: int = 4,
+        length: int | None = None,
+        steps: int | None = None,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> Preview:
+        """``num_samples`` unconditional sequences as long as ``batch``'s (or ``length``), by ancestral unmasking."""
+        length = token_batch(batch, self.vocab_size).shape[1] if length is None else length
+        if self.context_length is not None:
+            length = min(length, self.context_length)
+        steps = 4 * router.num_groups if steps is None else steps
+        ids = self.generate(
+            router, num_samples=num_samples, length=length, steps=steps, temperature=temperature, seed=seed
+        )
+        caption = f"MaskedLM: unconditional samples, {length} tokens, {steps} unmasking steps"
+        return Preview(tokens=ids.tolist(), caption=caption)
 
     @torch.no_grad()
     def generate(

@@ -1,0 +1,182 @@
+"""`SampleLogger`: what the model does now (samples, generated text, a confusion matrix), shown on every logger.
+
+The callback knows no task: it asks the module's task for a :class:`~lightning_diffusionblocks.tasks.base.Preview`
+(:meth:`Task.preview`) and renders whichever parts it holds: images as a grid, token ids as decoded lines, a table,
+scalars as metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_diffusionblocks.dashboard import log_image, log_metrics, log_table, log_text, logging_step
+from lightning_diffusionblocks.tasks.base import Preview
+from lightning_diffusionblocks.visualize import image_grid
+
+Decode = Callable[[list[int]], str]
+
+
+class SampleLogger(Callback):
+    """Every ``every_n_steps`` optimizer steps, and when training ends, log the task's preview of the model.
+
+    What is shown is the task's choice (:meth:`Task.preview`): a class-conditional sample grid for image generation
+    (``ImageGeneration``, ``FlowMatching``, ``DDPM``), generated lines for language models (``MaskedLM``,
+    ``AutoregressiveLM``: continuations of prompts taken from the data), a confusion matrix and the accuracy after each
+    σ step for ``Classification``. Images go to ``WandbLogger.log_image`` / TensorBoard ``add_image``, text to
+    ``log_text`` / ``add_text``, tables to a ``wandb.Table`` / TensorBoard text; loggers that take none of these (CSV,
+    others) get PNG, text and CSV files under ``samples/`` in their folder, and a run without a logger gets them in
+    ``dirpath``. Keys start with ``key`` (``samples/images``, ``samples/text``, ``samples/table``,
+    ``samples/<scalar>``), at the logging step of the batch that triggered them.
+
+    Args:
+        every_n_steps: optimizer steps between previews (0: only at the end of training).
+        batch: the data a preview draws on (class labels, prompts, inputs to classify); default the first training
+            batch of the fit. The same batch and the same noise are used every time, so previews are comparable.
+        decode: token ids → text for language models; default the datamodule's ``tokenizer.decode`` if it has one,
+            else the ids themselves.
+        dirpath: where files go when the Trainer has no logger (default ``<default_root_dir>/samples``).
+        key: prefix of the logged keys.
+        at_end: also preview when training ends.
+        options, **kwargs: passed to the task's ``preview`` (e.g. ``steps=50, guidance=2.0, per_row=10`` for images,
+            ``num_samples=8, max_new_tokens=64`` for language models, ``steps=`` for classification); ``options``
+            is the same as a dict, for configuration files (LightningCLI: ``init_args: {options: {steps: 50}}``).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        batch: Any = None,
+        decode: Decode | None = None,
+        dirpath: str | os.PathLike | None = None,
+        key: str = "samples",
+        at_end: bool = True,
+        options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be an integer >= 0 (0: only at the end), got {every_n_steps!r}.")
+        self.every_n_steps = every_n_steps
+        self.batch = batch
+        self.decode = decode
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.key = key
+        self.at_end = at_end
+        self.options = {**(options or {}), **kwargs}
+        #: the last preview and the files written so far (for scripts and tests)
+        self.last: Preview | None = None
+        self.files: list[Path] = []
+        self._batch: Any = None
+        self._shown_at: int | None = None
+        self._warned = False
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_diffusionblocks.module import DiffusionBlocksModule
+
+        if not isinstance(pl_module, DiffusionBlocksModule):
+            raise MisconfigurationException(
+                f"SampleLogger shows the preview of a DiffusionBlocksModule's task, got {type(pl_module).__name__}."
+                " Remove the callback or train a DiffusionBlocksModule."
+            )
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "samples"
+        self._batch = None if self.batch is None else _to_cpu(self.batch)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._batch is None:
+            self._batch = _to_cpu(batch)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step  # optimizer steps: several micro-batches of one accumulated step preview once
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._shown_at:
+            self.show(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_end and self._batch is not None and trainer.global_step != self._shown_at:
+            self.show(trainer, pl_module)
+
+    def show(self, trainer: pl.Trainer, pl_module: Any) -> Preview | None:
+        """Ask the task for a preview of the model now and send it to every logger (call it on every process)."""
+        self._shown_at = trainer.global_step
+        strategy = trainer.strategy
+        gather = getattr(strategy, "gather_groups", None)
+        if trainer.world_size > 1 and callable(gather):
+            gather()  # block parallel: every group's current weights, on every process (a collective)
+        if not trainer.is_global_zero:
+            return None
+        offloader = getattr(strategy, "offloader", None)
+        exposed = offloader.expose_for_checkpoint() if offloader is not None else []  # every group in memory
+        try:
+            batch = move_data_to_device(self._batch, pl_module.device)
+            with pl_module.evaluating() as router:
+                preview = pl_module.task.preview(router, batch, **self.options)
+        finally:
+            if offloader is not None:
+                for group in exposed:
+                    offloader.offload(group)
+        if preview is None:
+            if not self._warned:
+                rank_zero_warn(f"{type(pl_module.task).__name__} offers no preview; SampleLogger logs nothing.")
+                self._warned = True
+            return None
+        self.last = preview
+        self.files += self.render(trainer, preview)
+        return preview
+
+    def render(self, trainer: pl.Trainer, preview: Preview) -> list[Path]:
+        """Send each part of ``preview`` to every logger (files where a logger takes no images or text)."""
+        step, key, directory = logging_step(trainer), self.key, self.dirpath
+        files: list[Path] = []
+        if preview.images is not None:
+            grid = image_grid(preview.images, preview.rows, value_range=preview.value_range)
+            files += log_image(trainer, f"{key}/images", grid, preview.caption, step, directory)
+        lines = [self._line(trainer, ids, preview.prompt_length) for ids in preview.tokens or []]
+        lines += preview.text or []
+        if lines:
+            files += log_text(trainer, f"{key}/text", [preview.caption, *lines], step, directory)
+        if preview.table is not None:
+            columns, rows = preview.table
+            name = f"samples/{key.replace('/', '_')}_table_step{step}"
+            files += log_table(trainer, f"{key}/table", columns, rows, step, name=name, directory=directory)
+        if preview.scalars:
+            log_metrics(trainer, {f"{key}/{name}": value for name, value in preview.scalars.items()}, step)
+        return files
+
+    def _line(self, trainer: pl.Trainer, ids: list[int], prompt_length: int) -> str:
+        decode = self._decoder(trainer)
+        if prompt_length:
+            return f"{decode(ids[:prompt_length])} | {decode(ids[prompt_length:])}"
+        return decode(ids)
+
+    def _decoder(self, trainer: pl.Trainer) -> Decode:
+        if self.decode is not None:
+            return self.decode
+        datamodule = getattr(trainer, "datamodule", None)
+        decode = getattr(getattr(datamodule, "tokenizer", None), "decode", None)
+        if callable(decode):
+            return decode
+        return lambda ids: " ".join(str(i) for i in ids)
+
+
+def _to_cpu(batch: Any) -> Any:
+    """A detached CPU copy of a batch (kept across steps; the training batch itself is reused by loaders)."""
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().cpu().clone())
