@@ -14,7 +14,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_diffusionblocks as ldb
 
 os.environ.setdefault("WANDB_MODE", "offline")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain nothing from several threads, and the subprocess tests run 2–4 processes at once: one thread
+# each (inherited by those processes) keeps them from spinning against each other (10× slower steps were seen).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def tiny_dit(depth: int = 6, dim: int = 32, num_classes: int = 10) -> ldb.models.DiT:
