@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from statistics import NormalDist
 from typing import Any
 
@@ -26,7 +27,10 @@ import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.masking import MaskingSchedule
 from lightning_diffusionblocks.noise import NoiseSchedule
 from lightning_diffusionblocks.sampling import classifier_free_guidance, ddim_step, euler_sample, flow_euler_step
-from lightning_diffusionblocks.tasks import AutoregressiveLM, Classification, ImageGeneration, MaskedLM
+from lightning_diffusionblocks.tasks import AutoregressiveLM, Classification, FlowMatching, ImageGeneration, MaskedLM
+from lightning_diffusionblocks.tasks.base import Task
+from lightning_diffusionblocks.tasks.flow_matching import EXPECTED_CALL as FLOW_CALL
+from lightning_diffusionblocks.tasks.image_generation import EXPECTED_CALL, CallConvention
 
 P_MEAN, P_STD, SIGMA_MIN, SIGMA_MAX, SIGMA_DATA = -1.2, 1.2, 0.002, 80.0, 0.5
 T_MIN = 1e-4  # MaskingSchedule's default lower end of t (keeps the 1/t weight finite)
@@ -1189,3 +1193,334 @@ def test_unlabelled_sampling_of_a_conditional_network_feeds_the_null_label() -> 
         assert call["labels"] is not None
         assert call["labels"].tolist() == [module.task.null_label] * 3
         assert not 0 <= module.task.null_label < net.num_classes
+
+
+# ---------------------------------------------------------------------------- second mutmut pass: exact draws
+
+
+def test_masking_keeps_a_token_whose_draw_equals_t() -> None:
+    """MDM forward process, exactly: a token is masked iff its uniform draw u < t (Bernoulli(t) by inverse CDF,
+    P(masked) = t on the float32 grid of draws), so a token whose draw equals t stays visible."""
+    vocab, n, length = 5, 3, 64
+    tokens = torch.randint(0, vocab, (n, length), generator=gen(0))
+    u = torch.rand(n, length, generator=gen(1))  # the masking draws: the generator's first
+    rows, hits = torch.arange(n), torch.tensor([5, 17, 40])
+    t = u[rows, hits]  # each sequence's t is one of its own draws
+    run = Recorder(torch.zeros(n, length, vocab))
+    task = MaskedLM(vocab)
+    task.loss(run, tokens, t, gen(1))
+    masked = run.calls[0][0][0] == task.mask_id
+    assert torch.equal(masked, u < t.view(-1, 1))
+    assert not bool(masked[rows, hits].any())
+
+
+def test_label_dropout_keeps_a_label_whose_draw_equals_p() -> None:
+    """CFG training, exactly: a label becomes the null label iff its uniform draw u < p (Bernoulli(p) by inverse
+    CDF, P(dropped) = p), so a label whose draw equals p is kept."""
+    n = 64
+    labels = torch.arange(n) % 4
+    u = torch.rand(n, generator=gen(2))  # the dropout draws: the generator's first
+    p = float(u[10])
+    task = ImageGeneration(label_dropout=p)
+    run = Recorder(torch.zeros(n, 1, 1, 1))
+    task.loss(run, (torch.zeros(n, 1, 1, 1), labels), torch.ones(n), gen(2))
+    seen = labels_in_call(*run.calls[0])
+    assert seen is not None
+    assert torch.equal(seen, torch.where(u < p, torch.full_like(labels, task.null_label), labels))
+    assert int(seen[10]) == int(labels[10])
+    assert 0 < int((seen != labels).sum()) < n
+
+
+# ---------------------------------------------------------------------------- second mutmut pass: arguments
+
+
+class Declares(nn.Module):
+    """A network that only declares attributes (objective, vocab_size, context_length, num_classes, ...)."""
+
+    def __init__(self, **declared: Any) -> None:
+        super().__init__()
+        for name, value in declared.items():
+            setattr(self, name, value)
+
+    def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+        return x
+
+
+class Table(nn.Module):
+    """``net(mode="embeddings")`` returns ``table``, or fails when there is none."""
+
+    def __init__(self, table: Tensor | None) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, mode: str = "logits") -> Tensor:
+        if self.table is None:
+            raise RuntimeError("no table")
+        return self.table
+
+
+def test_task_arguments_and_defaults_are_checked() -> None:
+    """Tasks refuse < 2 classes or tokens, label dropout outside [0, 1), a non-integer null label and an unknown
+    weighting; the smallest legal values pass. The null label is the given one, else the network's, else −1."""
+    assert Classification(2).num_classes == MaskedLM(2).vocab_size == AutoregressiveLM(2).vocab_size == 2
+    with pytest.raises(ValueError, match=r"^num_classes must be >= 2, got 1\.$"):
+        Classification(1)
+    for language_task in (MaskedLM, AutoregressiveLM):
+        with pytest.raises(ValueError, match=r"^vocab_size must be >= 2, got 1\.$"):
+            language_task(1)
+        assert language_task(3).context_length is None
+    with pytest.raises(ValueError, match=r"^weighting must be 'per_sample', 'batch_mean' or 'none', got 'mean'\.$"):
+        AutoregressiveLM(4, weighting="mean")  # type: ignore[arg-type]
+    for p in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^label_dropout must be in \[0, 1\), got {p}\.$"):
+            ImageGeneration(label_dropout=p)
+    with pytest.raises(ValueError, match=r"^null_label must be an integer label id, got 2\.5\.$"):
+        ImageGeneration(null_label=2.5)  # type: ignore[arg-type]
+    fresh = ImageGeneration()
+    assert (fresh.null_label, fresh.sample_shape) == (-1, None)
+    explicit = ImageGeneration(null_label=7)
+    assert explicit.null_label == 7
+    explicit.bind(Declares(num_classes=4))
+    assert explicit.null_label == 7  # given: kept
+    fresh.bind(Declares(num_classes=4))
+    assert fresh.null_label == 4  # declared by the network: the extra row of num_classes + 1
+    undeclared = ImageGeneration()
+    undeclared.bind(Declares())
+    assert undeclared.null_label == -1
+
+
+def test_language_tasks_check_the_network_they_bind() -> None:
+    """MaskedLM and AutoregressiveLM refuse a network of the other objective or another vocabulary, and read its
+    context length (None when it declares none)."""
+    cases = ((MaskedLM(5), "masked", "autoregressive"), (AutoregressiveLM(5), "autoregressive", "masked"))
+    for task, objective, other in cases:
+        wrong = rf"^The network was built with objective='{other}' but the task trains objective='{objective}';"
+        with pytest.raises(ValueError, match=wrong + rf" build it with objective='{objective}'\.$"):
+            task.bind(Declares(objective=other))
+        with pytest.raises(
+            ValueError, match=r"^The network reads out 6 tokens but the task has vocab_size=5; use one\.$"
+        ):
+            task.bind(Declares(vocab_size=6))
+        task.bind(Declares(objective=objective, vocab_size=5, context_length=9))
+        assert task.context_length == 9
+        task.bind(Declares())
+        assert task.context_length is None
+
+
+def test_token_batches_are_checked() -> None:
+    """Language-model batches are (N, L) int64/int32 ids in [0, vocab_size); anything else is refused, by shape."""
+    task = MaskedLM(5)
+    assert task.batch_size(torch.zeros(3, 4, dtype=torch.int32)) == 3
+    cases = ((torch.zeros(3, 4), r"\(3, 4\)"), (torch.zeros(4, dtype=torch.long), r"\(4,\)"), ([[1, 2]], "list"))
+    for bad, shown in cases:
+        with pytest.raises(
+            ValueError, match=rf"^Language-model batches must be \(N, L\) integer token ids, got {shown}\.$"
+        ):
+            task.batch_size(bad)
+    with pytest.raises(
+        ValueError,
+        match=r"^Token ids must be in \[0, 5\); the batch has ids in \[0, 5\]\. Build the task and the model with"
+        r" the tokenizer's vocab_size\.$",
+    ):
+        task.batch_size(torch.tensor([[0, 5]]))
+
+
+def test_classification_checks_its_batches_and_network() -> None:
+    """Classification batches are (inputs, 1-D integer labels in [0, C)); its network must give a (C, dim) table;
+    predict batches hold inputs, not labels."""
+    task = Classification(3)
+    inputs = torch.zeros(4, 2)
+    assert task.batch_size((inputs, torch.tensor([0, 1, 2, 0]))) == 4
+    with pytest.raises(ValueError, match=r"^Classification expects batches of `\(inputs, labels\)`\.$"):
+        task.batch_size((inputs, torch.zeros(4, dtype=torch.long), inputs))
+    with pytest.raises(
+        ValueError, match=r"^Labels must be a 1-D integer tensor, got torch\.float32 of shape \(4,\)\.$"
+    ):
+        task.batch_size((inputs, torch.zeros(4)))
+    with pytest.raises(
+        ValueError,
+        match=r"^Labels must be in \[0, 3\); got \[3, 3, 3, 3, 3\]\. Check num_classes or the data set's label"
+        r" mapping\.$",
+    ):
+        task.batch_size((torch.zeros(6, 2), torch.full((6,), 3)))
+    with pytest.raises(
+        ValueError,
+        match=r"^Classification needs a network .*; Table does not \(RuntimeError: no table\)\. Wrap a plain"
+        r" backbone: ConditioningAdapter\(backbone, num_classes=3\)\. An image denoiser \(e\.g\. DiT\) belongs"
+        r" to ImageGeneration\.$",
+    ):
+        task.bind(Table(None))
+    with pytest.raises(ValueError, match=r"^Table\(mode='embeddings'\) must return a \(classes, dim\) tensor\.$"):
+        task.bind(Table(torch.zeros(3)))
+    with pytest.raises(
+        ValueError,
+        match=r"^The network embeds 4 classes but Classification\(num_classes=3\)\. Build both with the data set's"
+        r" number of classes\.$",
+    ):
+        task.bind(Table(torch.zeros(4, 2)))
+    task.bind(Table(torch.zeros(3, 2)))
+    router: Any = None  # refused before any network call
+    with pytest.raises(
+        ValueError, match=r"^Classification's predict_step takes batches of `inputs` or `\(inputs, labels\)`\.$"
+    ):
+        task.predict_step(router, [1, 2], 0)
+    with pytest.raises(
+        ValueError,
+        match=r"^Classification's predict_step got an integer tensor of shape \(4,\): a predict batch holds the"
+        r" inputs to classify \(e\.g\. images\), not labels\.$",
+    ):
+        task.predict_step(router, torch.zeros(4, dtype=torch.long), 0)
+
+
+def test_tasks_name_what_they_do_not_offer() -> None:
+    """A task without a prediction refuses trainer.predict; a public call a task does not answer names what it
+    offers."""
+
+    class Bare(Task):
+        def batch_size(self, batch: Any) -> int:
+            return 0
+
+        def loss(self, run: Any, batch: Any, sigma: Tensor, generator: torch.Generator) -> Tensor:
+            return sigma
+
+    router: Any = None
+    with pytest.raises(TypeError, match=r"^Bare has no prediction; trainer\.predict cannot run it\.$"):
+        Bare().predict_step(router, None, 0)
+    assert str(Bare().unsupported("sample")) == "sample() is not offered by the Bare task (it offers: none)."
+    offers = "(it offers: evaluate_batch(), generate())."
+    assert str(MaskedLM(3).unsupported("sample")) == f"sample() is not offered by the MaskedLM task {offers}"
+
+
+def test_image_prediction_samples_one_image_per_label_seeded_by_the_batch_index() -> None:
+    """ImageGeneration's predict_step is sample(labels=batch, seed=batch index) for a 1-D label tensor (or a
+    1-tuple of one); anything else is refused and described."""
+    module = ldb.DiffusionBlocksModule(FakeDenoiser(), ImageGeneration(), num_blocks=3)
+    task, router = module.task, module.router()
+    task.sample_shape = [1, 2, 2]
+    labels = torch.tensor([0, 3, 1])
+    expected = task.sample(router, labels=labels, steps=50, seed=4)
+    assert not torch.equal(expected, task.sample(router, labels=labels, steps=50, seed=0))
+    for batch in (labels, (labels,), [labels]):
+        close(task.predict_step(router, batch, 4), expected, rtol=0.0, atol=0.0)
+    described = (
+        (torch.zeros(3, 1, 2, 2), r"a torch\.float32 tensor of shape \(3, 1, 2, 2\)"),
+        (labels.float(), r"a torch\.float32 tensor of shape \(3,\)"),
+        ((labels, labels), "a tuple of 2 items"),
+        ("abc", "str"),
+    )
+    for batch, description in described:
+        with pytest.raises(
+            ValueError,
+            match=r"^ImageGeneration's predict_step draws one sample per label, so a predict batch must be a 1-D"
+            r" tensor of class ids \(e\.g\. DataLoader\(TensorDataset\(labels\)\)\)\. This batch holds something"
+            rf" else \({description}\); images in a predict batch would be ignored, so they are refused\.$",
+        ):
+            task.predict_step(router, batch, 0)
+
+
+class NoNoiseLevel(nn.Module):
+    """forward(x) only: no slot for the noise level."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class Unconditional(nn.Module):
+    """forward(x, c_noise): no labels."""
+
+    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        return x
+
+
+class NoPositional(nn.Module):
+    """forward(*, x): no positional slot for the noisy input."""
+
+    def forward(self, *, x: Tensor) -> Tensor:
+        return x
+
+
+class NeedsMore(nn.Module):
+    """forward(x, c_noise, labels, scale): a fourth argument without a default."""
+
+    def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor, scale: float) -> Tensor:
+        return x
+
+
+def test_image_generation_refuses_what_it_cannot_train_or_sample() -> None:
+    """ImageGeneration's batches are `images` or `(images, labels)`; sample() needs labels or a count, labels only for
+    a conditional network, labels for guidance, a known shape and, for clip=True, a seen data range; a network
+    without a noise-level slot is refused quoting the task's own call (FlowMatching's for FlowMatching)."""
+    task = ImageGeneration()
+    images = torch.zeros(5, 1, 2, 2)
+    assert task.batch_size(images) == task.batch_size((images, torch.zeros(5, dtype=torch.long))) == 5
+    for batch, shown in (((images, images, images), "tuple of length 3"), (3.5, r"float of length \?")):
+        with pytest.raises(
+            ValueError, match=rf"^ImageGeneration expects batches of `images` or `\(images, labels\)`, got {shown}\.$"
+        ):
+            task.split(batch)
+    module = ldb.DiffusionBlocksModule(FakeDenoiser(), task, num_blocks=3)
+    router = module.router()
+    labels, count, shape = task.sampling_inputs(router, [1, 2], None, 1.0, (1, 2, 2))
+    assert labels is not None
+    assert (labels.dtype, labels.tolist(), count, list(shape)) == (torch.long, [1, 2], 2, [1, 2, 2])
+    int32 = task.sampling_inputs(router, torch.tensor([3, 0], dtype=torch.int32), None, 1.0, (1, 2, 2))[0]
+    assert int32 is not None
+    assert int32.dtype == torch.long
+    refusals = (
+        (([1, 2], None, 1.0, None), r"The sample shape is unknown: the network has no `channels`/`image_size`-style"
+         r" attributes and no training batch was seen\. Pass shape=\(C, H, W\)\."),
+        ((None, None, 1.0, (1, 2, 2)), r"Pass `labels` or `num_samples` to sample\(\)\."),
+        ((None, 3, 2.0, (1, 2, 2)), r"Classifier-free guidance needs `labels`; pass labels or guidance=1\.0\."),
+    )  # fmt: skip
+    for arguments, message in refusals:
+        with pytest.raises(ValueError, match=rf"^{message}$"):
+            task.sampling_inputs(router, *arguments)
+    unconditional = ImageGeneration()
+    unconditional.bind(Unconditional())
+    with pytest.raises(
+        ValueError, match=r"^The network takes no labels; call sample\(num_samples=\.\.\.\) without labels\.$"
+    ):
+        unconditional.sampling_inputs(router, [1], None, 1.0, (1, 2, 2))
+    x = torch.linspace(-2.0, 2.0, 9)
+    assert task._clip(x, False) is x
+    with pytest.raises(
+        ValueError,
+        match=r"^clip=True clamps to the training data's range, but none was seen; pass clip=\(lo, hi\)$",
+    ):
+        task._clip(x, True)
+    task.data_range = [-0.5, 1.0]
+    close(task._clip(x, True), x.clamp(-0.5, 1.0), rtol=0.0, atol=0.0)
+    close(task._clip(x, (-1.0, 0.25)), x.clamp(-1.0, 0.25), rtol=0.0, atol=0.0)
+    for refusing, call in ((ImageGeneration(), EXPECTED_CALL), (FlowMatching(), FLOW_CALL)):
+        with pytest.raises(ValueError, match=rf"takes no noise level\. {re.escape(call)}; the noise level and the"):
+            refusing.bind(NoNoiseLevel())
+    refused = (
+        (NoPositional, r"takes no positional input for the noisy image"),
+        (NeedsMore, r"requires further arguments \['scale'\]"),
+    )
+    for network, why in refused:
+        with pytest.raises(
+            ValueError,
+            match=rf"^{network.__name__}\.forward\(.* {why}\. {re.escape(EXPECTED_CALL)}; the noise level and the"
+            r" labels may also be keyword-only arguments\.$",
+        ):
+            ImageGeneration().bind(network())
+
+
+def test_call_convention_passes_the_noise_level_and_labels() -> None:
+    """CallConvention.call passes the network input, then c_noise and the labels positionally or by the keywords the
+    network's forward names; a network without labels gets none, and labelled batches are refused for it."""
+    x, c_noise, labels = torch.zeros(2, 1), torch.ones(2), torch.tensor([1, 0])
+    run = Recorder(torch.zeros(2, 1))
+    CallConvention(takes_labels=False).call(run, x, c_noise, None)
+    CallConvention("sigma", "y").call(run, x, c_noise, labels)
+    (plain, plain_kw), (keyed, keyed_kw) = run.calls
+    assert (len(plain), plain_kw, len(keyed), sorted(keyed_kw)) == (2, {}, 1, ["sigma", "y"])
+    assert keyed_kw["sigma"] is c_noise
+    assert keyed_kw["y"] is labels
+    with pytest.raises(
+        ValueError,
+        match=r"^The batches carry labels but the network's forward takes none; use an unconditional data set or give"
+        r" the network a labels argument \(forward\(x, c_noise, labels=None\)\)\.$",
+    ):
+        CallConvention(takes_labels=False).call(run, x, c_noise, labels)
