@@ -134,7 +134,12 @@ def load_generator(out: Path) -> tuple[ldb.DiffusionBlocksModule, dict]:
     m = summary.get("model", DEMO_MODEL)  # runs made before the demo recorded its model used its defaults
     net = ldb.models.DiT(image_size=28, channels=1, patch=m["patch"], dim=m["dim"], depth=m["depth"], heads=m["heads"],
                          noise_scale=m.get("noise_scale", 100.0))  # fmt: skip
-    task = GENERATION_TASKS[summary.get("formulation", "edm")]()
+    formulation = summary.get("formulation", "edm")
+    if formulation == "ddpm":  # its output and β schedule as trained (runs before these options: ε, linear)
+        schedule = ldb.DDPMSchedule(beta_schedule=summary.get("beta_schedule", "linear"))
+        task = ldb.tasks.DDPM(noise=schedule, prediction=summary.get("prediction", "epsilon"))
+    else:
+        task = GENERATION_TASKS[formulation]()
     module = ldb.DiffusionBlocksModule.load_from_checkpoint(out / "model.ckpt", net=net, task=task, map_location="cpu")
     return module.eval(), summary
 
@@ -247,10 +252,14 @@ def generation(args: argparse.Namespace) -> dict:
         return report
     base = ["--data-dir", str(mnist), "--sample-steps", "4", "--per-class", "1", "--formulation", args.formulation,
             "--accelerator", args.accelerator]  # fmt: skip
+    if args.formulation == "ddpm":
+        base += ["--prediction", args.prediction, "--beta-schedule", args.beta_schedule]
     if args.quick:
         base += ["--dim", "32", "--depth", "3", "--heads", "2", "--batch-size", "16"]
     jobs, runs = [], []
     suffix = "" if args.formulation == "edm" else f"_{args.formulation}"
+    if args.formulation == "ddpm" and (args.prediction, args.beta_schedule) != ("epsilon", "linear"):
+        suffix += f"_{args.prediction}_{args.beta_schedule}"
     for seed in args.seeds:
         for strategy in ("diffusionblocks", "auto"):
             out = Path(args.workdir) / f"gen_{strategy}{suffix}{f'_seed{seed}' if seed else ''}"
@@ -290,7 +299,8 @@ def text(args: argparse.Namespace, objective: str) -> dict:
             extra += ["--depth", "4", "--new-chars", "8", "--prompt-chars", "8"]
     else:
         extra = [*TEXT_SETTINGS[objective], *extra]
-    run_example(script, "--strategy", "both", "--steps", str(args.text_steps[objective]), "--json", str(out), *extra)
+    strategy = "all" if objective == "autoregressive" else "both"  # all: + the plain next-token LM
+    run_example(script, "--strategy", strategy, "--steps", str(args.text_steps[objective]), "--json", str(out), *extra)
     return json.loads(out.read_text())
 
 
@@ -305,9 +315,11 @@ def table_text(result: dict) -> str:
                  " | sample judge bits/char ↓ | words valid ↑ |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         key = "bits_per_char_chain"
     for name, r in rows.items():
-        label = "DiffusionBlocks" if name == "diffusionblocks" else "end-to-end"
+        label = {"diffusionblocks": "DiffusionBlocks", "auto": "end-to-end", "plain": "plain next-token (CE)"}[name]
         if objective == "masked":
             middle = f"{r['bits_per_token']:.4f}"
+        elif name == "plain":  # a true likelihood over the same positions; no σ_max column
+            middle = f"— | {r['bits_per_char']:.4f} | {r['accuracy']:.3f}"
         else:
             middle = f"{r['bits_per_char_sigma_max']:.4f} | {r['bits_per_char_chain']:.4f} | {r['accuracy_chain']:.3f}"
         lines.append(f"| {label} | {r['steps']} | {r['layer_evaluations']} | {middle} |"
@@ -315,6 +327,9 @@ def table_text(result: dict) -> str:
     if {"diffusionblocks", "auto"} <= set(rows):
         ratio = rows["diffusionblocks"][key] / rows["auto"][key]
         lines.append(f"\n{key} ratio DiffusionBlocks / end-to-end: {ratio:.3f}")
+    if "diffusionblocks_over_plain" in result.get("ratios", {}):
+        ratio = result["ratios"]["diffusionblocks_over_plain"]
+        lines.append(f"chain bits/char over the plain next-token model's bits/char: {ratio:.3f} (target ≤ 1.10)")
     return "\n".join(lines)
 
 
@@ -350,14 +365,15 @@ def ablation(args: argparse.Namespace) -> list[dict]:
         for variant in ABLATIONS[name]:
             key, steps = variant_key(variant), ablation_steps(variant, args.gen_steps)
             for seed in args.seeds:
-                out = Path(args.workdir) / "ablation" / f"{key}_steps-{steps}{f'_seed-{seed}' if seed else ''}"
+                tail = ("" if args.formulation == "edm" else f"_{args.formulation}") + (f"_seed-{seed}" if seed else "")
+                out = Path(args.workdir) / "ablation" / f"{key}_steps-{steps}{tail}"
                 if (key, seed) in runs:
                     continue
                 runs[key, seed] = out
                 if args.fresh or not (out / "summary.json").exists():
                     cmd = ["--steps", str(steps), "--data-dir", str(mnist), "--out", str(out), "--sample-steps",
                            "4", "--per-class", "1", "--seed", str(seed), "--accelerator", args.accelerator,
-                           *variant]  # fmt: skip
+                           "--formulation", args.formulation, *variant]  # fmt: skip
                     if args.quick:
                         cmd += ["--dim", "32", "--depth", "4", "--heads", "2", "--batch-size", "16"]
                     jobs.append(("mnist_generation.py", cmd))
@@ -429,6 +445,8 @@ def main() -> None:
     p.add_argument("--reuse", nargs="+", metavar="RUN", help="evaluate existing demo output folders")
     p.add_argument("--gen-steps", type=int, default=6000, help="DiffusionBlocks steps (end-to-end gets a third)")
     p.add_argument("--formulation", default="edm", choices=list(GENERATION_TASKS), help="generation runs' formulation")
+    p.add_argument("--prediction", default="epsilon", choices=["epsilon", "v"], help="DDPM runs' network output")
+    p.add_argument("--beta-schedule", default="linear", choices=["linear", "cosine"], help="DDPM runs' β schedule")
     p.add_argument("--cls-steps", type=int, default=1000, help="end-to-end steps (DiffusionBlocks gets B×)")
     p.add_argument("--fid-samples", type=int, default=1000)
     p.add_argument("--feature-steps", type=int, default=1500, help="training steps of the MNIST feature CNN")

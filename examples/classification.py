@@ -45,6 +45,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--inference-steps", type=int, default=None, help="σ steps at prediction (default B)")
     p.add_argument("--test-batches", type=int, default=None, help="limit the test set (default: all 10,000)")
     p.add_argument("--weighting", default="per_sample", choices=["per_sample", "batch_mean", "none"])
+    p.add_argument(
+        "--conditioning",
+        default="adaln_zero",
+        choices=["adaln_zero", "film"],
+        help="how blocks see σ: adaLN-Zero (the paper's ViT) or a gate-less FiLM of the residual stream",
+    )
+    p.add_argument(
+        "--clip", type=float, default=1.0, help="gradient-norm clipping of every run (the paper's 1.0; 0 = off)"
+    )
+    p.add_argument("--warmup", type=int, default=100, help="warmup steps (DiffusionBlocks: counted per group)")
+    p.add_argument(
+        "--curve-every",
+        type=int,
+        default=0,
+        help="also measure test accuracy every N end-to-end steps (DiffusionBlocks: every B·N), 0 = off",
+    )
+    p.add_argument("--curve-images", type=int, default=2000, help="test images of each learning-curve point")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args()
@@ -80,8 +97,28 @@ class PlainClassifier(L.LightningModule):
                                                    "interval": "step"}}  # fmt: skip
 
     def predict_proba(self, x: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        training = self.backbone.training
         with torch.no_grad():
-            return self.backbone.eval()(x).softmax(-1)
+            probs = self.backbone.eval()(x).softmax(-1)
+        self.backbone.train(training)
+        return probs
+
+
+class LearningCurve(L.Callback):
+    """Test accuracy on fixed images every ``every`` optimizer steps, with the layer evaluations spent so far."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, every: int, layers_per_step: float) -> None:
+        self.images, self.labels, self.every, self.layers_per_step = images, labels, every, layers_per_step
+        self.points: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        if step % self.every or (self.points and self.points[-1]["step"] == step):
+            return
+        correct = sum(int((pl_module.predict_proba(x).argmax(-1) == y).sum())  # type: ignore[operator]
+                      for x, y in zip(self.images.split(500), self.labels.split(500)))  # fmt: skip
+        self.points.append({"step": step, "layer_evaluations": step * self.layers_per_step,
+                            "accuracy": correct / len(self.labels)})  # fmt: skip
 
 
 def run(args: argparse.Namespace, strategy: str) -> dict[str, float]:
@@ -90,8 +127,8 @@ def run(args: argparse.Namespace, strategy: str) -> dict[str, float]:
                                  img_size=28, patch_size=args.patch, in_chans=1, depth=args.depth,
                                  embed_dim=args.dim, num_heads=args.heads)  # fmt: skip
     if strategy == "plain":
-        return fit_and_test(args, PlainClassifier(backbone, args.lr, 100, args.steps), "auto", args.steps)
-    net = ldb.models.ConditioningAdapter(backbone, num_classes=10)
+        return fit_and_test(args, PlainClassifier(backbone, args.lr, args.warmup, args.steps), "auto", args.steps)
+    net = ldb.models.ConditioningAdapter(backbone, num_classes=10, conditioning=args.conditioning)
     task = ldb.tasks.Classification(10, weighting=args.weighting)
     module = ldb.DiffusionBlocksModule(
         net,
@@ -99,8 +136,9 @@ def run(args: argparse.Namespace, strategy: str) -> dict[str, float]:
         num_blocks=args.num_blocks,
         stem="shared",
         lr=args.lr,
-        warmup_steps=100,
+        warmup_steps=args.warmup,
         lr_schedule="cosine",
+        gradient_clip_val=args.clip or None,
         seed=args.seed,
     )
     steps = args.steps * (args.num_blocks if strategy == "diffusionblocks" else 1)
@@ -111,9 +149,20 @@ def fit_and_test(args: argparse.Namespace, module: L.LightningModule, strategy: 
     """Train ``module`` for ``steps`` steps, then measure test accuracy."""
     data_cls = ldb.data.FashionMNISTDataModule if args.data == "fashion" else ldb.data.MNISTDataModule
     data = data_cls(args.data_dir, batch_size=args.batch_size, seed=args.seed)
+    callbacks, curve = [], None
+    if args.curve_every:
+        data.setup("test")
+        images, labels = map(torch.cat, zip(*data.test_dataloader()))
+        blockwise = strategy == "diffusionblocks"
+        curve = LearningCurve(images[: args.curve_images], labels[: args.curve_images],
+                              args.curve_every * (args.num_blocks if blockwise else 1),
+                              args.depth / args.num_blocks if blockwise else args.depth)  # fmt: skip
+        callbacks.append(curve)
+    plain = isinstance(module, PlainClassifier)  # the module optimises manually and clips each group itself
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=steps, logger=False,
                         enable_checkpointing=False, limit_val_batches=2, val_check_interval=min(500, steps),
-                        check_val_every_n_epoch=None)  # fmt: skip
+                        check_val_every_n_epoch=None, callbacks=callbacks,
+                        gradient_clip_val=(args.clip or None) if plain else None)  # fmt: skip
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
@@ -125,7 +174,11 @@ def fit_and_test(args: argparse.Namespace, module: L.LightningModule, strategy: 
         probs = module.predict_proba(x, steps=args.inference_steps)
         correct += int((probs.argmax(-1) == y).sum())
         total += len(y)
-    return {"accuracy": correct / total, "test_images": total, "steps": steps, "train_seconds": seconds}
+    result = {"accuracy": correct / total, "test_images": total, "steps": steps, "train_seconds": seconds,
+              "epochs": round(steps * args.batch_size / len(data.train_set), 2)}  # fmt: skip
+    if curve is not None:
+        result["curve"] = curve.points
+    return result
 
 
 def main() -> None:

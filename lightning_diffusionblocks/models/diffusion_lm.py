@@ -12,9 +12,13 @@ Subclasses supply the token embedding and the stack (`TransformerLM`: our own ad
   causal attention. The readout is EDM's D = c_out·norm(F) + c_skip·z, then a final adaLN and a linear
   head give logits over the vocabulary.
 
-The autoregressive targets e(x) are fixed random unit vectors (a buffer, seeded) unless
-``learn_target_embedding``: with per-group stems every group holds a copy of the stem, and learned copies
-would drift into incompatible target spaces, while group b's output (softmax·E) is group b+1's input.
+The autoregressive targets e(x) (``target_embedding``) are the L2-normalised rows of: ``"random"`` (default)
+a fixed random table (a buffer, seeded); ``"learned"`` a separate learned table; ``"input"`` the model's own
+input token embedding f_in (the paper's App. B: "z = f_in(x) followed by z_σ = z + σε"), trained through
+both the clean-token path and the target path. A trained table needs ``DiffusionBlocksModule(stem="shared")``
+(:meth:`DiffusionLM.diffusionblocks_check_stem` refuses per-group stems): with per-group stems every group
+holds a copy of the stem, and learned copies would drift into incompatible target spaces, while group b's
+output (softmax·E) is group b+1's input.
 """
 
 from __future__ import annotations
@@ -30,6 +34,32 @@ from lightning_diffusionblocks.noise import edm_scalings
 from lightning_diffusionblocks.records import RecordsInitArgs
 
 Objective = Literal["masked", "autoregressive"]
+TargetEmbedding = Literal["random", "learned", "input"]
+TARGET_EMBEDDINGS = ("random", "learned", "input")
+
+
+def resolve_target_embedding(
+    target_embedding: TargetEmbedding | None, learn_target_embedding: bool | None, objective: str
+) -> TargetEmbedding:
+    """The target embedding meant by the new option and the legacy flag (``learn_target_embedding=True`` is
+    ``"learned"``, ``False`` is ``"random"``); refuses the two when they disagree."""
+    legacy: TargetEmbedding | None = None
+    if learn_target_embedding is not None:
+        legacy = "learned" if learn_target_embedding else "random"
+    if target_embedding is not None and target_embedding not in TARGET_EMBEDDINGS:
+        raise ValueError(f"target_embedding must be one of {TARGET_EMBEDDINGS}, got {target_embedding!r}.")
+    if target_embedding is not None and legacy is not None and target_embedding != legacy:
+        raise ValueError(
+            f"learn_target_embedding={learn_target_embedding} means target_embedding={legacy!r} but"
+            f" target_embedding={target_embedding!r} was given too; pass only target_embedding={target_embedding!r}."
+        )
+    resolved: TargetEmbedding = target_embedding or legacy or "random"
+    if resolved != "random" and objective != "autoregressive":
+        raise ValueError(
+            f"target_embedding={resolved!r} applies to objective='autoregressive' only (the masked objective has"
+            " no target embedding); leave it unset."
+        )
+    return resolved
 
 
 def autoregressive_mask(length: int, device: torch.device | str = "cpu") -> Tensor:
@@ -56,8 +86,9 @@ class DiffusionLM(RecordsInitArgs, nn.Module):
         dim: int,
         objective: Objective,
         context_length: int,
-        learn_target_embedding: bool = False,
+        learn_target_embedding: bool | None = None,
         target_seed: int = 0,
+        target_embedding: TargetEmbedding | None = None,
     ) -> None:
         super().__init__()
         if objective not in ("masked", "autoregressive"):
@@ -68,16 +99,20 @@ class DiffusionLM(RecordsInitArgs, nn.Module):
             raise ValueError(f"context_length must be >= 1, got {context_length}.")
         self.vocab_size, self.dim, self.objective = vocab_size, dim, objective
         self.context_length = context_length
-        self.learn_target_embedding = learn_target_embedding
+        #: where the targets e(x) come from (see the module docstring)
+        self.target_embedding = resolve_target_embedding(target_embedding, learn_target_embedding, objective)
+        self.learn_target_embedding = self.target_embedding == "learned"  # the legacy flag, kept readable
         self.noise_embed = NoiseEmbedding(dim)
         nn.init.normal_(self.noise_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.noise_embed.mlp[2].weight, std=0.02)
         if objective == "autoregressive":
-            table = torch.randn(vocab_size, dim, generator=torch.Generator().manual_seed(target_seed))
-            if learn_target_embedding:
-                self.target_table = nn.Parameter(table)
-            else:
-                self.register_buffer("target_table", table)
+            # "target_table" keeps the state-dict key of earlier versions ("input" has no table of its own)
+            if self.target_embedding != "input":
+                table = torch.randn(vocab_size, dim, generator=torch.Generator().manual_seed(target_seed))
+                if self.target_embedding == "learned":
+                    self.target_table = nn.Parameter(table)
+                else:
+                    self.register_buffer("target_table", table)
             self.noisy_type = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(dim, 2 * dim)
@@ -96,6 +131,28 @@ class DiffusionLM(RecordsInitArgs, nn.Module):
         everything), token ``positions`` (T,) and conditioning ``c`` (N, D); return (N, T, D)."""
         raise NotImplementedError
 
+    def input_embedding_weight(self) -> Tensor:
+        """The input token embedding table f_in (at least ``vocab_size`` rows; ``embed_tokens`` looks ids up in it),
+        needed by ``target_embedding="input"``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not expose its input embedding table; implement input_embedding_weight()"
+            " or use target_embedding='random' or 'learned'."
+        )
+
+    # ------------------------------------------------------------------ DiffusionBlocksModule protocol
+    def diffusionblocks_check_stem(self, stem: str) -> None:
+        """Asked by :class:`~lightning_diffusionblocks.DiffusionBlocksModule` before it partitions the network:
+        a trained target embedding must be one table for all groups (group b's output softmax·E is group b+1's
+        input), so per-group stems, where every group trains its own copy, are refused."""
+        if stem == "per_group" and self.target_embedding != "random":
+            raise ValueError(
+                f"target_embedding={self.target_embedding!r} trains the target embedding, but with"
+                " stem='per_group' every group owns a copy of it, and the copies would drift into incompatible"
+                " target spaces while group b's output (softmax·E) is group b+1's input. Use"
+                " DiffusionBlocksModule(..., stem='shared') (the official code), or build the network with"
+                " target_embedding='random' (learn_target_embedding=False)."
+            )
+
     # ------------------------------------------------------------------ helpers
     @property
     def mask_id(self) -> int:
@@ -110,6 +167,8 @@ class DiffusionLM(RecordsInitArgs, nn.Module):
         """The L2-normalised target embeddings (V, D) of the autoregressive objective."""
         if self.objective != "autoregressive":
             raise ValueError("Target embeddings exist only for objective='autoregressive'.")
+        if self.target_embedding == "input":
+            return F.normalize(self.input_embedding_weight()[: self.vocab_size], dim=-1)
         return F.normalize(self.target_table, dim=-1)
 
     def check_tokens(self, tokens: Tensor, extra_positions: int = 0) -> None:

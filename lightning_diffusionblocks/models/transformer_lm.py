@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_diffusionblocks.models.diffusion_lm import DiffusionLM, Objective
+from lightning_diffusionblocks.models.diffusion_lm import DiffusionLM, Objective, TargetEmbedding
 from lightning_diffusionblocks.models.dit import DiTBlock, rotary_tables
 
 
@@ -15,6 +15,9 @@ class TransformerLM(DiffusionLM):
 
     ``objective``: ``"masked"`` (masked-diffusion LM, bidirectional) or ``"autoregressive"`` (clean‖noisy
     layout); see :class:`~lightning_diffusionblocks.models.diffusion_lm.DiffusionLM`.
+    ``target_embedding`` (autoregressive): ``"random"`` (default), ``"learned"`` or ``"input"`` (the rows of
+    ``tok_embed``); the last two need ``DiffusionBlocksModule(stem="shared")``. ``learn_target_embedding=True``
+    is the older spelling of ``"learned"``.
     """
 
     def __init__(
@@ -26,9 +29,11 @@ class TransformerLM(DiffusionLM):
         heads: int = 4,
         context_length: int = 256,
         mlp_ratio: float = 4.0,
-        learn_target_embedding: bool = False,
+        learn_target_embedding: bool | None = None,
+        target_embedding: TargetEmbedding | None = None,
     ) -> None:
-        super().__init__(vocab_size, dim, objective, context_length, learn_target_embedding)
+        super().__init__(vocab_size, dim, objective, context_length, learn_target_embedding,
+                         target_embedding=target_embedding)  # fmt: skip
         self.tok_embed = nn.Embedding(self.input_vocab_size, dim)
         nn.init.normal_(self.tok_embed.weight, std=0.02)
         if dim % heads or (dim // heads) % 2:
@@ -38,6 +43,9 @@ class TransformerLM(DiffusionLM):
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         return self.tok_embed(tokens)
+
+    def input_embedding_weight(self) -> Tensor:
+        return self.tok_embed.weight
 
     def run_stack(self, h: Tensor, allowed: Tensor | None, positions: Tensor, c: Tensor) -> Tensor:
         rope = rotary_tables(positions, self.head_dim)

@@ -14,6 +14,7 @@ a perplexity: the model defines no likelihood, and the chain's distribution depe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -70,10 +71,16 @@ class AutoregressiveLM(Task):
         return ce
 
     def _denoise_chain(
-        self, router: Router, call: Any, shape: tuple[int, ...], steps: int, seed: int
+        self,
+        router: Router,
+        call: Any,
+        shape: tuple[int, ...],
+        steps: int,
+        seed: int,
+        each: Callable[[Tensor], None] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Walk the σ grid for noisy targets of ``shape`` (…, D); ``call(run, z, sigma)`` gives logits.
-        Returns (logits of the first step, logits of the last step)."""
+        """Walk the σ grid for noisy targets of ``shape`` (…, D); ``call(run, z, sigma)`` gives logits, and
+        ``each(logits)`` sees every step's. Returns (logits of the first step, logits of the last step)."""
         if steps < 1:
             raise ValueError(f"Generation needs at least 1 diffusion step per token, got steps={steps}.")
         sigmas = self.noise.inference_sigmas(steps).tolist()
@@ -85,6 +92,8 @@ class AutoregressiveLM(Task):
             run = router.at(sigma)
             logits = call(run, z, torch.full((shape[0],), sigma, device=device)).float()
             first = logits if first is None else first
+            if each is not None:
+                each(logits)
             if i + 1 < len(sigmas):
                 z = euler_step(z, logits.softmax(-1) @ run(mode="embeddings").float(), sigma, sigmas[i + 1])
         assert first is not None
@@ -94,7 +103,9 @@ class AutoregressiveLM(Task):
     @torch.no_grad()
     def evaluate_batch(self, router: Router, batch: Any, steps: int | None = None, seed: int = 0) -> dict[str, Tensor]:
         """Teacher-forced per-sequence cross-entropy (nats/token) at σ_max and after the ``steps``-step
-        chain (default B), and the chain's greedy next-token accuracy. Every position is denoised in parallel."""
+        chain (default B), the chain's greedy next-token accuracy, and that accuracy after each step i
+        (``accuracy_step_{i}``: how far along the chain the prediction settles). Every position is denoised in
+        parallel; position i is predicted from tokens[:, :i], so position 0 from no context."""
         steps = router.num_groups if steps is None else steps
         tokens = token_batch(batch, self.vocab_size)
         dim = router.at(self.noise.sigma_max)(mode="embeddings").shape[1]
@@ -104,10 +115,12 @@ class AutoregressiveLM(Task):
             return run(tokens, z, level=sigma, sigma_data=sd)
 
         shape = (*tokens.shape, dim)
-        first, last = self._denoise_chain(router, call, shape, steps, seed)
+        per_step: list[Tensor] = []
+        accuracy = lambda logits: (logits.argmax(-1) == tokens).float().mean(1)  # noqa: E731
+        first, last = self._denoise_chain(router, call, shape, steps, seed, lambda lg: per_step.append(accuracy(lg)))
         ce = lambda logits: F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").mean(1)  # noqa: E731
-        accuracy = (last.argmax(-1) == tokens).float().mean(1)
-        return {"ce_sigma_max": ce(first), "ce_chain": ce(last), "accuracy_chain": accuracy}
+        metrics = {"ce_sigma_max": ce(first), "ce_chain": ce(last), "accuracy_chain": accuracy(last)}
+        return metrics | {f"accuracy_step_{i}": value for i, value in enumerate(per_step)}
 
     def validation_metrics(self, router: Router, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         return {name: value.mean() for name, value in self.evaluate_batch(router, batch, seed=batch_idx).items()}

@@ -19,7 +19,6 @@ from torch import Tensor
 from lightning_diffusionblocks.ddpm import DDPM_LINEAR, DDPMPrediction, DDPMSchedule, ddpm_target, eps_and_x0
 from lightning_diffusionblocks.routing import Router, Runner
 from lightning_diffusionblocks.sampling import classifier_free_guidance, ddim_step
-from lightning_diffusionblocks.tasks.base import routed_loss
 from lightning_diffusionblocks.tasks.image_generation import ImageGeneration
 
 EXPECTED_CALL = (
@@ -104,22 +103,9 @@ class DDPM(ImageGeneration):
         """The loss in ``loss_bins`` equal ranges of timesteps, each sample routed to the group owning its timestep."""
         if not self.loss_bins:
             return {}
-        images, labels = self.split(batch)
-        gen = torch.Generator(device=images.device).manual_seed(10_007 + batch_idx)
-        eps = torch.randn(images.shape, generator=gen, device=images.device).to(images)
         edges = torch.round(torch.linspace(0, self.noise.num_timesteps, self.loss_bins + 1)).long().tolist()
-        metrics = {}
-        for first, end in zip(edges[:-1], edges[1:]):
-            if self.noise.mass(first, end - 1) == 0:
-                continue  # never trained there
-            k = self.noise.sample(images.shape[0], first - 0.5, end - 0.5, generator=gen, device=images.device)
-
-            def loss_at(run: Runner, rows: Tensor | slice, k: Tensor = k) -> Tensor:
-                rows_labels = None if labels is None else labels[rows]
-                return self.per_sample_loss(run, images[rows], rows_labels, k[rows], eps[rows])
-
-            metrics[f"loss_k_{first}-{end - 1}"] = routed_loss(router, k, loss_at).mean()
-        return metrics
+        bins = [(f"loss_k_{first}-{end - 1}", first - 0.5, end - 0.5) for first, end in zip(edges[:-1], edges[1:])]
+        return self.binned_losses(router, batch, batch_idx, [b for b in bins if self.noise.mass(b[1], b[2]) > 0])
 
     @torch.no_grad()
     def sample(

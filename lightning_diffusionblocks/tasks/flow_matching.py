@@ -27,7 +27,6 @@ from lightning_diffusionblocks.flow import (
 )
 from lightning_diffusionblocks.routing import Router, Runner
 from lightning_diffusionblocks.sampling import classifier_free_guidance, flow_sample
-from lightning_diffusionblocks.tasks.base import routed_loss
 from lightning_diffusionblocks.tasks.image_generation import ImageGeneration
 
 EXPECTED_CALL = (
@@ -133,23 +132,13 @@ class FlowMatching(ImageGeneration):
         """The loss in ``loss_bins`` equal bins of t (minRF's per-t-bin loss), each sample routed to its group."""
         if not self.loss_bins:
             return {}
-        images, labels = self.split(batch)
-        gen = torch.Generator(device=images.device).manual_seed(10_007 + batch_idx)
-        eps = torch.randn(images.shape, generator=gen, device=images.device).to(images)
-        metrics = {}
+        bins = []
         for k in range(self.loss_bins):
             lo, hi = k / self.loss_bins, (k + 1) / self.loss_bins
             inside = max(lo, self.noise.t_min), min(hi, self.noise.t_max)
-            if not inside[0] < inside[1]:
-                continue  # a bin outside the trained range of t
-            t = self.noise.sample(images.shape[0], *inside, generator=gen, device=images.device)
-
-            def loss_at(run: Runner, rows: Tensor | slice, t: Tensor = t) -> Tensor:
-                rows_labels = None if labels is None else labels[rows]
-                return self.per_sample_loss(run, images[rows], rows_labels, t[rows], eps[rows])
-
-            metrics[f"loss_t_{lo:g}-{hi:g}"] = routed_loss(router, t, loss_at).mean()
-        return metrics
+            if inside[0] < inside[1]:  # else a bin outside the trained range of t
+                bins.append((f"loss_t_{lo:g}-{hi:g}", *inside))
+        return self.binned_losses(router, batch, batch_idx, bins)
 
     @torch.no_grad()
     def sample(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
 from lightning_diffusionblocks.sampling import classifier_free_guidance, euler_sample
-from lightning_diffusionblocks.tasks.base import Preview, Task
+from lightning_diffusionblocks.tasks.base import Preview, Task, routed_loss
 
 EXPECTED_SIGNATURE = "forward(x, c_noise, labels=None)"
 #: how ImageGeneration calls the network, quoted when a signature is refused
@@ -201,6 +201,26 @@ class ImageGeneration(Task):
 
     def batch_size(self, batch: Any) -> int:
         return self.split(batch)[0].shape[0]
+
+    def binned_losses(
+        self, router: Router, batch: Any, batch_idx: int, bins: Sequence[tuple[str, float, float]]
+    ) -> dict[str, Tensor]:
+        """Validation loss per range of levels: for each ``(name, lo, hi)`` the mean of ``per_sample_loss`` at levels
+        drawn in [lo, hi], each sample served by the group owning its level; noise fixed by ``batch_idx``."""
+        images, labels = self.split(batch)
+        gen = torch.Generator(device=images.device).manual_seed(10_007 + batch_idx)
+        eps = torch.randn(images.shape, generator=gen, device=images.device).to(images)
+        per_sample_loss = self.per_sample_loss  # type: ignore[attr-defined]  # the formulations that bin define it
+        metrics = {}
+        for name, lo, hi in bins:
+            levels = self.noise.sample(images.shape[0], lo, hi, generator=gen, device=images.device)
+
+            def loss_at(run: Runner, rows: Tensor | slice, levels: Tensor = levels) -> Tensor:
+                rows_labels = None if labels is None else labels[rows]
+                return per_sample_loss(run, images[rows], rows_labels, levels[rows], eps[rows])
+
+            metrics[name] = routed_loss(router, levels, loss_at).mean()
+        return metrics
 
     # ------------------------------------------------------------------ formulas
     def denoise(self, run: Runner, z: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
