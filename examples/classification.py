@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import timm
 import torch
 
 import lightning_diffusionblocks as ldb
+from lightning_diffusionblocks.module import warmup_cosine
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,10 +88,7 @@ class PlainClassifier(L.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
 
         def factor(step: int) -> float:  # the same warmup + cosine to 0.1 as DiffusionBlocksModule
-            if step < self.warmup:
-                return (step + 1) / self.warmup
-            progress = min((step - self.warmup) / max(self.steps - self.warmup, 1), 1.0)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+            return warmup_cosine(step, self.warmup, self.steps)
 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
                                                    "interval": "step"}}  # fmt: skip

@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: N812
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.models import DiffusionLM
+from lightning_diffusionblocks.module import warmup_cosine
 from lightning_diffusionblocks.text_metrics import CharNGramJudge, distinct_ngrams, vocabulary, word_validity
 
 PAPER = {"masked": {"num_blocks": 3, "gamma": 0.05}, "autoregressive": {"num_blocks": 4, "gamma": 0.1}}
@@ -124,11 +125,8 @@ class PlainLM(L.LightningModule):
     def configure_optimizers(self) -> dict:
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
-        def factor(step: int) -> float:  # DiffusionBlocksModule's warmup + cosine to min_lr_ratio 0.1
-            if self.warmup and step < self.warmup:
-                return (step + 1) / self.warmup
-            progress = min(max(step - self.warmup, 0) / max(self.steps - self.warmup, 1), 1.0)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        def factor(step: int) -> float:  # the same warmup + cosine to 0.1 as DiffusionBlocksModule
+            return warmup_cosine(step, self.warmup, self.steps)
 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
                                                    "interval": "step"}}  # fmt: skip

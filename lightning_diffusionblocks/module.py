@@ -48,6 +48,14 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; training stops before the bad step touches any weight."""
 
 
+def warmup_cosine(step: int, warmup: int, horizon: float, min_ratio: float = 0.1) -> float:
+    """LR factor at ``step``: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``horizon``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(max(step - warmup, 0) / max(horizon - warmup, 1.0), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _check_options(num_blocks: Any, gamma: float, lr: float, warmup_steps: int, min_lr_ratio: float) -> None:
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
         raise TypeError(f"num_blocks must be an integer number of groups, got {num_blocks!r}.")
@@ -323,13 +331,9 @@ class DiffusionBlocksModule(L.LightningModule):
     def lr_factor(self, step: int, horizon: float) -> float:
         """Linear warmup, then constant or cosine decay to ``min_lr_ratio``, in a group's own steps."""
         hp = self.hparams
-        if hp.warmup_steps and step < hp.warmup_steps:
-            return (step + 1) / hp.warmup_steps
-        if hp.lr_schedule == "constant":
+        if hp.lr_schedule == "constant" and not (hp.warmup_steps and step < hp.warmup_steps):
             return 1.0
-        span = max(horizon - hp.warmup_steps, 1.0)
-        progress = min(max(step - hp.warmup_steps, 0) / span, 1.0)
-        return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup_cosine(step, hp.warmup_steps, horizon, hp.min_lr_ratio)
 
     def _set_learning_rates(self, opt: Optimizer) -> None:
         """Give every param group the learning rate of its group's next step (its own step count), so that the
