@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 import lightning_diffusionblocks as ldb
+from lightning_diffusionblocks.checkpoints import CheckpointLoadError
 from lightning_diffusionblocks.data.idx import load_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,17 +131,17 @@ def run_examples(jobs: list[tuple[str, list[str]]], parallel: int, done=None) ->
 
 
 def load_generator(out: Path) -> tuple[ldb.DiffusionBlocksModule, dict]:
+    """A run's trained module, rebuilt from its checkpoint's own record of the network and task."""
     summary = json.loads((out / "summary.json").read_text())
-    m = summary.get("model", DEMO_MODEL)  # runs made before the demo recorded its model used its defaults
-    net = ldb.models.DiT(image_size=28, channels=1, patch=m["patch"], dim=m["dim"], depth=m["depth"], heads=m["heads"],
-                         noise_scale=m.get("noise_scale", 100.0))  # fmt: skip
-    formulation = summary.get("formulation", "edm")
-    if formulation == "ddpm":  # its output and β schedule as trained (runs before these options: ε, linear)
-        schedule = ldb.DDPMSchedule(beta_schedule=summary.get("beta_schedule", "linear"))
-        task = ldb.tasks.DDPM(noise=schedule, prediction=summary.get("prediction", "epsilon"))
-    else:
-        task = GENERATION_TASKS[formulation]()
-    module = ldb.DiffusionBlocksModule.load_from_checkpoint(out / "model.ckpt", net=net, task=task, map_location="cpu")
+    try:
+        module = ldb.DiffusionBlocksModule.load_from_checkpoint(out / "model.ckpt", map_location="cpu")
+    except CheckpointLoadError:  # written before checkpoints recorded them: the demo's defaults of that time
+        m = summary.get("model", DEMO_MODEL)
+        net = ldb.models.DiT(image_size=28, channels=1, patch=m["patch"], dim=m["dim"], depth=m["depth"],
+                             heads=m["heads"], noise_scale=m.get("noise_scale", 100.0))  # fmt: skip
+        task = GENERATION_TASKS[summary.get("formulation", "edm")]()
+        module = ldb.DiffusionBlocksModule.load_from_checkpoint(out / "model.ckpt", net=net, task=task,
+                                                                map_location="cpu")  # fmt: skip
     return module.eval(), summary
 
 
@@ -353,14 +354,16 @@ def ablation_steps(variant: list[str], gen_steps: int) -> int:
     return round(gen_steps * blocks / int(DEFAULTS["--num-blocks"]))
 
 
-def ablation(args: argparse.Namespace) -> list[dict]:
+def ablation(args: argparse.Namespace) -> dict:
     """Train each distinct variant once per seed (``all`` runs partition, γ and B; shared runs are reused), at
-    equal layer evaluations."""
+    equal layer evaluations. Each run is scored with the first sampling seed as soon as it finishes; the first
+    run is also scored with every other sampling seed, which measures the evaluator's own noise."""
     names = list(ABLATIONS) if args.ablation == "all" else [args.ablation]
     mnist = ldb.data.find_mnist_dir(args.mnist_dir)
     real = mnist_tensors(mnist, "test")[0][: args.fid_samples]
+    samples = max(1, args.fid_samples // 10)
     runs: dict[tuple[str, int], Path] = {}
-    jobs = []
+    jobs, job_keys, ready = [], [], []
     for name in names:
         for variant in ABLATIONS[name]:
             key, steps = variant_key(variant), ablation_steps(variant, args.gen_steps)
@@ -377,15 +380,32 @@ def ablation(args: argparse.Namespace) -> list[dict]:
                     if args.quick:
                         cmd += ["--dim", "32", "--depth", "4", "--heads", "2", "--batch-size", "16"]
                     jobs.append(("mnist_generation.py", cmd))
+                    job_keys.append((key, seed))
                 else:
                     print(f"reusing {out}", flush=True)
-    run_examples(jobs, args.jobs)
-    features, _ = train_feature_net(mnist, 30 if args.quick else args.feature_steps, device=args.eval_device)
-    samples = max(1, args.fid_samples // 10)
-    quality = {
-        k: generation_quality(out, features, real, samples, args.sample_steps, args.guidance, 0, args.eval_device)
-        for k, out in runs.items()
-    }
+                    ready.append((key, seed))
+    quality: dict[tuple[str, int], dict] = {}
+    noise: list[dict] = []
+    trained: list[FeatureNet] = []
+
+    def evaluate(key: tuple[str, int]) -> None:
+        if not trained:
+            steps = 30 if args.quick else args.feature_steps
+            trained.append(train_feature_net(mnist, steps, device=args.eval_device)[0])
+        seeds = args.eval_seeds if not noise else args.eval_seeds[:1]
+        scored = [generation_quality(runs[key], trained[0], real, samples, args.sample_steps, args.guidance, s,
+                                     args.eval_device) for s in seeds]  # fmt: skip
+        quality[key] = scored[0]
+        if len(scored) > 1:
+            noise.extend(scored)
+        if args.out:  # partial results survive a run that is stopped later
+            partial = {"partial": True, "ablation": {"scored": {f"{k}/{s}": q for (k, s), q in quality.items()}}}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(partial, indent=2))
+
+    for key in ready:
+        evaluate(key)
+    run_examples(jobs, args.jobs, done=lambda i: evaluate(job_keys[i]))
     rows = []
     for name in names:
         for variant in ABLATIONS[name]:
@@ -395,7 +415,12 @@ def ablation(args: argparse.Namespace) -> list[dict]:
                    "class_accuracy": spread([r["class_accuracy"] for r in mine]),
                    "val_loss": spread([r["val_loss"] for r in mine]), "per_seed": mine}  # fmt: skip
             rows.append(row)
-    return rows
+    summary = {}
+    if noise:
+        summary = {"evaluator_fid_std": spread([spread([r["fid"] for r in noise])["std"]]),
+                   "evaluator_accuracy_std": spread([r["class_accuracy"] for r in noise])["std"],
+                   "evaluator_run": noise[0]["run"], "evaluator_rows": noise}  # fmt: skip
+    return {"rows": rows, "summary": summary}
 
 
 def figure(value: float | dict, digits: int) -> str:
@@ -480,8 +505,8 @@ def main() -> None:
             report[f"text_{objective}"] = res = text(args, objective)
             print(table_text(res))
     if args.ablation:
-        report["ablation"] = rows = ablation(args)
-        print(table_generation({"rows": rows}))
+        report["ablation"] = result = ablation(args)
+        print(table_generation(result))
     path = Path(args.out or ROOT / "benchmarks" / "results" / "parity.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))

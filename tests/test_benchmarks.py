@@ -53,12 +53,13 @@ def test_parity_quick(tmp_path, mnist_dir):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "parity.py"), "--quick", "--task", "all", "--gen-steps", "6",
            "--cls-steps", "3", "--fid-samples", "20", "--sample-steps", "3", "--mnist-dir", str(mnist_dir),
            "--fashion-dir", str(mnist_dir), "--workdir", str(tmp_path / "work"), "--out", str(out),
-           "--mdm-steps", "3", "--ar-steps", "2", "--text-file", str(corpus)]  # fmt: skip
+           "--mdm-steps", "3", "--ar-steps", "2", "--text-file", str(corpus), "--ablation", "blocks",
+           "--eval-seeds", "0", "1", "--jobs", "2"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    rows = report["generation"]["rows"]
-    assert [r["strategy"] for r in rows] == ["diffusionblocks", "auto"]
+    rows = [r for r in report["generation"]["rows"] if r["eval_seed"] == 0]
+    assert sorted(r["strategy"] for r in rows) == ["auto", "diffusionblocks"]
     assert rows[0]["layer_evaluations"] == rows[1]["layer_evaluations"]
     assert all(r["fid"] >= 0 and 0 <= r["class_accuracy"] <= 1 for r in rows)
     cls = report["classification"]["results"]
@@ -71,6 +72,12 @@ def test_parity_quick(tmp_path, mnist_dir):
         assert all(r["judge_bits_per_char"] > 0 and 0 <= r["word_validity"] <= 1 for r in text.values())
     assert report["text_masked"]["results"]["auto"]["bits_per_token"] > 0
     assert report["text_autoregressive"]["results"]["auto"]["ce_chain"] > 0
+    ablation = report["ablation"]
+    assert [r["variant"] for r in ablation["rows"]] == ["--num-blocks 2", "--num-blocks 3", "--num-blocks 4"]
+    assert [r["steps"] for r in ablation["rows"]] == [4, 6, 8]  # steps ∝ B: depth 4 / B layers per step
+    assert len({r["layer_evaluations"] for r in ablation["rows"]}) == 1
+    noise = ablation["summary"]["evaluator_rows"]
+    assert [r["eval_seed"] for r in noise] == [0, 1] and len({r["run"] for r in noise}) == 1
 
 
 def test_scaling_benchmark(tmp_path):
