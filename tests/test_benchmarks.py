@@ -77,7 +77,8 @@ def test_parity_quick(tmp_path, mnist_dir):
     assert [r["steps"] for r in ablation["rows"]] == [4, 6, 8]  # steps ∝ B: depth 4 / B layers per step
     assert len({r["layer_evaluations"] for r in ablation["rows"]}) == 1
     noise = ablation["summary"]["evaluator_rows"]
-    assert [r["eval_seed"] for r in noise] == [0, 1] and len({r["run"] for r in noise}) == 1
+    assert [r["eval_seed"] for r in noise] == [0, 1]
+    assert len({r["run"] for r in noise}) == 1
 
 
 def test_scaling_benchmark(tmp_path):
@@ -92,3 +93,21 @@ def test_scaling_benchmark(tmp_path):
     assert 0 < dp["bytes_per_step"] < 0.75 * e2e["bytes_per_step"]  # one group of two, plus nothing else
     assert bp["bytes_per_step"] == 0  # one group per process: nothing to all-reduce
     assert bp["memory_total_mib"] < e2e["memory_total_mib"]
+
+
+def test_text_reference(tmp_path):
+    """Real text scores far better than noise under the judge, and epochs follow from the steps and the split."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("And God said, Let there be light: and there was light.\n" * 600, encoding="utf-8")
+    out = tmp_path / "ref.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "text_reference.py"), "--data", str(corpus), "--pieces", "4",
+           "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ref = json.loads(out.read_text())
+    assert ref["corpus_chars"] == len(corpus.read_text(encoding="utf-8"))
+    assert ref["judge_bits_per_char_real_test_text"] < 1.0 < ref["unigram_test_bits_per_char"]
+    assert ref["judge_bits_per_char_uniform_noise"] > ref["unigram_test_bits_per_char"]
+    assert ref["word_validity_real_test_text"] > 0.8
+    n_train = ref["split_chars"]["train"]
+    assert ref["epochs"]["masked"]["epochs_of_characters"] == 600 * 32 * 128 / n_train
