@@ -63,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--curve-images", type=int, default=2000, help="test images of each learning-curve point")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator of every run (cpu, gpu, ...)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args()
 
@@ -112,8 +113,9 @@ class LearningCurve(L.Callback):
         step = trainer.global_step
         if step % self.every or (self.points and self.points[-1]["step"] == step):
             return
+        images, labels = self.images.to(pl_module.device), self.labels.to(pl_module.device)
         correct = sum(int((pl_module.predict_proba(x).argmax(-1) == y).sum())  # type: ignore[operator]
-                      for x, y in zip(self.images.split(500), self.labels.split(500)))  # fmt: skip
+                      for x, y in zip(images.split(500), labels.split(500)))  # fmt: skip
         self.points.append({"step": step, "layer_evaluations": step * self.layers_per_step,
                             "accuracy": correct / len(self.labels)})  # fmt: skip
 
@@ -156,7 +158,7 @@ def fit_and_test(args: argparse.Namespace, module: L.LightningModule, strategy: 
                               args.depth / args.num_blocks if blockwise else args.depth)  # fmt: skip
         callbacks.append(curve)
     plain = isinstance(module, PlainClassifier)  # the module optimises manually and clips each group itself
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=steps, logger=False,
+    trainer = L.Trainer(strategy=strategy, accelerator=args.accelerator, devices=1, max_steps=steps, logger=False,
                         enable_checkpointing=False, limit_val_batches=2, val_check_interval=min(500, steps),
                         check_val_every_n_epoch=None, callbacks=callbacks,
                         gradient_clip_val=(args.clip or None) if plain else None)  # fmt: skip
@@ -168,6 +170,7 @@ def fit_and_test(args: argparse.Namespace, module: L.LightningModule, strategy: 
     for i, (x, y) in enumerate(data.test_dataloader()):
         if args.test_batches is not None and i >= args.test_batches:
             break
+        x, y = x.to(module.device), y.to(module.device)
         probs = module.predict_proba(x, steps=args.inference_steps)
         correct += int((probs.argmax(-1) == y).sum())
         total += len(y)

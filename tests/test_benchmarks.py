@@ -111,3 +111,34 @@ def test_text_reference(tmp_path):
     assert ref["word_validity_real_test_text"] > 0.8
     n_train = ref["split_chars"]["train"]
     assert ref["epochs"]["masked"]["epochs_of_characters"] == 600 * 32 * 128 / n_train
+
+
+def test_seed_summary_takes_ratios_within_each_seed(tmp_path):
+    """Per-seed runs are paired by seed: the ratio's mean is the mean of per-seed ratios, not a ratio of means."""
+    db, plain = [0.80, 0.90, 0.60], [0.90, 0.90, 0.80]
+    for seed, (a, b) in enumerate(zip(db, plain)):
+        for name, acc in (("diffusionblocks", a), ("plain", b)):
+            curve = [{"layer_evaluations": 100.0 * (i + 1), "accuracy": acc / (2 - i)} for i in range(2)]
+            result = {"accuracy": acc, "epochs": 10.0, "curve": curve}
+            path = tmp_path / f"classification_{name}_seed{seed}_cpu.json"
+            path.write_text(json.dumps({"results": {name: result}}))
+        text = {"results": {"diffusionblocks": {"bits_per_token": 3.0 + seed}, "auto": {"bits_per_token": 4.0}},
+                "ratios": {"diffusionblocks_over_auto": (3.0 + seed) / 4.0}}  # fmt: skip
+        (tmp_path / f"text_masked_seed{seed}_cpu.json").write_text(json.dumps(text))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "seed_summary.py"), "--dir", str(tmp_path), "--suffix", "_cpu"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "seed_summary_cpu.json").read_text())
+    cls = report["classification"]
+    ratios = [a / b for a, b in zip(db, plain)]
+    mean = sum(ratios) / 3
+    assert cls["seeds"] == [0, 1, 2]
+    assert abs(cls["ratio"]["mean"] - mean) < 1e-12
+    assert abs(cls["ratio"]["std"] - (sum((r - mean) ** 2 for r in ratios) / 2) ** 0.5) < 1e-12
+    assert abs(cls["diffusionblocks"]["mean"] - sum(db) / 3) < 1e-12
+    assert [p["layer_evaluations"] for p in cls["curve_ratio"]] == [100.0, 200.0]
+    assert abs(cls["curve_ratio"][0]["ratio"]["mean"] - mean) < 1e-12
+    masked = report["text_masked"]
+    assert masked["diffusionblocks"]["bits_per_token"]["mean"] == 4.0
+    assert masked["ratios"]["diffusionblocks_over_auto"]["max"] == 5.0 / 4.0
+    assert report["text_ar"] is None
