@@ -3,9 +3,10 @@ writes them; so does any loop over ``--seed`` with ``--json``).
 
     python benchmarks/seed_summary.py --dir benchmarks/results --suffix _cuda
 
-Reads ``classification_{diffusionblocks,plain}_seed{S}{suffix}.json``, ``text_masked_seed{S}{suffix}.json`` and
-``text_ar_seed{S}{suffix}.json``; each ratio is taken within a seed (the two runs share its data order), then
-summarised. Writes ``seed_summary{suffix}.json`` beside them and prints markdown tables.
+Reads ``classification_{diffusionblocks,plain}_seed{S}{suffix}.json`` and ``text_{masked,ar}_seed{S}{suffix}.json``
+(or one text file per strategy, ``text_ar_plain_seed{S}{suffix}.json``); each ratio is taken within a seed (the runs
+share its data order), then summarised. Writes ``seed_summary{suffix}.json`` beside them (or ``--out``) and prints
+the figures.
 """
 
 from __future__ import annotations
@@ -52,18 +53,44 @@ def classification(directory: Path, suffix: str) -> dict | None:
     return out
 
 
+TEXT_KEYS = {
+    "masked": ["bits_per_token"],
+    "ar": ["bits_per_char_sigma_max", "bits_per_char_chain", "bits_per_char", "accuracy",
+           *(f"accuracy_step_{i}" for i in range(8))],
+}  # fmt: skip
+TEXT_RATIOS = {  # name: (strategy, its figure, baseline, the baseline's figure); each taken within a seed
+    "masked": {"diffusionblocks_over_auto": ("diffusionblocks", "bits_per_token", "auto", "bits_per_token")},
+    "ar": {
+        "diffusionblocks_over_auto": ("diffusionblocks", "bits_per_char_chain", "auto", "bits_per_char_chain"),
+        "diffusionblocks_over_plain": ("diffusionblocks", "bits_per_char_chain", "plain", "bits_per_char"),
+        "diffusionblocks_sigma_max_over_plain": ("diffusionblocks", "bits_per_char_sigma_max", "plain",
+                                                 "bits_per_char"),
+        "auto_over_plain": ("auto", "bits_per_char_chain", "plain", "bits_per_char"),
+    },
+}  # fmt: skip
+
+
 def text(directory: Path, suffix: str, objective: str) -> dict | None:
-    runs = seeds_of(directory, rf"text_{objective}_seed(\d+){re.escape(suffix)}\.json")
-    if not runs:
+    """Per-seed text figures, from one file per seed (``text_{objective}_seed{S}``) or one per strategy and seed
+    (``text_{objective}_{strategy}_seed{S}``), merged by seed."""
+    merged: dict[int, dict] = {}
+    for strategy in ("", "diffusionblocks_", "auto_", "plain_"):
+        for seed, run in seeds_of(directory, rf"text_{objective}_{strategy}seed(\d+){re.escape(suffix)}\.json").items():
+            merged.setdefault(seed, {}).update(run["results"])
+    if not merged:
         return None
-    seeds = sorted(runs)
-    keys = {"masked": ["bits_per_token"], "ar": ["bits_per_char_sigma_max", "bits_per_char_chain", "bits_per_char"]}
-    out: dict = {"seeds": seeds}
-    for strategy in runs[seeds[0]]["results"]:
-        out[strategy] = {k: spread([runs[s]["results"][strategy][k] for s in seeds])
-                         for k in keys[objective] if k in runs[seeds[0]]["results"][strategy]}  # fmt: skip
-    for ratio in runs[seeds[0]].get("ratios", {}):
-        out.setdefault("ratios", {})[ratio] = spread([runs[s]["ratios"][ratio] for s in seeds])
+    out: dict = {"seeds": sorted(merged)}
+    for strategy in ("diffusionblocks", "auto", "plain"):
+        have = [s for s in out["seeds"] if strategy in merged[s]]
+        figures = {k: spread([merged[s][strategy][k] for s in have]) for k in TEXT_KEYS[objective]
+                   if have and all(k in merged[s][strategy] for s in have)}  # fmt: skip
+        if figures:
+            out[strategy] = {"seeds": have, **figures}
+    for name, (strategy, key, baseline, base_key) in TEXT_RATIOS[objective].items():
+        have = [s for s in out["seeds"] if strategy in merged[s] and baseline in merged[s]]
+        if have:
+            values = [merged[s][strategy][key] / merged[s][baseline][base_key] for s in have]
+            out.setdefault("ratios", {})[name] = {"seeds": have, **spread(values)}
     return out
 
 
@@ -71,6 +98,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="benchmarks/results")
     p.add_argument("--suffix", default="_cuda", help="file-name suffix before .json (e.g. _cuda, _cpu)")
+    p.add_argument("--out", default=None, help="summary JSON (default: seed_summary{suffix}.json in --dir)")
     args = p.parse_args()
     directory = Path(args.dir)
     report = {"command": "python benchmarks/seed_summary.py " + " ".join(sys.argv[1:]),
@@ -87,8 +115,8 @@ def main() -> None:
             print(f"{key} over seeds {report[key]['seeds']}:")
             for name, value in report[key].items():
                 if name != "seeds":
-                    print(f"  {name}: " + ", ".join(f"{k} {figure(v, 4)}" for k, v in value.items()))
-    out = directory / f"seed_summary{args.suffix}.json"
+                    print(f"  {name}: " + ", ".join(f"{k} {figure(v, 4)}" for k, v in value.items() if k != "seeds"))
+    out = Path(args.out) if args.out else directory / f"seed_summary{args.suffix}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"written {out}")
 

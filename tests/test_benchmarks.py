@@ -142,3 +142,29 @@ def test_seed_summary_takes_ratios_within_each_seed(tmp_path):
     assert masked["diffusionblocks"]["bits_per_token"]["mean"] == 4.0
     assert masked["ratios"]["diffusionblocks_over_auto"]["max"] == 5.0 / 4.0
     assert report["text_ar"] is None
+
+
+def test_seed_summary_merges_per_strategy_text_files(tmp_path):
+    """AR runs stored one file per strategy are paired by seed; chain and σ_max figures are over the plain LM's."""
+    chain, sigma_max, plain = [27.0, 20.0, 24.0], [3.1, 3.0, 3.3], [2.6, 2.5, 2.7]
+    for seed in range(3):
+        db = {"bits_per_char_chain": chain[seed], "bits_per_char_sigma_max": sigma_max[seed], "accuracy_step_0": 0.4}
+        (tmp_path / f"text_ar_diffusionblocks_seed{seed}_cpu.json").write_text(
+            json.dumps({"results": {"diffusionblocks": db}})
+        )
+        (tmp_path / f"text_ar_plain_seed{seed}_cpu.json").write_text(
+            json.dumps({"results": {"plain": {"bits_per_char": plain[seed], "accuracy": 0.47}}})
+        )
+    out = tmp_path / "summary.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "seed_summary.py"), "--dir", str(tmp_path), "--suffix", "_cpu",
+           "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ar = json.loads(out.read_text())["text_ar"]
+    assert ar["seeds"] == [0, 1, 2]
+    assert ar["plain"]["seeds"] == [0, 1, 2]
+    over_plain = [c / p for c, p in zip(chain, plain)]
+    assert abs(ar["ratios"]["diffusionblocks_over_plain"]["mean"] - sum(over_plain) / 3) < 1e-12
+    assert ar["ratios"]["diffusionblocks_sigma_max_over_plain"]["max"] == max(s / p for s, p in zip(sigma_max, plain))
+    assert "diffusionblocks_over_auto" not in ar["ratios"]
+    assert abs(ar["diffusionblocks"]["accuracy_step_0"]["mean"] - 0.4) < 1e-12
