@@ -3,7 +3,9 @@
 #   (1) the ablations (partition, γ, B at equal layer evaluations) with rectified flow at the demo's full budget,
 #       training seeds 0 1 2 and sampling seeds 0 1 2;
 #   (2) classification, DiffusionBlocks vs a plain ViT on Fashion-MNIST, training seeds 0 1 2, with learning curves;
-#   (3) the masked and autoregressive character LMs (AR against a plain next-token model), training seeds 0 1 2.
+#   (3) the masked and autoregressive character LMs (AR against a plain next-token model), training seeds 0 1 2;
+#   (4) DDPM parity with v-prediction (DiffusionBlocks vs end to end, 12,000 layer evaluations), training seeds
+#       0 1 2 and sampling seeds 0 1 (the CPU row has one training seed).
 # Every job writes its JSON as it finishes, so a run cut short by the timeouts keeps what was done.
 # Usage on a GPU machine with torch + lightning + timm + torchmetrics installed:
 #   OUT=results_dir MNIST=dir_with_mnist_idx FASHION=dir_with_fashion_idx [TEXT=corpus.txt] bash benchmarks/gpu_quality.sh
@@ -35,6 +37,10 @@ timeout "${ABLATION_SECONDS:-420}" python3 benchmarks/parity.py --task none --ab
   --seeds 0 1 2 --eval-seeds 0 1 2 --jobs 9 --accelerator "$ACC" --eval-device "$EVAL" "${GEN[@]}" \
   ${MNIST:+--mnist-dir "$MNIST"} --workdir "$WORK/ablation" --out "$OUT/ablation_seeds_flow_cuda.json" \
   >"$WORK/logs/ablation.log" 2>&1 &
+timeout "${DDPM_SECONDS:-420}" python3 benchmarks/parity.py --task generation --formulation ddpm --prediction v \
+  --seeds 0 1 2 --eval-seeds 0 1 --jobs 6 --accelerator "$ACC" --eval-device "$EVAL" "${GEN[@]}" \
+  ${MNIST:+--mnist-dir "$MNIST"} --workdir "$WORK/ddpm_v" --out "$OUT/parity_generation_ddpm_v_cuda.json" \
+  >"$WORK/logs/ddpm_v.log" 2>&1 &
 for seed in 0 1 2; do
   for strategy in diffusionblocks plain; do
     timeout "${CLASSIFICATION_SECONDS:-420}" python3 examples/classification.py --strategy "$strategy" \

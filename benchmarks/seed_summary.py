@@ -31,6 +31,16 @@ def seeds_of(directory: Path, pattern: str) -> dict[int, dict]:
     return found
 
 
+def evaluator_noise(per_run: dict[int, list[float]]) -> dict | None:
+    """The evaluator's own noise: each checkpoint's standard deviation over evaluation seeds, averaged over the
+    checkpoints that recorded several (``{training seed: [figure per evaluation seed]}``)."""
+    stds = {seed: spread(values)["std"] for seed, values in per_run.items() if len(values) > 1}
+    if not stds:
+        return None
+    return {"std": sum(stds.values()) / len(stds), "training_seeds": sorted(stds), "per_checkpoint": stds,
+            "evaluation_seeds": max(len(v) for v in per_run.values())}  # fmt: skip
+
+
 def classification(directory: Path, suffix: str) -> dict | None:
     runs = {s: seeds_of(directory, rf"classification_{s}_seed(\d+){re.escape(suffix)}\.json")
             for s in ("diffusionblocks", "plain")}  # fmt: skip
@@ -41,6 +51,10 @@ def classification(directory: Path, suffix: str) -> dict | None:
     out = {"seeds": seeds, **{s: spread(v) for s, v in acc.items()},
            "ratio": spread([d / p for d, p in zip(acc["diffusionblocks"], acc["plain"])]),
            "epochs": runs["plain"][seeds[0]]["results"]["plain"].get("epochs")}  # fmt: skip
+    noise = evaluator_noise({k: runs["diffusionblocks"][k]["results"]["diffusionblocks"].get("accuracy_eval_seeds", [])
+                             for k in seeds})  # fmt: skip
+    if noise:
+        out["evaluator_noise"] = noise
     curves = [(runs["diffusionblocks"][k]["results"]["diffusionblocks"].get("curve"),
                runs["plain"][k]["results"]["plain"].get("curve")) for k in seeds]  # fmt: skip
     if all(d and p for d, p in curves):
@@ -86,6 +100,10 @@ def text(directory: Path, suffix: str, objective: str) -> dict | None:
                    if have and all(k in merged[s][strategy] for s in have)}  # fmt: skip
         if figures:
             out[strategy] = {"seeds": have, **figures}
+            noise = {k: evaluator_noise({s: merged[s][strategy].get("eval_seeds", {}).get(k, []) for s in have})
+                     for k in figures}  # fmt: skip
+            if any(noise.values()):
+                out[strategy]["evaluator_noise"] = {k: v for k, v in noise.items() if v}
     for name, (strategy, key, baseline, base_key) in TEXT_RATIOS[objective].items():
         have = [s for s in out["seeds"] if strategy in merged[s] and baseline in merged[s]]
         if have:
@@ -110,12 +128,17 @@ def main() -> None:
         print(f"classification over seeds {cls['seeds']} ({cls['epochs']} epochs): DiffusionBlocks"
               f" {figure(cls['diffusionblocks'], 4)}, plain ViT {figure(cls['plain'], 4)},"
               f" ratio {figure(cls['ratio'], 3)} (target ≥ 0.97)")  # fmt: skip
+        if "evaluator_noise" in cls:
+            noise = cls["evaluator_noise"]["std"]
+            print(f"  evaluator noise (DiffusionBlocks accuracy std over sampler seeds): {noise:.4f}")
     for key in ("text_masked", "text_ar"):
         if report[key]:
             print(f"{key} over seeds {report[key]['seeds']}:")
             for name, value in report[key].items():
                 if name != "seeds":
-                    print(f"  {name}: " + ", ".join(f"{k} {figure(v, 4)}" for k, v in value.items() if k != "seeds"))
+                    print(f"  {name}: " + ", ".join(f"{k} {figure(v, 4)}" for k, v in value.items() if "mean" in v))
+                    for k, v in value.get("evaluator_noise", {}).items():
+                        print(f"    evaluator noise of {k}: std {v['std']:.4f} over {v['evaluation_seeds']} seeds")
     out = Path(args.out) if args.out else directory / f"seed_summary{args.suffix}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"written {out}")

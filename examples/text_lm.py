@@ -68,6 +68,9 @@ def parse_args(objective: str, doc: str, argv: list[str] | None = None) -> argpa
         p.add_argument("--prompt-chars", type=int, default=48, help="test-text characters given as the prompt")
         p.add_argument("--new-chars", type=int, default=160, help="characters to generate per prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-seeds", type=int, default=3,
+                   help="noise seeds of the diffusion models' test figures (the first is the reported one; the "
+                        "others measure the evaluator's own noise)")  # fmt: skip
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
@@ -167,9 +170,14 @@ BITS = {"ce_sigma_max": "bits_per_char_sigma_max", "ce_chain": "bits_per_char_ch
 
 
 def evaluate(
-    module: ldb.DiffusionBlocksModule | PlainLM, data: ldb.data.TextDataModule, batches: int, objective: str
+    module: ldb.DiffusionBlocksModule | PlainLM,
+    data: ldb.data.TextDataModule,
+    batches: int,
+    objective: str,
+    eval_seed: int = 0,
 ) -> dict[str, float]:
-    """Mean per-token metrics over the first ``batches`` test batches (nats, and bits per character)."""
+    """Mean per-token metrics over the first ``batches`` test batches (nats, and bits per character); the noise
+    of batch i is drawn from seed ``i + 1_000_003·eval_seed``."""
     sums: dict[str, float] = {}
     count = 0
     for i, batch in enumerate(data.test_dataloader()):
@@ -177,7 +185,7 @@ def evaluate(
             break
         batch = batch.to(module.device)
         options = {"samples": 4 * module.num_blocks} if objective == "masked" else {}  # masking times per sequence
-        for name, value in module.evaluate_batch(batch, seed=i, **options).items():
+        for name, value in module.evaluate_batch(batch, seed=i + 1_000_003 * eval_seed, **options).items():
             sums[name] = sums.get(name, 0.0) + float(value.sum())
         count += batch.shape[0]
     out = {name: total / count for name, total in sums.items()}
@@ -250,8 +258,13 @@ def run(args: argparse.Namespace, objective: str, strategy: str, data: ldb.data.
     metrics = evaluate(module, data, args.eval_batches, objective)
     lines = generate(module, data, args, objective)
     layers_per_step = args.depth / args.num_blocks if strategy == "diffusionblocks" else args.depth
+    quality = sample_quality(lines, data, judge)
+    if strategy != "plain" and args.eval_seeds > 1:  # the plain LM's figure is deterministic
+        again = [evaluate(module, data, args.eval_batches, objective, eval_seed=k) for k in range(1, args.eval_seeds)]
+        extra["eval_seeds"] = {name: [metrics[name]] + [m[name] for m in again]
+                               for name in metrics if name.startswith(("bits_", "accuracy"))}  # fmt: skip
     return {"steps": steps, "layer_evaluations": int(steps * layers_per_step), "train_seconds": seconds, **extra,
-            **metrics, **sample_quality(lines, data, judge), "samples": lines}  # fmt: skip
+            **metrics, **quality, "samples": lines}  # fmt: skip
 
 
 def ratios(results: dict[str, dict], objective: str) -> dict[str, float]:

@@ -65,12 +65,20 @@ def test_parity_quick(tmp_path, mnist_dir):
     cls = report["classification"]["results"]
     assert cls["diffusionblocks"]["steps"] == 3 * cls["auto"]["steps"]
     assert cls["plain"]["steps"] == cls["auto"]["steps"]
+    for strategy in ("diffusionblocks", "auto"):  # the evaluator's noise: the same model under 3 sampler seeds
+        seeds = cls[strategy]["accuracy_eval_seeds"]
+        assert len(seeds) == 3
+        assert seeds[0] == cls[strategy]["accuracy"]
+    assert "accuracy_eval_seeds" not in cls["plain"]  # its prediction has no noise
     for key, blocks in (("text_masked", 3), ("text_autoregressive", 4)):
         text = report[key]["results"]
         assert text["diffusionblocks"]["steps"] == blocks * text["auto"]["steps"]
         assert text["diffusionblocks"]["layer_evaluations"] == text["auto"]["layer_evaluations"]
         assert all(r["judge_bits_per_char"] > 0 and 0 <= r["word_validity"] <= 1 for r in text.values())
     assert report["text_masked"]["results"]["auto"]["bits_per_token"] > 0
+    masked_noise = report["text_masked"]["results"]["diffusionblocks"]["eval_seeds"]["bits_per_token"]
+    assert masked_noise[0] == report["text_masked"]["results"]["diffusionblocks"]["bits_per_token"]
+    assert len(set(masked_noise)) == 3  # other masking times give other estimates of the same model's bound
     assert report["text_autoregressive"]["results"]["auto"]["ce_chain"] > 0
     ablation = report["ablation"]
     assert [r["variant"] for r in ablation["rows"]] == ["--num-blocks 2", "--num-blocks 3", "--num-blocks 4"]
@@ -120,6 +128,8 @@ def test_seed_summary_takes_ratios_within_each_seed(tmp_path):
         for name, acc in (("diffusionblocks", a), ("plain", b)):
             curve = [{"layer_evaluations": 100.0 * (i + 1), "accuracy": acc / (2 - i)} for i in range(2)]
             result = {"accuracy": acc, "epochs": 10.0, "curve": curve}
+            if name == "diffusionblocks" and seed == 2:  # one checkpoint scored under three sampler seeds
+                result["accuracy_eval_seeds"] = [acc, acc + 0.01, acc - 0.01]
             path = tmp_path / f"classification_{name}_seed{seed}_cpu.json"
             path.write_text(json.dumps({"results": {name: result}}))
         text = {"results": {"diffusionblocks": {"bits_per_token": 3.0 + seed}, "auto": {"bits_per_token": 4.0}},
@@ -138,6 +148,8 @@ def test_seed_summary_takes_ratios_within_each_seed(tmp_path):
     assert abs(cls["diffusionblocks"]["mean"] - sum(db) / 3) < 1e-12
     assert [p["layer_evaluations"] for p in cls["curve_ratio"]] == [100.0, 200.0]
     assert abs(cls["curve_ratio"][0]["ratio"]["mean"] - mean) < 1e-12
+    assert cls["evaluator_noise"]["training_seeds"] == [2]
+    assert abs(cls["evaluator_noise"]["std"] - 0.01) < 1e-12
     masked = report["text_masked"]
     assert masked["diffusionblocks"]["bits_per_token"]["mean"] == 4.0
     assert masked["ratios"]["diffusionblocks_over_auto"]["max"] == 5.0 / 4.0
@@ -148,7 +160,8 @@ def test_seed_summary_merges_per_strategy_text_files(tmp_path):
     """AR runs stored one file per strategy are paired by seed; chain and σ_max figures are over the plain LM's."""
     chain, sigma_max, plain = [27.0, 20.0, 24.0], [3.1, 3.0, 3.3], [2.6, 2.5, 2.7]
     for seed in range(3):
-        db = {"bits_per_char_chain": chain[seed], "bits_per_char_sigma_max": sigma_max[seed], "accuracy_step_0": 0.4}
+        db = {"bits_per_char_chain": chain[seed], "bits_per_char_sigma_max": sigma_max[seed], "accuracy_step_0": 0.4,
+              "eval_seeds": {"bits_per_char_chain": [chain[seed], chain[seed] + 2 * seed]}}  # fmt: skip
         (tmp_path / f"text_ar_diffusionblocks_seed{seed}_cpu.json").write_text(
             json.dumps({"results": {"diffusionblocks": db}})
         )
@@ -168,3 +181,6 @@ def test_seed_summary_merges_per_strategy_text_files(tmp_path):
     assert ar["ratios"]["diffusionblocks_sigma_max_over_plain"]["max"] == max(s / p for s, p in zip(sigma_max, plain))
     assert "diffusionblocks_over_auto" not in ar["ratios"]
     assert abs(ar["diffusionblocks"]["accuracy_step_0"]["mean"] - 0.4) < 1e-12
+    noise = ar["diffusionblocks"]["evaluator_noise"]["bits_per_char_chain"]  # std of [c, c + 2s] is s·√2
+    assert abs(noise["std"] - sum(s * 2**0.5 for s in range(3)) / 3) < 1e-12
+    assert "evaluator_noise" not in ar["plain"]

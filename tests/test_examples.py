@@ -261,6 +261,11 @@ def test_text_ar_all_writes_three_rows_and_the_ratios(tmp_path: Path, corpus: Pa
     assert chain["bits_per_char_chain"] == pytest.approx(chain["ce_chain"] / math.log(2))  # the same conversion
     assert [k for k in chain if k.startswith("accuracy_step_")] == [f"accuracy_step_{i}" for i in range(4)]  # B = 4
     assert chain["accuracy_step_3"] == chain["accuracy_chain"]
+    noise = chain["eval_seeds"]  # the same model's test figures under noise seeds 0, 1, 2
+    assert noise["bits_per_char_chain"][0] == chain["bits_per_char_chain"]
+    assert len(noise["bits_per_char_sigma_max"]) == 3
+    assert len(set(noise["bits_per_char_sigma_max"])) == 3
+    assert "eval_seeds" not in rows["plain"]
 
 
 def test_text_ar_trained_target_embedding_selects_shared_stems(tmp_path: Path, corpus: Path) -> None:
