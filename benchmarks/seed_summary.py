@@ -67,6 +67,7 @@ def classification(directory: Path, suffix: str) -> dict | None:
     return out
 
 
+STRATEGIES = ("diffusionblocks", "auto", "plain")
 TEXT_KEYS = {
     "masked": ["bits_per_token"],
     "ar": ["bits_per_char_sigma_max", "bits_per_char_chain", "bits_per_char", "accuracy",
@@ -88,13 +89,13 @@ def text(directory: Path, suffix: str, objective: str) -> dict | None:
     """Per-seed text figures, from one file per seed (``text_{objective}_seed{S}``) or one per strategy and seed
     (``text_{objective}_{strategy}_seed{S}``), merged by seed."""
     merged: dict[int, dict] = {}
-    for strategy in ("", "diffusionblocks_", "auto_", "plain_"):
-        for seed, run in seeds_of(directory, rf"text_{objective}_{strategy}seed(\d+){re.escape(suffix)}\.json").items():
+    for prefix in ("", *(f"{s}_" for s in STRATEGIES)):
+        for seed, run in seeds_of(directory, rf"text_{objective}_{prefix}seed(\d+){re.escape(suffix)}\.json").items():
             merged.setdefault(seed, {}).update(run["results"])
     if not merged:
         return None
     out: dict = {"seeds": sorted(merged)}
-    for strategy in ("diffusionblocks", "auto", "plain"):
+    for strategy in STRATEGIES:
         have = [s for s in out["seeds"] if strategy in merged[s]]
         figures = {k: spread([merged[s][strategy][k] for s in have]) for k in TEXT_KEYS[objective]
                    if have and all(k in merged[s][strategy] for s in have)}  # fmt: skip

@@ -179,8 +179,9 @@ def fit_and_test(args: argparse.Namespace, module: L.LightningModule, strategy: 
     return result
 
 
-def measure_accuracy(module: L.LightningModule, data: L.LightningDataModule, args: argparse.Namespace,
-                  seed: int) -> tuple[float, int]:  # fmt: skip
+def measure_accuracy(
+    module: L.LightningModule, data: L.LightningDataModule, args: argparse.Namespace, seed: int
+) -> tuple[float, int]:
     """Test accuracy (and the number of images) with the sampler's noise drawn from ``seed``."""
     data.setup("test")
     correct = total = 0
