@@ -423,6 +423,20 @@ def ablation(args: argparse.Namespace) -> dict:
     return {"rows": rows, "summary": summary}
 
 
+def merge_generation(paths: list[str]) -> dict:
+    """One generation report from several result files (training seeds run at different times): their rows,
+    each (run, sampling seed) once, summarised together."""
+    rows: dict[tuple[str, int], dict] = {}
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        if "generation" not in report:
+            raise SystemExit(f"{path} holds no generation rows; pass result files written by --task generation")
+        for row in report["generation"]["rows"]:
+            rows.setdefault((row["run"], row["eval_seed"]), row)
+    merged = sorted(rows.values(), key=lambda r: (r["seed"], r["strategy"], r["eval_seed"]))
+    return {"rows": merged, "merged_from": list(paths), "summary": summarize_generation(merged)}
+
+
 def figure(value: float | dict, digits: int) -> str:
     """A figure, or mean ± standard deviation over seeds."""
     if isinstance(value, dict):
@@ -460,7 +474,10 @@ def table_generation(result: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--task", default="all", choices=["all", "generation", "classification", "text", "text-mdm", "text-ar", "none"]
+        "--task",
+        default=None,
+        choices=["all", "generation", "classification", "text", "text-mdm", "text-ar", "none"],
+        help="which rows to run (default: all; with --merge: none)",
     )
     p.add_argument("--mdm-steps", type=int, default=600, help="masked LM end-to-end steps (DiffusionBlocks: B×)")
     p.add_argument("--ar-steps", type=int, default=400, help="autoregressive LM end-to-end steps (DiffusionBlocks: B×)")
@@ -468,6 +485,7 @@ def main() -> None:
     p.add_argument("--ablation", default=None, choices=["partition", "gamma", "blocks", "all"])
     p.add_argument("--fresh", action="store_true", help="retrain ablation runs even if their folder is complete")
     p.add_argument("--reuse", nargs="+", metavar="RUN", help="evaluate existing demo output folders")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="summarise the generation rows of earlier result files")
     p.add_argument("--gen-steps", type=int, default=6000, help="DiffusionBlocks steps (end-to-end gets a third)")
     p.add_argument("--formulation", default="edm", choices=list(GENERATION_TASKS), help="generation runs' formulation")
     p.add_argument("--prediction", default="epsilon", choices=["epsilon", "v"], help="DDPM runs' network output")
@@ -488,9 +506,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny models and budgets (for tests)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    args.task = args.task or ("none" if args.merge else "all")
+    if args.merge and args.task not in ("none", "generation"):
+        p.error("--merge only summarises generation files; drop --task or pass --task generation")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     report: dict = {"command": "python benchmarks/parity.py " + " ".join(sys.argv[1:])}
-    if args.task in ("all", "generation"):
+    if args.merge:
+        report["generation"] = merge_generation(args.merge)
+        print(table_generation(report["generation"]))
+    elif args.task in ("all", "generation"):
         report["generation"] = generation(args)
         print(table_generation(report["generation"]))
     if args.task in ("all", "classification"):

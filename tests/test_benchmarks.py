@@ -184,3 +184,34 @@ def test_seed_summary_merges_per_strategy_text_files(tmp_path):
     noise = ar["diffusionblocks"]["evaluator_noise"]["bits_per_char_chain"]  # std of [c, c + 2s] is s·√2
     assert abs(noise["std"] - sum(s * 2**0.5 for s in range(3)) / 3) < 1e-12
     assert "evaluator_noise" not in ar["plain"]
+
+
+def test_parity_merge_pairs_seeds_across_files(tmp_path):
+    """--merge joins generation files run at different times: each seed's ratio comes from its own pair, a row
+    repeated in two files counts once, and the evaluator's noise comes from the checkpoint with two sampling seeds."""
+
+    def row(strategy: str, seed: int, eval_seed: int, fid: float, acc: float) -> dict:
+        return {"run": f"gen_{strategy}_seed{seed}", "strategy": strategy, "seed": seed, "eval_seed": eval_seed,
+                "steps": 1, "layer_evaluations": 6, "fid": fid, "class_accuracy": acc, "val_loss": 0.1}  # fmt: skip
+
+    first = [row("auto", 0, 0, 60.0, 0.9), row("auto", 0, 1, 64.0, 0.9), row("diffusionblocks", 0, 0, 30.0, 0.8)]
+    second = [row("auto", 1, 0, 40.0, 1.0), row("diffusionblocks", 1, 0, 40.0, 0.9), first[0]]
+    for name, rows in (("a.json", first), ("b.json", second)):
+        (tmp_path / name).write_text(json.dumps({"command": "x", "generation": {"rows": rows}}))
+    out = tmp_path / "merged.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "parity.py"), "--merge", str(tmp_path / "a.json"),
+           str(tmp_path / "b.json"), "--workdir", str(tmp_path / "w"), "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = json.loads(out.read_text())["generation"]
+    assert len(merged["rows"]) == 5
+    summary = merged["summary"]
+    assert summary["fid_ratio"]["n"] == 2
+    assert abs(summary["fid_ratio"]["mean"] - (30 / 60 + 40 / 40) / 2) < 1e-12  # not (30 + 40) / (60 + 40)
+    assert abs(summary["accuracy_ratio"]["mean"] - (0.8 / 0.9 + 0.9 / 1.0) / 2) < 1e-12
+    assert abs(summary["evaluator_fid_std"]["mean"] - 8**0.5) < 1e-9  # std of (60, 64), sample std
+    assert summary["auto"]["fid"]["mean"] == 50.0  # first sampling seed of each checkpoint only
+
+    bad = subprocess.run(cmd[:-2] + ["--task", "all"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0
+    assert "--merge only summarises generation files" in bad.stderr
