@@ -5,8 +5,9 @@ writes them; so does any loop over ``--seed`` with ``--json``).
 
 Reads ``classification_{diffusionblocks,plain}_seed{S}{suffix}.json`` and ``text_{masked,ar}_seed{S}{suffix}.json``
 (or one text file per strategy, ``text_ar_plain_seed{S}{suffix}.json``); each ratio is taken within a seed (the runs
-share its data order), then summarised. Writes ``seed_summary{suffix}.json`` beside them (or ``--out``) and prints
-the figures.
+share its data order), then summarised. AR runs with f_in(x) targets (``text_ar_input_targets_{strategy}_seed{S}``)
+are summarised apart, against the same seeds' plain LM. Writes ``seed_summary{suffix}.json`` beside them (or
+``--out``) and prints the figures.
 """
 
 from __future__ import annotations
@@ -85,13 +86,25 @@ TEXT_RATIOS = {  # name: (strategy, its figure, baseline, the baseline's figure)
 }  # fmt: skip
 
 
-def text(directory: Path, suffix: str, objective: str) -> dict | None:
-    """Per-seed text figures, from one file per seed (``text_{objective}_seed{S}``) or one per strategy and seed
-    (``text_{objective}_{strategy}_seed{S}``), merged by seed."""
+def text_runs(directory: Path, suffix: str, stem: str) -> dict[int, dict]:
+    """``{seed: {strategy: figures}}`` from one file per seed (``{stem}_seed{S}``) or one per strategy and seed
+    (``{stem}_{strategy}_seed{S}``), merged by seed."""
     merged: dict[int, dict] = {}
     for prefix in ("", *(f"{s}_" for s in STRATEGIES)):
-        for seed, run in seeds_of(directory, rf"text_{objective}_{prefix}seed(\d+){re.escape(suffix)}\.json").items():
+        for seed, run in seeds_of(directory, rf"{stem}_{prefix}seed(\d+){re.escape(suffix)}\.json").items():
             merged.setdefault(seed, {}).update(run["results"])
+    return merged
+
+
+def text(directory: Path, suffix: str, objective: str, variant: str | None = None) -> dict | None:
+    """Per-seed text figures of ``text_{objective}`` runs, merged by seed. A ``variant`` (``input_targets``) takes
+    the σ-conditioned runs from ``text_{objective}_{variant}`` files and the plain LM from the ordinary ones, so
+    a variant of the diffusion runs is compared with the same plain baseline, seed by seed."""
+    merged = text_runs(directory, suffix, f"text_{objective}")
+    if variant:
+        runs = text_runs(directory, suffix, f"text_{objective}_{variant}")
+        merged = {seed: {**{k: v for k, v in merged.get(seed, {}).items() if k == "plain"}, **run}
+                  for seed, run in runs.items()}  # fmt: skip
     if not merged:
         return None
     out: dict = {"seeds": sorted(merged)}
@@ -123,7 +136,8 @@ def main() -> None:
     report = {"command": "python benchmarks/seed_summary.py " + " ".join(sys.argv[1:]),
               "classification": classification(directory, args.suffix),
               "text_masked": text(directory, args.suffix, "masked"),
-              "text_ar": text(directory, args.suffix, "ar")}  # fmt: skip
+              "text_ar": text(directory, args.suffix, "ar"),
+              "text_ar_input_targets": text(directory, args.suffix, "ar", variant="input_targets")}  # fmt: skip
     cls = report["classification"]
     if cls:
         print(f"classification over seeds {cls['seeds']} ({cls['epochs']} epochs): DiffusionBlocks"
@@ -132,7 +146,7 @@ def main() -> None:
         if "evaluator_noise" in cls:
             noise = cls["evaluator_noise"]["std"]
             print(f"  evaluator noise (DiffusionBlocks accuracy std over sampler seeds): {noise:.4f}")
-    for key in ("text_masked", "text_ar"):
+    for key in ("text_masked", "text_ar", "text_ar_input_targets"):
         if report[key]:
             print(f"{key} over seeds {report[key]['seeds']}:")
             for name, value in report[key].items():

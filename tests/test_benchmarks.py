@@ -168,6 +168,11 @@ def test_seed_summary_merges_per_strategy_text_files(tmp_path):
         (tmp_path / f"text_ar_plain_seed{seed}_cpu.json").write_text(
             json.dumps({"results": {"plain": {"bits_per_char": plain[seed], "accuracy": 0.47}}})
         )
+        if seed:  # an f_in(x) variant over seeds 1 and 2, against the same plain runs
+            fin = {"bits_per_char_chain": chain[seed] / 2, "bits_per_char_sigma_max": sigma_max[seed]}
+            (tmp_path / f"text_ar_input_targets_diffusionblocks_seed{seed}_cpu.json").write_text(
+                json.dumps({"results": {"diffusionblocks": fin}})
+            )
     out = tmp_path / "summary.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "seed_summary.py"), "--dir", str(tmp_path), "--suffix", "_cpu",
            "--out", str(out)]  # fmt: skip
@@ -184,6 +189,10 @@ def test_seed_summary_merges_per_strategy_text_files(tmp_path):
     noise = ar["diffusionblocks"]["evaluator_noise"]["bits_per_char_chain"]  # std of [c, c + 2s] is s·√2
     assert abs(noise["std"] - sum(s * 2**0.5 for s in range(3)) / 3) < 1e-12
     assert "evaluator_noise" not in ar["plain"]
+    fin = json.loads(out.read_text())["text_ar_input_targets"]
+    assert fin["seeds"] == [1, 2]
+    assert abs(fin["ratios"]["diffusionblocks_over_plain"]["mean"] - sum(over_plain[1:]) / 4) < 1e-12
+    assert abs(fin["diffusionblocks"]["bits_per_char_chain"]["mean"] - (chain[1] + chain[2]) / 4) < 1e-12
 
 
 def test_parity_merge_pairs_seeds_across_files(tmp_path):
