@@ -110,21 +110,27 @@ def run_example(script: str, *args: str) -> None:
 
 
 def run_examples(jobs: list[tuple[str, list[str]]], parallel: int, done=None) -> None:  # noqa: ANN001
-    """Run example trainings, ``parallel`` at a time; ``done(index)`` is called as each one finishes."""
+    """Run example trainings, ``parallel`` at a time; ``done(index)`` is called as each one finishes, once its slot
+    has gone to the next job, so that scoring a finished run overlaps the training of the others."""
     pending, running = list(enumerate(jobs)), {}
-    while pending or running:
+
+    def fill() -> None:
         while pending and len(running) < max(1, parallel):
             i, (script, args) = pending.pop(0)
             cmd = example_command(script, *args)
             print("$", " ".join(cmd), flush=True)
             running[i] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for i, proc in list(running.items()):
-            if proc.poll() is None:
-                continue
-            err = proc.stderr.read() if proc.stderr else ""
-            del running[i]
+
+    while pending or running:
+        fill()
+        finished = [i for i, proc in running.items() if proc.poll() is not None]
+        for i in finished:
+            proc = running.pop(i)
             if proc.returncode:
+                err = proc.stderr.read() if proc.stderr else ""
                 sys.exit(f"{jobs[i][0]} failed:\n{err[-4000:]}")
+        fill()
+        for i in finished:
             if done is not None:
                 done(i)
         time.sleep(0.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,3 +225,24 @@ def test_parity_merge_pairs_seeds_across_files(tmp_path):
     bad = subprocess.run(cmd[:-2] + ["--task", "all"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0
     assert "--merge only summarises generation files" in bad.stderr
+
+
+def test_run_examples_starts_the_next_job_before_scoring(tmp_path, monkeypatch):
+    """A finished run is scored only after its slot went to the next job, so scoring overlaps training."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import parity
+
+    def command(script: str, *args: str) -> list[str]:  # each job leaves a file as it starts
+        return [sys.executable, "-c", f"open({str(tmp_path / script)!r}, 'w').close()"]
+
+    monkeypatch.setattr(parity, "example_command", command)
+    seen: list[tuple[int, bool]] = []
+
+    def done(i: int) -> None:
+        deadline = time.monotonic() + 30
+        while i == 0 and not (tmp_path / "second").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.append((i, (tmp_path / "second").exists()))
+
+    parity.run_examples([("first", []), ("second", [])], parallel=1, done=done)
+    assert seen == [(0, True), (1, True)]
