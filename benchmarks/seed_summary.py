@@ -6,7 +6,8 @@ writes them; so does any loop over ``--seed`` with ``--json``).
 Reads ``classification_{diffusionblocks,plain}_seed{S}{suffix}.json`` and ``text_{masked,ar}_seed{S}{suffix}.json``
 (or one text file per strategy, ``text_ar_plain_seed{S}{suffix}.json``); each ratio is taken within a seed (the runs
 share its data order), then summarised. AR runs with f_in(x) targets (``text_ar_input_targets_{strategy}_seed{S}``)
-are summarised apart, against the same seeds' plain LM. Writes ``seed_summary{suffix}.json`` beside them (or
+are summarised apart, against the same seeds' plain LM, and so are classification runs at twice the budget
+(``classification_{strategy}_16ep_seed{S}``). Writes ``seed_summary{suffix}.json`` beside them (or
 ``--out``) and prints the figures.
 """
 
@@ -42,8 +43,11 @@ def evaluator_noise(per_run: dict[int, list[float]]) -> dict | None:
             "evaluation_seeds": max(len(v) for v in per_run.values())}  # fmt: skip
 
 
-def classification(directory: Path, suffix: str) -> dict | None:
-    runs = {s: seeds_of(directory, rf"classification_{s}_seed(\d+){re.escape(suffix)}\.json")
+def classification(directory: Path, suffix: str, budget: str | None = None) -> dict | None:
+    """DiffusionBlocks against the plain ViT, paired by seed; ``budget`` (``16ep``) reads the runs of another length,
+    ``classification_{strategy}_{budget}_seed{S}``."""
+    tag = f"_{budget}" if budget else ""
+    runs = {s: seeds_of(directory, rf"classification_{s}{tag}_seed(\d+){re.escape(suffix)}\.json")
             for s in ("diffusionblocks", "plain")}  # fmt: skip
     seeds = sorted(set(runs["diffusionblocks"]) & set(runs["plain"]))
     if not seeds:
@@ -135,11 +139,13 @@ def main() -> None:
     directory = Path(args.dir)
     report = {"command": "python benchmarks/seed_summary.py " + " ".join(sys.argv[1:]),
               "classification": classification(directory, args.suffix),
+              "classification_16ep": classification(directory, args.suffix, budget="16ep"),
               "text_masked": text(directory, args.suffix, "masked"),
               "text_ar": text(directory, args.suffix, "ar"),
               "text_ar_input_targets": text(directory, args.suffix, "ar", variant="input_targets")}  # fmt: skip
-    cls = report["classification"]
-    if cls:
+    for cls in (report["classification"], report["classification_16ep"]):
+        if not cls:
+            continue
         print(f"classification over seeds {cls['seeds']} ({cls['epochs']} epochs): DiffusionBlocks"
               f" {figure(cls['diffusionblocks'], 4)}, plain ViT {figure(cls['plain'], 4)},"
               f" ratio {figure(cls['ratio'], 3)} (target ≥ 0.97)")  # fmt: skip

@@ -133,6 +133,11 @@ def test_seed_summary_takes_ratios_within_each_seed(tmp_path):
                 result["accuracy_eval_seeds"] = [acc, acc + 0.01, acc - 0.01]
             path = tmp_path / f"classification_{name}_seed{seed}_cpu.json"
             path.write_text(json.dumps({"results": {name: result}}))
+            if seed < 2:  # a longer budget over two seeds, kept apart from the runs above
+                longer = {"accuracy": acc + 0.05, "epochs": 20.0}
+                (tmp_path / f"classification_{name}_16ep_seed{seed}_cpu.json").write_text(
+                    json.dumps({"results": {name: longer}})
+                )
         text = {"results": {"diffusionblocks": {"bits_per_token": 3.0 + seed}, "auto": {"bits_per_token": 4.0}},
                 "ratios": {"diffusionblocks_over_auto": (3.0 + seed) / 4.0}}  # fmt: skip
         (tmp_path / f"text_masked_seed{seed}_cpu.json").write_text(json.dumps(text))
@@ -151,6 +156,10 @@ def test_seed_summary_takes_ratios_within_each_seed(tmp_path):
     assert abs(cls["curve_ratio"][0]["ratio"]["mean"] - mean) < 1e-12
     assert cls["evaluator_noise"]["training_seeds"] == [2]
     assert abs(cls["evaluator_noise"]["std"] - 0.01) < 1e-12
+    longer = report["classification_16ep"]
+    assert longer["seeds"] == [0, 1]
+    assert longer["epochs"] == 20.0
+    assert abs(longer["ratio"]["mean"] - sum((a + 0.05) / (b + 0.05) for a, b in zip(db[:2], plain[:2])) / 2) < 1e-12
     masked = report["text_masked"]
     assert masked["diffusionblocks"]["bits_per_token"]["mean"] == 4.0
     assert masked["ratios"]["diffusionblocks_over_auto"]["max"] == 5.0 / 4.0
