@@ -121,8 +121,8 @@ def run_examples(jobs: list[tuple[str, list[str]]], parallel: int, done=None) ->
             print("$", " ".join(cmd), flush=True)
             running[i] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    while pending or running:
-        fill()
+    fill()
+    while running:  # a pending job always finds a slot, so nothing is left once no job runs
         finished = [i for i, proc in running.items() if proc.poll() is not None]
         for i in finished:
             proc = running.pop(i)
