@@ -54,7 +54,7 @@ def test_disk_offload_trains_bit_identically(tmp_path, schedule):
         assert torch.equal(a, b), name
     if schedule == "sequential":
         assert offload.stats["offloads"] == 2 + 2  # initial two, then one per phase change
-    assert not any((tmp_path / "off").glob("*.tmp"))
+    assert not any((tmp_path / "off").rglob("*.tmp"))
 
 
 def test_offload_checkpoint_holds_every_group(tmp_path):
@@ -186,7 +186,7 @@ def test_after_training_offloaded_optimizer_state_comes_back_to_the_host(tmp_pat
     offload._module, offload._optimizer, offload._mode = module, opt, "disk"
     offload._device = torch.device("cpu", 0)  # stands in for an accelerator: distinct from the host's "cpu"
     offload._resident = {0, 1, 2}
-    offload.directory.mkdir()
+    offload._prepare_directory(rank=0)
     placed: list[tuple[str, torch.device]] = []
     target = offload._target
     monkeypatch.setattr(offload, "_target", lambda slot: placed.append((slot[1], target(slot))) or target(slot))
