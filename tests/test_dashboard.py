@@ -201,19 +201,47 @@ def test_progress_bar_shows_the_active_group_and_its_running_loss(run: dict[str,
         assert "train/loss" not in bar  # the mixed-group loss stays in the loggers only
 
 
+def test_group_losses_reach_model_checkpoint_and_early_stopping(tmp_path: Path) -> None:
+    """Loggers get per-group points directly; callbacks read ``trainer.callback_metrics``, which must hold each
+    group's latest loss for ``monitor="train/loss_group_{g}"`` to save and stop."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    module = ldb.DiffusionBlocksModule(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=GROUPS)
+    recorder = Recorder()
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="train/loss_group_0", save_top_k=1, mode="min")
+    stop = EarlyStopping(monitor="train/loss_group_0", stopping_threshold=1e9)  # stops at its first check
+    strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=2)
+    kwargs = trainer_kwargs(tmp_path, callbacks=[recorder, best, stop], enable_checkpointing=True)
+    trainer = L.Trainer(strategy=strategy, max_epochs=3, **kwargs)
+    trainer.fit(module, image_loader())  # 4 batches an epoch: groups 0 0 1 1, then the end-of-epoch checks
+    losses = recorder.losses
+    assert trainer.global_step == 4  # EarlyStopping fired at the end of the first epoch
+    assert stop.stopping_reason_message is not None
+    assert Path(best.best_model_path).is_file()
+    assert float(best.best_model_score) == pytest.approx(losses[1])  # group 0's latest loss at the epoch's end
+    metrics = trainer.callback_metrics
+    assert not any(f"train/loss_group_{g}" in metrics for g in range(2, GROUPS))  # only the groups that trained
+    assert float(metrics["train/loss_group_0"]) == pytest.approx(losses[1])
+    assert float(metrics["train/loss_group_1"]) == pytest.approx(losses[3])
+
+
 # ---------------------------------------------------------------------- memory and offload
 def test_memory_of_every_group_and_offload_statistics_on_every_logging_row(run: dict[str, Any]) -> None:
     rows, groups, tb = run["csv"], run["groups"], run["tb"]
-    for row in (EVERY - 1, 2 * EVERY - 1):
-        measured = set(groups[: row + 1])  # the groups trained so far, active or not at this row
-        memory = [r for r in rows if int(r["step"]) == row and r.get("memory/group_0/total_mib")]
+    logging_rows = (EVERY - 1, 2 * EVERY - 1)
+    for previous, row in zip((-1, *logging_rows), logging_rows):
+        trained = set(groups[previous + 1 : row + 1])  # the groups trained since the previous row
+        memory = [r for r in rows if int(r["step"]) == row and any(k.startswith("memory/") and v for k, v in r.items())]
         assert len(memory) == 1
-        for g in measured:
+        for g in range(GROUPS):
+            assert bool(memory[0].get(f"memory/group_{g}/total_mib")) == (g in trained), (row, g)
+        for g in trained:
             assert float(memory[0][f"memory/group_{g}/total_mib"]) > 0
             assert float(memory[0][f"memory/group_{g}/activations_mib"]) > 0
     for g in range(GROUPS):
-        assert [s for s, _ in tb_series(tb, f"memory/group_{g}/total_mib")] == [3, 7]
-        assert [s for s, _ in run["wandb"].series(f"memory/group_{g}/peak_rss_mib")] == [3, 7]
+        shown = [row for previous, row in zip((-1, *logging_rows), logging_rows) if g in groups[previous + 1 : row + 1]]
+        assert [s for s, _ in tb_series(tb, f"memory/group_{g}/total_mib")] == shown
+        assert [s for s, _ in run["wandb"].series(f"memory/group_{g}/peak_rss_mib")] == shown
     for key in ("offload/seconds", "offload/mib_moved", "offload/offloads", "offload/loads"):
         for name, points in every_logger(run, key).items():
             assert [s for s, _ in points] == [3, 7, STEPS], (name, key)  # logging rows, then the end-of-fit totals
