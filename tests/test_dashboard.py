@@ -441,18 +441,46 @@ def test_every_image_formulation_previews_a_class_grid(task: type[ldb.tasks.Imag
     assert torch.isfinite(preview.images).all()
 
 
+class OffloadFolder(L.Callback):
+    """Writes where this process's ``BlockOffload`` keeps its files (spawned processes return nothing else)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        offload = next(cb for cb in trainer.callbacks if isinstance(cb, ldb.callbacks.BlockOffload))
+        (self.out / f"rank{trainer.global_rank}.txt").write_text(str(offload.directory))
+
+
 @pytest.mark.slow  # two spawned processes: ~25 s on two cores, the rest of this file ~7 s
 def test_block_parallel_points_of_every_process_reach_rank_zeros_logger(tmp_path: Path) -> None:
-    """Under block parallel each process trains its own group: the points are gathered before rank 0 writes them."""
+    """Under block parallel each process trains its own groups (rank 0: 0 and 1, rank 1: 2 and 3): the loss points
+    and the memory figures are gathered before rank 0 writes them. Both processes offload into one directory, each
+    in a folder of its own."""
     strategy = ldb.BlockParallelStrategy(start_method="spawn", process_group_backend="gloo")
-    module = ldb.DiffusionBlocksModule(tiny_dit(depth=2), ldb.tasks.ImageGeneration(), num_blocks=2)
+    module = ldb.DiffusionBlocksModule(tiny_dit(depth=4), ldb.tasks.ImageGeneration(), num_blocks=4)
     samples = ldb.callbacks.SampleLogger(every_n_steps=0, steps=2, per_row=1, max_rows=2)
+    monitor, offload = ldb.callbacks.BlockMemoryMonitor(), ldb.callbacks.BlockOffload(directory=tmp_path / "offload")
     logger = CSVLogger(tmp_path, name="csv")
-    kwargs = trainer_kwargs(tmp_path, devices=2, logger=logger, log_every_n_steps=2, callbacks=[samples])
+    callbacks = [offload, monitor, samples, OffloadFolder(tmp_path)]
+    kwargs = trainer_kwargs(tmp_path, devices=2, logger=logger, log_every_n_steps=2, callbacks=callbacks)
     L.Trainer(strategy=strategy, max_steps=3, **kwargs).fit(module, image_loader(n=32, batch_size=4))
     folder = tmp_path / "csv" / "version_0"
     rows = list(csv.DictReader((folder / "metrics.csv").open()))
-    for g in range(2):  # rank g trains group g at every step
-        assert csv_series(rows, f"train/group_{g}/step") == [(0, 1.0), (1, 2.0), (2, 3.0)]
-        assert len(csv_series(rows, f"train/loss_group_{g}")) == 3
+    trained = {(s, g) for g in range(4) for s, _ in csv_series(rows, f"train/loss_group_{g}")}
+    for owned in ((0, 1), (2, 3)):  # each process trains one of its own groups at every step
+        steps = sorted(s for s, g in trained if g in owned)
+        assert steps == [0, 1, 2]
+        for g in owned:
+            own = [s for s, gg in sorted(trained) if gg == g]
+            assert csv_series(rows, f"train/group_{g}/step") == [(s, float(i + 1)) for i, s in enumerate(own)]
     assert [p.name for p in (folder / "samples").glob("*.png")] == ["samples_images_step3.png"]
+    # memory: the logging row after steps 0 and 1 shows the groups trained there, by whichever process
+    memory = {k.split("/")[1] for r in rows if r["step"] == "1" for k, v in r.items() if k.startswith("memory/") and v}
+    assert memory == {f"group_{g}" for s, g in trained if s <= 1}
+    table = list(csv.DictReader((folder / "diffusionblocks_groups.csv").open()))
+    assert [bool(r["total_mib"]) for r in table] == [g in {g for _, g in trained} for g in range(4)]
+    folders = [Path((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
+    assert [f.parent for f in folders] == [tmp_path / "offload"] * 2
+    assert [f.name.startswith(f"ldb-offload-rank{r}-") for r, f in enumerate(folders)] == [True, True]
+    assert list((tmp_path / "offload").iterdir()) == []  # each removed its own at the end
