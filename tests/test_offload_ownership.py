@@ -91,3 +91,37 @@ def test_a_group_file_changed_since_it_was_written_is_refused(
     assert all(p.numel() == 0 for p in module.network.group_parameters(0))  # nothing of the file was loaded
     with pytest.raises(OffloadError, match="changed since this run wrote it"):  # asked again: refused again
         offload.load(0)
+
+
+def test_two_runs_at_once_on_one_directory_in_lockstep(tmp_path: Path) -> None:
+    """Two different runs (noise seeds 0 and 1) train at the same time in two threads, step by step together, on one
+    directory: each ends as it does alone (sharing group files, at least one would load the other's)."""
+    import threading
+
+    alone = [ldb.DiffusionBlocksModule(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=3, seed=s)
+             for s in (0, 1)]  # fmt: skip
+    for i, module in enumerate(alone):
+        fit(module, tmp_path / f"alone{i}", [])
+    together = [ldb.DiffusionBlocksModule(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=3, seed=s)
+                for s in (0, 1)]  # fmt: skip
+    barrier, errors = threading.Barrier(2, timeout=60), []
+
+    class Lockstep(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
+            barrier.wait()
+
+    def run(i: int) -> None:
+        try:
+            fit(together[i], tmp_path / f"run{i}", [BlockOffload(directory=tmp_path / "shared"), Lockstep()])
+        except BaseException as err:  # noqa: BLE001  # reported below, in the test's thread
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for a, b in zip(alone, together):
+        assert_same(a, b)
