@@ -17,6 +17,7 @@ import shutil
 import socket
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,15 +41,31 @@ class OffloadError(RuntimeError):
 PREFIX, OWNER = "ldb-offload-", "owner"
 
 
+_CHUNK = 16 * 2**20  # bytes hashed as one piece; pieces are hashed in parallel (hashlib releases the GIL)
+_hashers: ThreadPoolExecutor | None = None
+
+
+def _pieces(tensors: list[Tensor]) -> list[Any]:
+    """Every tensor's bytes (on the host), cut into pieces of at most ``_CHUNK`` bytes."""
+    pieces: list[Any] = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        data = (flat.cpu() if flat.device.type != "cpu" else flat).contiguous().view(torch.uint8).numpy()
+        pieces += [data[i : i + _CHUNK] for i in range(0, max(len(data), 1), _CHUNK)]
+    return pieces
+
+
 def digest(tensors: list[Tensor]) -> bytes:
-    """SHA-256 of the tensors' dtypes, shapes and bytes: what a group's file must hold when it is read back."""
+    """SHA-256 over the tensors' dtypes and shapes and the SHA-256 of each piece of their bytes: what a group's file
+    must hold when it is read back. The pieces are hashed on a few threads (a group can be gigabytes)."""
+    global _hashers
+    if _hashers is None:
+        _hashers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ldb-digest")
     h = hashlib.sha256()
     for t in tensors:
         h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-        flat = t.detach().reshape(-1)
-        if flat.device.type != "cpu":
-            flat = flat.cpu()
-        h.update(flat.contiguous().view(torch.uint8).numpy().data)
+    for piece in _hashers.map(lambda data: hashlib.sha256(data).digest(), _pieces(tensors)):
+        h.update(piece)
     return h.digest()
 
 
@@ -341,8 +358,9 @@ class BlockOffload(Callback):
         if not valid or (expected is not None and [(t.shape, t.dtype) for t in tensors] != expected):
             raise OffloadError(
                 f"{path} does not hold the {count} tensors this run offloaded for group {group} (shapes or types"
-                " differ); was it replaced? Keep the offload directory private to one run and resume from the last"
-                " saved checkpoint."
+                " differ): it was replaced after this run wrote it, so it was refused and not loaded. Only this process"
+                " writes to its offload folder: check what else writes there, and resume from the last saved"
+                " checkpoint."
             )
 
     def _check_digest(self, group: int, path: Path, tensors: list[Tensor]) -> None:
