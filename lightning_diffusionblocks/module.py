@@ -532,6 +532,7 @@ class DiffusionBlocksModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=group is None)
         if group is None:
             return
+        self._loss_log.check_monitors(self.trainer)  # under block parallel a process has only its own groups' keys
         self.log(f"train/loss_group_{group}", loss, logger=False)
         running = self._running_loss.get(group)
         running = loss.float() if running is None else torch.lerp(running, loss.float(), self.RUNNING_LOSS_WEIGHT)

@@ -225,6 +225,29 @@ def test_group_losses_reach_model_checkpoint_and_early_stopping(tmp_path: Path) 
     assert float(metrics["train/loss_group_1"]) == pytest.approx(losses[3])
 
 
+def test_monitoring_a_group_loss_under_block_parallel_is_refused() -> None:
+    """Under block parallel a group's loss exists on its own processes only: a monitor on it would leave the others
+    waiting in the callbacks' joint decision, so it is refused, naming a loss every process has."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_diffusionblocks.dashboard import check_group_loss_monitors
+
+    def trainer(gradient_group_size: int, monitor: str) -> Any:
+        callbacks = [ModelCheckpoint(monitor="train/loss"), EarlyStopping(monitor=monitor)]
+        strategy = SimpleNamespace(gradient_group_size=gradient_group_size)
+        return SimpleNamespace(world_size=4, strategy=strategy, callbacks=callbacks)
+
+    with pytest.raises(
+        MisconfigurationException, match=r"EarlyStopping\(monitor='train/loss_group_1'\).*'val/loss_group_1'"
+    ):
+        check_group_loss_monitors(trainer(2, "train/loss_group_1"))  # 2 groups x 2 replicas
+    check_group_loss_monitors(trainer(4, "train/loss_group_1"))  # data parallel: every process has every key
+    check_group_loss_monitors(trainer(1, "val/loss_group_1"))
+
+
 # ---------------------------------------------------------------------- memory and offload
 def test_memory_of_every_group_and_offload_statistics_on_every_logging_row(run: dict[str, Any]) -> None:
     rows, groups, tb = run["csv"], run["groups"], run["tb"]
