@@ -140,7 +140,7 @@ def main() -> None:
     )
     data = ldb.data.MNISTDataModule(args.data_dir, batch_size=args.batch_size, seed=args.seed)
     tracker = LossTracker()
-    monitor = ldb.callbacks.BlockMemoryMonitor(log=False)
+    monitor = ldb.callbacks.BlockMemoryMonitor()  # per-group memory to the logger, if any, and the summary
     callbacks = [tracker, monitor]
     if args.offload:
         if not blockwise:

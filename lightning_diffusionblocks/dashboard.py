@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_diffusionblocks.records import is_plain, record_of
@@ -79,6 +80,25 @@ def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int | N
 
 
 # ---------------------------------------------------------------------- per-group training loss
+def check_group_loss_monitors(trainer: pl.Trainer) -> None:
+    """Refuse a callback that monitors ``train/loss_group_{g}`` where processes train different groups (block
+    parallel): each process has only its own groups' losses, and callbacks such as ``ModelCheckpoint`` and
+    ``EarlyStopping`` decide together across processes, so the ones without the key would wait forever."""
+    strategy = trainer.strategy
+    if trainer.world_size <= 1 or getattr(strategy, "gradient_group_size", trainer.world_size) >= trainer.world_size:
+        return
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        monitor = getattr(callback, "monitor", None)
+        if isinstance(monitor, str) and monitor.startswith("train/loss_group_"):
+            group = monitor.rsplit("_", 1)[-1]
+            raise MisconfigurationException(
+                f"{type(callback).__name__}(monitor={monitor!r}) cannot work under block parallel: each process trains"
+                " its own groups, so that loss exists on one process only, while callbacks decide together across"
+                f" processes. Monitor a loss every process has: monitor='val/loss_group_{group}' (with a validation"
+                " loader) or monitor='train/loss'."
+            )
+
+
 class GroupLossLog:
     """Per-group training-loss points: one per step a group trained, none for the groups that did not.
 
@@ -98,6 +118,8 @@ class GroupLossLog:
         self._groups: list[int] = []
         self._values: list[Tensor] = []  # (group step, loss) of each point, left on the device until a flush
         self._defined: set[tuple[int, int]] = set()  # (id of a wandb run, group) with its group-step axis
+
+    check_monitors = staticmethod(check_group_loss_monitors)
 
     def add(self, trainer: pl.Trainer, group: int, group_step: Tensor, loss: Tensor) -> None:
         """Record the loss of ``group`` at the current training batch; flush on Lightning's logging rows."""

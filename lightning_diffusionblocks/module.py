@@ -521,14 +521,19 @@ class DiffusionBlocksModule(L.LightningModule):
         """Log one optimizer step: ``train/loss`` (every step's loss, whichever group) through ``self.log``, and the
         group's own point through :class:`~lightning_diffusionblocks.dashboard.GroupLossLog`, at this step only.
 
-        ``self.log`` would write ``train/loss_group_{g}`` of every group on every logging row (inactive groups
-        repeating a stale value) and drop the steps between rows, so per-group points bypass it. The progress bar
-        shows the active group (a string: Rich prints numbers as ``2.000``) and its running loss ``loss_g``.
+        Through ``self.log`` the loggers would get ``train/loss_group_{g}`` of every group on every logging row
+        (inactive groups repeating a stale value) and lose the steps between rows, so the loggers' per-group points
+        bypass it. Callbacks still see each group's latest loss: it goes through ``self.log`` with ``logger=False``,
+        so ``trainer.callback_metrics`` (what ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` read) holds
+        ``train/loss_group_{g}`` of every group trained so far. The progress bar shows the active group (a string:
+        Rich prints numbers as ``2.000``) and its running loss ``loss_g``.
         """
         loss = loss.detach()
         self.log("train/loss", loss, prog_bar=group is None)
         if group is None:
             return
+        self._loss_log.check_monitors(self.trainer)  # under block parallel a process has only its own groups' keys
+        self.log(f"train/loss_group_{group}", loss, logger=False)
         running = self._running_loss.get(group)
         running = loss.float() if running is None else torch.lerp(running, loss.float(), self.RUNNING_LOSS_WEIGHT)
         self._running_loss[group] = running

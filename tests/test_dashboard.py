@@ -201,19 +201,70 @@ def test_progress_bar_shows_the_active_group_and_its_running_loss(run: dict[str,
         assert "train/loss" not in bar  # the mixed-group loss stays in the loggers only
 
 
+def test_group_losses_reach_model_checkpoint_and_early_stopping(tmp_path: Path) -> None:
+    """Loggers get per-group points directly; callbacks read ``trainer.callback_metrics``, which must hold each
+    group's latest loss for ``monitor="train/loss_group_{g}"`` to save and stop."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    module = ldb.DiffusionBlocksModule(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=GROUPS)
+    recorder = Recorder()
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="train/loss_group_0", save_top_k=1, mode="min")
+    stop = EarlyStopping(monitor="train/loss_group_0", stopping_threshold=1e9)  # stops at its first check
+    strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=2)
+    kwargs = trainer_kwargs(tmp_path, callbacks=[recorder, best, stop], enable_checkpointing=True)
+    trainer = L.Trainer(strategy=strategy, max_epochs=3, **kwargs)
+    trainer.fit(module, image_loader())  # 4 batches an epoch: groups 0 0 1 1, then the end-of-epoch checks
+    losses = recorder.losses
+    assert trainer.global_step == 4  # EarlyStopping fired at the end of the first epoch
+    assert stop.stopping_reason_message is not None
+    assert Path(best.best_model_path).is_file()
+    assert float(best.best_model_score) == pytest.approx(losses[1])  # group 0's latest loss at the epoch's end
+    metrics = trainer.callback_metrics
+    assert not any(f"train/loss_group_{g}" in metrics for g in range(2, GROUPS))  # only the groups that trained
+    assert float(metrics["train/loss_group_0"]) == pytest.approx(losses[1])
+    assert float(metrics["train/loss_group_1"]) == pytest.approx(losses[3])
+
+
+def test_monitoring_a_group_loss_under_block_parallel_is_refused() -> None:
+    """Under block parallel a group's loss exists on its own processes only: a monitor on it would leave the others
+    waiting in the callbacks' joint decision, so it is refused, naming a loss every process has."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_diffusionblocks.dashboard import check_group_loss_monitors
+
+    def trainer(gradient_group_size: int, monitor: str) -> Any:
+        callbacks = [ModelCheckpoint(monitor="train/loss"), EarlyStopping(monitor=monitor)]
+        strategy = SimpleNamespace(gradient_group_size=gradient_group_size)
+        return SimpleNamespace(world_size=4, strategy=strategy, callbacks=callbacks)
+
+    with pytest.raises(
+        MisconfigurationException, match=r"EarlyStopping\(monitor='train/loss_group_1'\).*'val/loss_group_1'"
+    ):
+        check_group_loss_monitors(trainer(2, "train/loss_group_1"))  # 2 groups x 2 replicas
+    check_group_loss_monitors(trainer(4, "train/loss_group_1"))  # data parallel: every process has every key
+    check_group_loss_monitors(trainer(1, "val/loss_group_1"))
+
+
 # ---------------------------------------------------------------------- memory and offload
 def test_memory_of_every_group_and_offload_statistics_on_every_logging_row(run: dict[str, Any]) -> None:
     rows, groups, tb = run["csv"], run["groups"], run["tb"]
-    for row in (EVERY - 1, 2 * EVERY - 1):
-        measured = set(groups[: row + 1])  # the groups trained so far, active or not at this row
-        memory = [r for r in rows if int(r["step"]) == row and r.get("memory/group_0/total_mib")]
+    logging_rows = (EVERY - 1, 2 * EVERY - 1)
+    for previous, row in zip((-1, *logging_rows), logging_rows):
+        trained = set(groups[previous + 1 : row + 1])  # the groups trained since the previous row
+        memory = [r for r in rows if int(r["step"]) == row and any(k.startswith("memory/") and v for k, v in r.items())]
         assert len(memory) == 1
-        for g in measured:
+        for g in range(GROUPS):
+            assert bool(memory[0].get(f"memory/group_{g}/total_mib")) == (g in trained), (row, g)
+        for g in trained:
             assert float(memory[0][f"memory/group_{g}/total_mib"]) > 0
             assert float(memory[0][f"memory/group_{g}/activations_mib"]) > 0
     for g in range(GROUPS):
-        assert [s for s, _ in tb_series(tb, f"memory/group_{g}/total_mib")] == [3, 7]
-        assert [s for s, _ in run["wandb"].series(f"memory/group_{g}/peak_rss_mib")] == [3, 7]
+        shown = [row for previous, row in zip((-1, *logging_rows), logging_rows) if g in groups[previous + 1 : row + 1]]
+        assert [s for s, _ in tb_series(tb, f"memory/group_{g}/total_mib")] == shown
+        assert [s for s, _ in run["wandb"].series(f"memory/group_{g}/peak_rss_mib")] == shown
     for key in ("offload/seconds", "offload/mib_moved", "offload/offloads", "offload/loads"):
         for name, points in every_logger(run, key).items():
             assert [s for s, _ in points] == [3, 7, STEPS], (name, key)  # logging rows, then the end-of-fit totals
@@ -413,18 +464,46 @@ def test_every_image_formulation_previews_a_class_grid(task: type[ldb.tasks.Imag
     assert torch.isfinite(preview.images).all()
 
 
+class OffloadFolder(L.Callback):
+    """Writes where this process's ``BlockOffload`` keeps its files (spawned processes return nothing else)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        offload = next(cb for cb in trainer.callbacks if isinstance(cb, ldb.callbacks.BlockOffload))
+        (self.out / f"rank{trainer.global_rank}.txt").write_text(str(offload.directory))
+
+
 @pytest.mark.slow  # two spawned processes: ~25 s on two cores, the rest of this file ~7 s
 def test_block_parallel_points_of_every_process_reach_rank_zeros_logger(tmp_path: Path) -> None:
-    """Under block parallel each process trains its own group: the points are gathered before rank 0 writes them."""
+    """Under block parallel each process trains its own groups (rank 0: 0 and 1, rank 1: 2 and 3): the loss points
+    and the memory figures are gathered before rank 0 writes them. Both processes offload into one directory, each
+    in a folder of its own."""
     strategy = ldb.BlockParallelStrategy(start_method="spawn", process_group_backend="gloo")
-    module = ldb.DiffusionBlocksModule(tiny_dit(depth=2), ldb.tasks.ImageGeneration(), num_blocks=2)
+    module = ldb.DiffusionBlocksModule(tiny_dit(depth=4), ldb.tasks.ImageGeneration(), num_blocks=4)
     samples = ldb.callbacks.SampleLogger(every_n_steps=0, steps=2, per_row=1, max_rows=2)
+    monitor, offload = ldb.callbacks.BlockMemoryMonitor(), ldb.callbacks.BlockOffload(directory=tmp_path / "offload")
     logger = CSVLogger(tmp_path, name="csv")
-    kwargs = trainer_kwargs(tmp_path, devices=2, logger=logger, log_every_n_steps=2, callbacks=[samples])
+    callbacks = [offload, monitor, samples, OffloadFolder(tmp_path)]
+    kwargs = trainer_kwargs(tmp_path, devices=2, logger=logger, log_every_n_steps=2, callbacks=callbacks)
     L.Trainer(strategy=strategy, max_steps=3, **kwargs).fit(module, image_loader(n=32, batch_size=4))
     folder = tmp_path / "csv" / "version_0"
     rows = list(csv.DictReader((folder / "metrics.csv").open()))
-    for g in range(2):  # rank g trains group g at every step
-        assert csv_series(rows, f"train/group_{g}/step") == [(0, 1.0), (1, 2.0), (2, 3.0)]
-        assert len(csv_series(rows, f"train/loss_group_{g}")) == 3
+    trained = {(s, g) for g in range(4) for s, _ in csv_series(rows, f"train/loss_group_{g}")}
+    for owned in ((0, 1), (2, 3)):  # each process trains one of its own groups at every step
+        steps = sorted(s for s, g in trained if g in owned)
+        assert steps == [0, 1, 2]
+        for g in owned:
+            own = [s for s, gg in sorted(trained) if gg == g]
+            assert csv_series(rows, f"train/group_{g}/step") == [(s, float(i + 1)) for i, s in enumerate(own)]
     assert [p.name for p in (folder / "samples").glob("*.png")] == ["samples_images_step3.png"]
+    # memory: the logging row after steps 0 and 1 shows the groups trained there, by whichever process
+    memory = {k.split("/")[1] for r in rows if r["step"] == "1" for k, v in r.items() if k.startswith("memory/") and v}
+    assert memory == {f"group_{g}" for s, g in trained if s <= 1}
+    table = list(csv.DictReader((folder / "diffusionblocks_groups.csv").open()))
+    assert [bool(r["total_mib"]) for r in table] == [g in {g for _, g in trained} for g in range(4)]
+    folders = [Path((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
+    assert [f.parent for f in folders] == [tmp_path / "offload"] * 2
+    assert [f.name.startswith(f"ldb-offload-rank{r}-") for r, f in enumerate(folders)] == [True, True]
+    assert list((tmp_path / "offload").iterdir()) == []  # each removed its own at the end

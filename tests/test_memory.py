@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -54,7 +57,7 @@ def test_disk_offload_trains_bit_identically(tmp_path, schedule):
         assert torch.equal(a, b), name
     if schedule == "sequential":
         assert offload.stats["offloads"] == 2 + 2  # initial two, then one per phase change
-    assert not any((tmp_path / "off").glob("*.tmp"))
+    assert not any((tmp_path / "off").rglob("*.tmp"))
 
 
 def test_offload_checkpoint_holds_every_group(tmp_path):
@@ -186,7 +189,7 @@ def test_after_training_offloaded_optimizer_state_comes_back_to_the_host(tmp_pat
     offload._module, offload._optimizer, offload._mode = module, opt, "disk"
     offload._device = torch.device("cpu", 0)  # stands in for an accelerator: distinct from the host's "cpu"
     offload._resident = {0, 1, 2}
-    offload.directory.mkdir()
+    offload._prepare_directory(rank=0)
     placed: list[tuple[str, torch.device]] = []
     target = offload._target
     monkeypatch.setattr(offload, "_target", lambda slot: placed.append((slot[1], target(slot))) or target(slot))
@@ -202,3 +205,27 @@ def test_after_training_offloaded_optimizer_state_comes_back_to_the_host(tmp_pat
     assert {d for k, d in placed if k != "data"} == {torch.device("cpu")}
     for g in range(3):
         assert all(p.numel() for p in module.network.group_parameters(g))
+
+
+def memory_rows(folder: Path) -> list[dict[str, str]]:
+    """The rows of a CSVLogger's ``metrics.csv`` that hold memory figures."""
+    rows = csv.DictReader((folder / "metrics.csv").open())
+    return [r for r in rows if any(k.startswith("memory/") and v for k, v in r.items())]
+
+
+def test_memory_is_logged_only_for_the_groups_trained_since_the_previous_row(tmp_path):
+    """Groups 0 0 1 1 2 2, a logging row every two steps (after steps 1, 3 and 5): each group has one point, at the
+    row after its own steps, holding the peak of those steps; without ``log`` the monitor logs nothing."""
+    sequential = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=2)
+    monitor = BlockMemoryMonitor()
+    fit(tmp_path, make_module(), [monitor], steps=6, strategy=sequential, logger=CSVLogger(tmp_path, name="csv"),
+        log_every_n_steps=2)  # fmt: skip
+    rows = memory_rows(tmp_path / "csv" / "version_0")
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]
+    for g, row in enumerate(rows):
+        assert {k.split("/")[1] for k, v in row.items() if k.startswith("memory/") and v} == {f"group_{g}"}
+        assert float(row[f"memory/group_{g}/total_mib"]) == pytest.approx(monitor.groups[str(g)].total / 2**20)
+    quiet = BlockMemoryMonitor(log=False)
+    fit(tmp_path, make_module(), [quiet], steps=2, logger=CSVLogger(tmp_path, name="quiet"), log_every_n_steps=1)
+    assert memory_rows(tmp_path / "quiet" / "version_0") == []
+    assert quiet.groups  # still measured, and printed at the end

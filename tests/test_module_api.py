@@ -226,7 +226,7 @@ def test_lost_offload_files_never_give_an_empty_checkpoint(tmp_path):
     class LoseGroupZero(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
             if trainer.global_step == 3:  # group 0 finished its phase and lives on disk
-                (tmp_path / "offload" / "group_0.pt").unlink()
+                next((tmp_path / "offload").glob("*/group_0.pt")).unlink()  # in the run's own folder
 
     callbacks = [ldb.callbacks.BlockOffload(directory=tmp_path / "offload"), LoseGroupZero(),
                  OnExceptionCheckpoint(tmp_path)]  # fmt: skip
@@ -268,7 +268,7 @@ def test_a_replaced_offload_file_is_refused_and_nothing_runs(tmp_path):
     class Replace(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
             if trainer.global_step == 2:  # group 0 sits on disk while group 1 trains; its file is swapped
-                torch.save([Payload(marker)], tmp_path / "offload" / "group_0.pt")
+                torch.save([Payload(marker)], next((tmp_path / "offload").glob("*/group_0.pt")))
 
     strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=2)
     callbacks = [ldb.callbacks.BlockOffload(directory=tmp_path / "offload"), Replace()]

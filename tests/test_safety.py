@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import traceback
 import zipfile
 from pathlib import Path
 
@@ -161,14 +163,15 @@ def test_merge_refuses_files_that_are_data_but_not_checkpoints(content: object, 
 
 # ---------------------------------------------------------------------------- offload files
 class Swap(Callback):
-    """At ``step``, group 0 sits on disk (group 1 trains); its file is replaced by ``write(path)``."""
+    """At ``step``, group 0 sits on disk (group 1 trains); its file (in the run's own folder) is replaced by
+    ``write(path)``."""
 
-    def __init__(self, directory: Path, write: object, step: int = 2) -> None:
-        self.directory, self.write, self.step = directory, write, step
+    def __init__(self, offload: BlockOffload, write: object, step: int = 2) -> None:
+        self.offload, self.write, self.step = offload, write, step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
         if trainer.global_step == self.step:
-            self.write(self.directory / "group_0.pt")
+            self.write(self.offload.directory / "group_0.pt")
 
 
 @pytest.mark.parametrize("craft", CRAFTERS)
@@ -176,10 +179,12 @@ def test_a_crafted_offload_file_is_refused_and_runs_nothing(craft: object, tmp_p
     assert_payload_is_live(craft, tmp_path)
     marker = tmp_path / "marker"
     offload = BlockOffload(directory=tmp_path / "offload")
-    swap = Swap(tmp_path / "offload", lambda path: craft(path, marker, lambda p: [p]))
+    swap = Swap(offload, lambda path: craft(path, marker, lambda p: [p]))
     with pytest.raises(OffloadError, match=r"group\(s\) \[0\]") as info:
         fit(make_module(), tmp_path, steps=4, strategy=sequential(), callbacks=[offload, swap])
     assert "refused and nothing in it ran" in str(info.value)
+    assert re.search(r"refers to the global (builtins\.)?exec\b", str(info.value))  # names what was refused
+    assert "weights_only=False" not in "".join(traceback.format_exception(info.value))  # never advises it
     assert offload.missing_groups() == [0]
     with pytest.raises(OffloadError, match="holds objects other than tensors"):  # asked again: refused again
         offload.load(0)
@@ -189,7 +194,7 @@ def test_a_crafted_offload_file_is_refused_and_runs_nothing(craft: object, tmp_p
 def test_an_offload_file_with_other_tensors_is_refused(tmp_path: Path) -> None:
     """A file of plain tensors with the right name but not this run's shapes (another run's) is not loaded."""
     offload = BlockOffload(directory=tmp_path / "offload")
-    swap = Swap(tmp_path / "offload", lambda path: torch.save([torch.zeros(1)] * len(torch.load(path)), path))
+    swap = Swap(offload, lambda path: torch.save([torch.zeros(1)] * len(torch.load(path, weights_only=True)), path))
     with pytest.raises(OffloadError, match=r"group\(s\) \[0\].*does not hold the"):
         fit(make_module(), tmp_path, steps=4, strategy=sequential(), callbacks=[offload, swap])
     assert offload.missing_groups() == [0]
@@ -211,7 +216,7 @@ def test_every_group_whose_file_exists_is_restored_and_the_lost_one_is_named(tmp
     class LoseGroupZero(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
             if trainer.global_step == 5:  # groups 0 and 1 are on disk, group 2 trains
-                (tmp_path / "offload" / "group_0.pt").unlink()
+                (offload.directory / "group_0.pt").unlink()
 
     module, offload = make_module(), BlockOffload(directory=tmp_path / "offload")
     with pytest.raises(OffloadError, match=r"group\(s\) \[0\]"):

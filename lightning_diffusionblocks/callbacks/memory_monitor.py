@@ -1,4 +1,8 @@
-"""`BlockMemoryMonitor`: per-group memory peaks, logged to every logger and printed as a table at the end."""
+"""`BlockMemoryMonitor`: per-group memory peaks, logged to every logger and printed as a table at the end.
+
+With several processes each measures the groups it trains; the figures are gathered so rank 0's loggers and table
+show every group (each figure the largest any process measured: a process's peak is what must fit its device).
+"""
 
 from __future__ import annotations
 
@@ -44,6 +48,33 @@ class GroupMemory:
                 setattr(self, f.name, max(getattr(self, f.name), getattr(other, f.name)))
 
 
+def merge_across_processes(
+    trainer: pl.Trainer, memory: dict[str, GroupMemory], names: list[str]
+) -> dict[str, GroupMemory]:
+    """Every process's figures for the groups ``names``: each field the largest any process measured, for the groups
+    some process measured. Called on every process together (one gather); ``names`` must be the same on each."""
+    if trainer.world_size <= 1:
+        return memory
+    keys = [f.name for f in fields(GroupMemory)]
+    table = torch.zeros(len(names), 1 + len(keys), dtype=torch.float64)  # measured?, then each field
+    for i, name in enumerate(names):
+        m = memory.get(name)
+        if m is not None:
+            table[i] = torch.tensor([1.0, *(float(getattr(m, k)) for k in keys)], dtype=torch.float64)
+    gathered = trainer.strategy.all_gather(table.to(trainer.strategy.root_device))
+    merged = gathered.reshape(-1, len(names), 1 + len(keys)).amax(dim=0).cpu()
+    return {
+        name: GroupMemory(**{k: int(v) for k, v in zip(keys, row[1:].tolist())})
+        for name, row in zip(names, merged)
+        if row[0] > 0
+    }
+
+
+def group_names(pl_module: pl.LightningModule) -> list[str]:
+    """Every row a monitor can report for ``pl_module``: its groups, and ``all`` (end to end)."""
+    return [*(str(g) for g in range(int(getattr(pl_module, "num_blocks", 0)))), "all"]
+
+
 def current_group(trainer: pl.Trainer) -> str:
     from lightning_diffusionblocks.planning import GroupPlanning
 
@@ -59,17 +90,23 @@ class BlockMemoryMonitor(Callback):
     Exact accounting (any device): parameters, gradients and optimizer state resident on the compute
     device, and the bytes autograd saved for backward. Peaks: on CUDA ``max_memory_allocated`` (reset
     at each step, so each group's peak is its own); on the CPU the process's peak RSS (reset at each
-    step on Linux). On every logging row (``log_every_n_steps``) every group measured so far is logged as
-    ``memory/group_{k}/<kind>_mib``, from its own last step (inactive groups keep their last measurement rather
-    than vanishing from the chart); ``groups`` keeps each group's peak over all its steps, printed as a table at the
-    end of fit and added to the per-group table the module logs.
+    step on Linux). On every logging row (``log_every_n_steps``) each group that trained since the previous row is
+    logged as ``memory/group_{k}/<kind>_mib``, the peak over those steps (a group that did not train has no point
+    there, rather than a repeated one); ``groups`` keeps each group's peak over all its steps, printed as a table at
+    the end of fit and added to the per-group table the module logs. With several processes (data or block
+    parallel) both are gathered from every process, so rank 0 reports every group.
+
+    Args:
+        log: send the figures to the loggers; with ``False`` they are only kept (``groups``, ``last``) and printed.
     """
 
     def __init__(self, log: bool = True) -> None:
-        self.log = log
+        # not ``self.log``: Lightning binds every callback's ``log`` to the module's ``log`` when fit starts
+        self.log_to_loggers = log
         self.groups: dict[str, GroupMemory] = {}
-        #: each group's measurement at its most recent step (what is logged)
+        #: each group's measurement at its most recent step on this process
         self.last: dict[str, GroupMemory] = {}
+        self._since_row: dict[str, GroupMemory] = {}  # peaks of the groups trained since the last logging row
         self._meter: SavedTensorMeter | None = None
         self._step = GroupMemory()
         self._group = "all"
@@ -120,15 +157,24 @@ class BlockMemoryMonitor(Callback):
             step.peak_rss = peak_rss_bytes()
         self.groups.setdefault(self._group, GroupMemory()).update(step)
         self.last[self._group] = step
-        if self.log and is_logging_row(trainer):
-            skip = {"steps", "peak_rss" if device.type == "cuda" else "cuda_peak"}
-            metrics = {
-                f"memory/group_{name}/{f.name}_mib": getattr(last, f.name) / MIB
-                for name, last in self.last.items()
-                for f in fields(last)
-                if f.name not in skip
-            }
-            log_metrics(trainer, metrics)
+        self._since_row.setdefault(self._group, GroupMemory()).update(step)
+        if is_logging_row(trainer):  # decided from counters: every process agrees (the merge gathers)
+            since_row, self._since_row = self._since_row, {}
+            if self.log_to_loggers:
+                since_row = merge_across_processes(trainer, since_row, group_names(pl_module))
+                skip = {"steps", "peak_rss" if device.type == "cuda" else "cuda_peak"}
+                metrics = {
+                    f"memory/group_{name}/{f.name}_mib": getattr(peak, f.name) / MIB
+                    for name, peak in since_row.items()
+                    for f in fields(peak)
+                    if f.name not in skip
+                }
+                log_metrics(trainer, metrics)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # every process's groups, before the module's own on_train_end logs the per-group table
+        self.groups = merge_across_processes(trainer, self.groups, group_names(pl_module))
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

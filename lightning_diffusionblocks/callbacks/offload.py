@@ -8,12 +8,16 @@ random schedule it happens whenever the drawn group changes (the overhead is mea
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import re
+import secrets
 import shutil
 import socket
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +39,44 @@ class OffloadError(RuntimeError):
 
 
 PREFIX, OWNER = "ldb-offload-", "owner"
+
+
+_CHUNK = 16 * 2**20  # bytes hashed as one piece; pieces are hashed in parallel (hashlib releases the GIL)
+_hashers: ThreadPoolExecutor | None = None
+
+
+def _pieces(tensors: list[Tensor]) -> list[Any]:
+    """Every tensor's bytes (on the host), cut into pieces of at most ``_CHUNK`` bytes."""
+    pieces: list[Any] = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        data = (flat.cpu() if flat.device.type != "cpu" else flat).contiguous().view(torch.uint8).numpy()
+        pieces += [data[i : i + _CHUNK] for i in range(0, max(len(data), 1), _CHUNK)]
+    return pieces
+
+
+def digest(tensors: list[Tensor]) -> bytes:
+    """SHA-256 over the tensors' dtypes and shapes and the SHA-256 of each piece of their bytes: what a group's file
+    must hold when it is read back. The pieces are hashed on a few threads (a group can be gigabytes)."""
+    global _hashers
+    if _hashers is None:
+        _hashers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ldb-digest")
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+    for piece in _hashers.map(lambda data: hashlib.sha256(data).digest(), _pieces(tensors)):
+        h.update(piece)
+    return h.digest()
+
+
+def refusal_reason(err: BaseException) -> str:
+    """What torch's restricted unpickler refused, without its advice to load the file unrestricted."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it refers to the global {found.group(1)}, which is not a tensor type"
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|\n|$)", text)
+    return found.group(1).rstrip(".") if found else "it is not a file of plain tensors"
 
 
 def _alive(pid: int) -> bool:
@@ -71,27 +113,31 @@ def remove_stale_directories(root: Path) -> list[Path]:
 class BlockOffload(Callback):
     """Keep inactive block groups (weights, EMA weights, optimizer state) off the compute device.
 
-    Where the files go (``"disk"``): one ``group_{k}.pt`` per offloaded group, written to a temporary name and
-    renamed, read back with torch's restricted unpickler (``weights_only=True``), so a file replaced by a crafted
-    one is refused and never run. Without ``directory``, a fresh private ``ldb-offload-*`` folder in the system's
-    temporary directory (``tempfile.gettempdir()``, i.e. ``$TMPDIR``) holds them, with an ``owner`` file naming
-    this process and host.
+    Where the files go (``"disk"``): each run (each process of a multi-process run) writes into a folder of its
+    own, ``ldb-offload-rank{r}-<random>`` inside ``directory`` (default: the system's temporary directory,
+    ``tempfile.gettempdir()``, i.e. ``$TMPDIR``), with an ``owner`` file naming its process and host, so several
+    runs and several processes can share one ``directory``. While it runs, :attr:`directory` is that folder. One
+    ``group_{k}.pt`` per offloaded group is written to a unique temporary name and renamed, and read back with
+    torch's restricted unpickler (``weights_only=True``): a file replaced by a crafted one is refused and never run.
+    What was written is also remembered as a SHA-256 digest in memory, so a file that changed since (another
+    process's tensors, zeros of the right shapes, one perturbed value) is refused, not loaded.
 
-    When they are cleaned: that folder is removed at the end of fit (also after an exception), unless a group could
-    not be read back, in which case it stays until every group is whole again or the process ends. A run killed
-    before that (SIGKILL, out of memory) leaves it behind; the next ``BlockOffload`` started on the same host
-    removes every sibling ``ldb-offload-*`` folder whose owner process no longer runs there (folders of live
-    processes, of other hosts, and without an owner file are left alone). A ``directory`` you give is never
-    removed and never cleaned: its group files stay there.
+    When they are cleaned: the run's folder is removed at the end of fit (also after an exception), unless a group
+    could not be read back, in which case it stays until every group is whole again or the process ends. A run
+    killed before that (SIGKILL, out of memory) leaves it behind; the next ``BlockOffload`` started on the same host
+    with the same ``directory`` removes every ``ldb-offload-*`` folder there whose owner process no longer runs
+    (folders of live processes, of other hosts, and without an owner file are left alone). The ``directory`` itself
+    and anything else in it are never removed.
 
-    A group whose file cannot be read back (deleted, truncated, replaced) is reported by :meth:`missing_groups`;
-    its parameters stay empty, so no checkpoint is written while it is missing (the offloader stays attached to
-    the strategy and refuses, naming the groups).
+    A group whose file cannot be read back (deleted, truncated, replaced, changed) is reported by
+    :meth:`missing_groups`; its parameters stay empty, so no checkpoint is written while it is missing (the
+    offloader stays attached to the strategy and refuses, naming the groups).
 
     Args:
         target: ``"cpu"`` (pinned host memory; for GPU training), ``"disk"`` (files in ``directory``;
             for CPU training) or ``"auto"`` (cpu on a GPU, disk on the CPU).
-        directory: where ``"disk"`` writes ``group_{k}.pt`` (default: a temporary folder, see above).
+        directory: where ``"disk"`` makes this run's folder of ``group_{k}.pt`` files (default: the system's
+            temporary directory, see above).
         prefetch: on a GPU, copy the next step's group in on a side stream ahead of time.
     """
 
@@ -99,13 +145,16 @@ class BlockOffload(Callback):
         if target not in ("auto", "cpu", "disk"):
             raise ValueError(f"target must be 'auto', 'cpu' or 'disk', got {target!r}.")
         self.target = target
+        #: where this run's group files are: the run's own folder during fit, else the directory given (or None)
         self.directory = Path(directory) if directory is not None else None
+        self._root = self.directory  # the directory given, in which each run makes its own folder
         self.prefetch = prefetch
         self.stats = {"offloads": 0, "loads": 0, "seconds": 0.0, "bytes_moved": 0}
         self._own_directory = False
         self._resident: set[int] = set()
         self._lost: dict[int, OffloadError] = {}  # groups whose offloaded copy could not be read back, and why
         self._layout: dict[int, list[tuple[torch.Size, torch.dtype]]] = {}  # what each group's file must hold
+        self._digests: dict[int, bytes] = {}  # SHA-256 of what this run last wrote for each group
         self._finished = False  # teardown ran: groups are not offloaded again
         self._pinned: dict[int, dict[int, Tensor]] = {}  # cpu target: group -> {tensor slot -> pinned buffer}
         self._prefetched: dict[int, dict[int, Tensor]] = {}
@@ -133,6 +182,7 @@ class BlockOffload(Callback):
         self._release_directory()  # a folder kept for an earlier module's lost groups
         self._lost.clear()
         self._layout.clear()
+        self._digests.clear()
         self._finished = False
         self._state_on_host = False
         if not isinstance(trainer.strategy, GroupPlanning) or not isinstance(pl_module, DiffusionBlocksModule):
@@ -150,25 +200,23 @@ class BlockOffload(Callback):
                 " Use target='disk' (or 'auto') to free the process's memory."
             )
         if self._mode == "disk":
-            self._prepare_directory()
+            self._prepare_directory(trainer.global_rank)
         trainer.strategy.offloader = self
 
-    def _prepare_directory(self) -> None:
-        if self.directory is None:
-            remove_stale_directories(Path(tempfile.gettempdir()))
-            self.directory = Path(tempfile.mkdtemp(prefix=PREFIX))
-            self._own_directory = True
-            (self.directory / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}")
+    def _prepare_directory(self, rank: int) -> None:
+        """Make this run's own folder in the given directory (or ``$TMPDIR``), after removing dead runs' folders."""
+        root = self._root if self._root is not None else Path(tempfile.gettempdir())
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / ".write-test"
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            root.mkdir(parents=True, exist_ok=True)
+            remove_stale_directories(root)
+            folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}rank{rank}-", dir=root))
+            (folder / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}")
         except OSError as err:
             raise MisconfigurationException(
-                f"BlockOffload cannot write to {self.directory} ({err.strerror or err})."
+                f"BlockOffload cannot write to {root} ({err.strerror or err})."
                 " Pass BlockOffload(directory=...) pointing at a writable directory with room for the model."
             ) from err
+        self.directory, self._own_directory = folder, True
 
     # ------------------------------------------------------------------ which tensors a group owns
     def _params(self, group: int) -> list[torch.nn.Parameter]:
@@ -207,7 +255,7 @@ class BlockOffload(Callback):
 
     # ------------------------------------------------------------------ moves
     def _file(self, group: int) -> Path:
-        if self.directory is None:
+        if self.directory is None or not self._own_directory:
             raise OffloadError(f"Group {group} is not in memory and the offload folder is gone; reload a checkpoint.")
         return self.directory / f"group_{group}.pt"
 
@@ -220,7 +268,8 @@ class BlockOffload(Callback):
         tensors = [self._get(s) for s in slots]
         moved = sum(t.numel() * t.element_size() for t in tensors)
         if self._mode == "disk":
-            path, tmp = self._file(group), self._file(group).with_suffix(".tmp")
+            path = self._file(group)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # never another's name
             try:
                 torch.save(tensors, tmp)
                 os.replace(tmp, path)
@@ -231,6 +280,7 @@ class BlockOffload(Callback):
                     " and saved checkpoints are untouched. Free disk space or pass BlockOffload(directory=...)."
                 ) from err
             self._layout[group] = [(t.shape, t.dtype) for t in tensors]
+            self._digests[group] = digest(tensors)
             for slot, t in zip(slots, tensors):
                 self._set(slot, torch.empty(0, dtype=t.dtype, device=t.device))
         else:
@@ -270,16 +320,18 @@ class BlockOffload(Callback):
                 tensors = torch.load(path, map_location="cpu", weights_only=True)  # then each to its _target
             except pickle.UnpicklingError as err:  # a replaced file is refused by the restricted unpickler
                 raise OffloadError(
-                    f"The offloaded copy of group {group} at {path} holds objects other than tensors: it was replaced"
-                    " after this run wrote it, so it was refused and nothing in it ran. Keep the offload directory"
-                    " private to one run, and resume from the last saved checkpoint."
-                ) from err
+                    f"The offloaded copy of group {group} at {path} holds objects other than tensors"
+                    f" ({refusal_reason(err)}): it was replaced after this run wrote it, so it was refused and nothing"
+                    " in it ran. Only this process writes to its offload folder: check what else writes there, and"
+                    " resume from the last saved checkpoint."
+                ) from None  # torch's own message would advise loading the file unrestricted
             except (OSError, RuntimeError, EOFError) as err:
                 raise OffloadError(
                     f"Reading offloaded group {group} from {path} failed ({err}). Was the offload directory deleted or"
                     " shared with another run? Resume from the last saved checkpoint."
                 ) from err
             self._check_layout(group, path, tensors, len(slots))
+            self._check_digest(group, path, tensors)
             for slot, t in zip(slots, tensors):
                 self._set(slot, t.to(self._target(slot)))
         else:
@@ -306,8 +358,19 @@ class BlockOffload(Callback):
         if not valid or (expected is not None and [(t.shape, t.dtype) for t in tensors] != expected):
             raise OffloadError(
                 f"{path} does not hold the {count} tensors this run offloaded for group {group} (shapes or types"
-                " differ); was it replaced? Keep the offload directory private to one run and resume from the last"
-                " saved checkpoint."
+                " differ): it was replaced after this run wrote it, so it was refused and not loaded. Only this process"
+                " writes to its offload folder: check what else writes there, and resume from the last saved"
+                " checkpoint."
+            )
+
+    def _check_digest(self, group: int, path: Path, tensors: list[Tensor]) -> None:
+        """Refuse a file whose tensors are not the bytes this run wrote (right shapes, other values)."""
+        expected = self._digests.get(group)
+        if expected is None or digest(tensors) != expected:
+            raise OffloadError(
+                f"The offloaded copy of group {group} at {path} changed since this run wrote it (its SHA-256 differs"
+                " from the one kept in memory), so it was refused and not loaded. Only this process writes to its"
+                " offload folder: check what else writes there, and resume from the last saved checkpoint."
             )
 
     def activate(self, group: int) -> None:
@@ -439,7 +502,7 @@ class BlockOffload(Callback):
     def _release_directory(self) -> None:
         if self._own_directory and self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory, self._own_directory = None, False
+            self.directory, self._own_directory = self._root, False
 
     # ------------------------------------------------------------------ checkpoints
     def expose_for_checkpoint(self) -> list[int]:
