@@ -306,6 +306,43 @@ def _imports_untrusted(value: Any, trusted: Sequence[str]) -> list[str]:
     return found
 
 
+def _resolve(path: str) -> Any:
+    module, _, attribute = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _without_default_callables(value: Any) -> Any:
+    """``value`` without the constructor arguments that name their own default class or function by import path.
+
+    A saved config holds every argument, resolved: a callable one (timm's ``embed_layer=PatchEmbed``) is written as its
+    import path, which the parser reads back as an instance to build, not the class. Leaving it out keeps the default.
+    Called only on parts whose packages are trusted (it imports them).
+    """
+    if isinstance(value, list):
+        return [_without_default_callables(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    value = {k: _without_default_callables(v) for k, v in value.items()}
+    init_args = value.get("init_args")
+    owner = _resolve(value["class_path"]) if isinstance(value.get("class_path"), str) else None
+    if not isinstance(init_args, dict) or owner is None:
+        return value
+    try:
+        defaults = {k: p.default for k, p in inspect.signature(owner).parameters.items()}
+    except (TypeError, ValueError):
+        return value
+    kept = {
+        k: v
+        for k, v in init_args.items()
+        if not (isinstance(v, str) and _IMPORT_PATH.fullmatch(v) and callable(defaults.get(k)) and
+                _resolve(v) is defaults[k])
+    }  # fmt: skip
+    return {**value, "init_args": kept}
+
+
 def checkpoint_config(
     path: str | Path, trusted: Sequence[str] = (), model_class: Any = DiffusionBlocksModule
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -352,15 +389,17 @@ def checkpoint_config(
             )
             continue
         packages = _imports_untrusted(value, trusted)
-        if packages:
-            owner.pop(name)
-            names = " and ".join(f"`{p}`" for p in packages)
-            refused[key] = (
-                f"{path} records {key} as `{value['class_path']}`, which imports {names}: not trusted, so nothing of it"
-                f" was imported. Run again with --trusted={','.join([*trusted, *packages])} if you trust"
-                f" {'it' if len(packages) == 1 else 'them'}, or give {key} yourself (--config=<the training config>"
-                f" or --{key}=...)."
-            )
+        if not packages:
+            owner[name] = _without_default_callables(value)
+            continue
+        owner.pop(name)
+        names = " and ".join(f"`{p}`" for p in packages)
+        refused[key] = (
+            f"{path} records {key} as `{value['class_path']}`, which imports {names}: not trusted, so nothing of it"
+            f" was imported. Run again with --trusted={','.join([*trusted, *packages])} if you trust"
+            f" {'it' if len(packages) == 1 else 'them'}, or give {key} yourself (--config=<the training config>"
+            f" or --{key}=...)."
+        )
     return json.loads(json.dumps(base)), refused  # plain YAML-able data (tuples become lists)
 
 
