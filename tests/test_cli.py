@@ -225,13 +225,25 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_validate_and_test_need_only_the_checkpoint(trained, tmp_path, monkeypatch):
     """0.2.0 needed the training config again (the model was not rebuilt from the checkpoint's own record)."""
-    for subcommand in ("validate", "test"):
-        run = run_cli(from_checkpoint(subcommand, trained["ckpt"], tmp_path), monkeypatch)
+    for subcommand, extra in (("validate", []), ("test", ["--data.init_args.batch_size=2"])):
+        run = run_cli(from_checkpoint(subcommand, trained["ckpt"], tmp_path, *extra), monkeypatch)
         assert f"{LIMIT[subcommand]}/loss" in run.trainer.callback_metrics
         assert run.model.network.net.blocks[0].attn.qkv.in_features == 16  # the trained model, not the config's
-    # what is given on the command line overrides what the checkpoint says
-    run = run_cli(from_checkpoint("test", trained["ckpt"], tmp_path, "--data.init_args.batch_size=2"), monkeypatch)
-    assert run.datamodule.batch_size == 2
+    assert run.datamodule.batch_size == 2  # what the command line gives overrides what the checkpoint says
+
+
+def test_prediction_files_follow_the_form_of_the_prediction():
+    """The task reads its prediction (PredictionWriter knows no task): images, probabilities, ids, per-row metrics."""
+    task = ldb.tasks.ImageGeneration()
+    assert task.prediction_preview(torch.zeros(12, 1, 4, 4), None).rows == 2  # at most 8 a row: 2 rows of 6
+    columns, rows = task.prediction_preview(torch.tensor([[0.2, 0.8], [0.9, 0.1]]), None).table
+    assert columns == ["row", "argmax", "0", "1"]
+    assert [r[:2] for r in rows] == [[0, 1], [1, 0]]
+    assert task.prediction_preview(torch.tensor([[1, 2], [3, 4]]), None).tokens == [[1, 2], [3, 4]]
+    columns, rows = task.prediction_preview({"nelbo": torch.tensor([1.0, 2.0]), "total": torch.tensor(3.0)}, None).table
+    assert columns == ["row", "nelbo"]
+    assert rows == [[0, 1.0], [1, 2.0]]
+    assert task.prediction_preview("text", None) is None
 
 
 def test_a_checkpoint_written_from_python_needs_only_the_data(trained, tmp_path, monkeypatch):
