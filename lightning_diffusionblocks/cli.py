@@ -184,6 +184,7 @@ class DiffusionBlocksCLI(LightningCLI):
             if key == "data" and section.get("data") is None:
                 raise MisconfigurationException(reason)
 
+    @override
     def _parse_ckpt_path(self) -> None:
         """Lightning feeds the checkpoint's hyper-parameters to the parser, which imports any class they name; the
         checkpoint's record is used instead, under the trust rule, by :meth:`parse_arguments`."""
