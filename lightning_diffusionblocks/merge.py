@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lightning_diffusionblocks.checkpoints import CheckpointLoadError, read_checkpoint
+from lightning_diffusionblocks.checkpoints import CheckpointLoadError, read_checkpoint, unsafe_file_message
 
 
 class MergeError(ValueError):
@@ -56,10 +56,13 @@ def _load(path: str | Path) -> dict[str, Any]:
     except CheckpointLoadError as err:
         if isinstance(err.__cause__, pickle.UnpicklingError):
             raise MergeError(
-                f"{path} holds objects other than tensors and plain data, so it was refused and nothing in it ran"
-                " (not executed: loading it would run code the file chooses). Merge only checkpoints from a trusted"
-                " source; if you trust this one, re-save it there as tensors and plain data (the checkpoint a"
-                " DiffusionBlocks Trainer writes is) and merge again."
+                unsafe_file_message(
+                    path,
+                    err.__cause__,
+                    "Nothing was merged (not executed, not written). Merge only checkpoints from a trusted source;"
+                    " if you trust this one, re-save it there as tensors and plain data (the checkpoint a"
+                    " DiffusionBlocks Trainer writes is) and merge again.",
+                )
             ) from err
         raise MergeError(str(err)) from err
     record = ckpt.get("diffusionblocks") if isinstance(ckpt, dict) else None

@@ -31,7 +31,17 @@ from lightning_diffusionblocks.checkpoints import CheckpointLoadError, read_chec
 from lightning_diffusionblocks.dashboard import GroupLossLog, log_group_summary, log_run_config, show_in_progress_bar
 from lightning_diffusionblocks.noise import Partition
 from lightning_diffusionblocks.partition import BlockwiseNetwork, StemMode
-from lightning_diffusionblocks.records import RecordError, build, is_plain, record_of
+from lightning_diffusionblocks.records import (
+    RecordError,
+    build,
+    building_trust,
+    class_paths,
+    explain_rebuild,
+    is_plain,
+    record_of,
+    top_package,
+    trusting,
+)
 from lightning_diffusionblocks.routing import Router
 from lightning_diffusionblocks.schedules import Schedule, step_seed
 from lightning_diffusionblocks.tasks.base import Task
@@ -683,28 +693,35 @@ class DiffusionBlocksModule(L.LightningModule):
         """Rebuild the module, its network and its task from a checkpoint, with torch's safe unpickler.
 
         The network and task are rebuilt from the checkpoint's record when it has their constructor arguments
-        and their classes come from this package or from a module prefix in ``trusted`` (importing a class
-        runs its module's code); otherwise pass ``net=`` / ``task=`` yourself, as the error says.
+        and every class it names, at any depth, comes from this package or from a module prefix in ``trusted``
+        (importing a class runs its module's code); otherwise one error says what to pass (``net=`` / ``task=``,
+        ``trusted=[...]``). Nothing else in the file is ever imported: a ``class_path`` among its hyper-parameters
+        follows the same rule.
         """
-        if "net" not in kwargs or "task" not in kwargs:
-            record = read_checkpoint(checkpoint_path).get("diffusionblocks") or {}
+        trusted = tuple(trusted)
+        for what, expected in (("net", nn.Module), ("task", Task)):
+            if isinstance(kwargs.get(what), dict):  # the caller's own config (built before the file's rule applies)
+                kwargs[what] = _built(kwargs[what], what, expected)
+        missing = [what for what in ("net", "task") if what not in kwargs]
+        if missing:
+            checkpoint = read_checkpoint(checkpoint_path)
+            record = checkpoint.get("diffusionblocks") if isinstance(checkpoint, dict) else None
+            record = record if isinstance(record, dict) else {}
+            call = f"{cls.__name__}.load_from_checkpoint"
+            problem = explain_rebuild(str(checkpoint_path), {w: record.get(w) for w in missing}, trusted, call)
+            if problem is not None:
+                raise CheckpointLoadError(problem)
             for what, expected in (("net", nn.Module), ("task", Task)):
-                if what in kwargs:
-                    continue
-                if not record.get(what):
-                    raise CheckpointLoadError(
-                        f"{checkpoint_path} does not record how to build its {what} (written by"
-                        f" lightning_diffusionblocks 0.1, or by a {what} whose arguments could not be recorded)."
-                        f" Pass it: DiffusionBlocksModule.load_from_checkpoint(path, {what}=...)."
-                    )
-                try:
-                    kwargs[what] = build(record[what], what, trusted, expected)
-                except RecordError as err:
-                    raise CheckpointLoadError(str(err)) from err
-        return super().load_from_checkpoint(  # type: ignore[return-value]
-            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
-            **kwargs,
-        )  # fmt: skip
+                if what in missing:
+                    try:
+                        kwargs[what] = build(record[what], what, trusted, expected)
+                    except RecordError as err:
+                        raise CheckpointLoadError(str(err)) from err
+        with trusting(trusted):  # Lightning passes the file's hyper-parameters to __init__: the file's rule holds
+            return super().load_from_checkpoint(  # type: ignore[return-value]
+                checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
+                weights_only=True, **kwargs,
+            )  # fmt: skip
 
 
 def _plain(value: Any) -> Any:
@@ -719,8 +736,13 @@ def _plain(value: Any) -> Any:
 
 
 def _built(value: Any, what: str, expected: type) -> Any:
-    """A ``{"class_path", "init_args"}`` dict given by the user is built (their own config: trusted)."""
+    """A ``{"class_path", "init_args"}`` dict is built. One the caller wrote is their own config: the packages it
+    names are trusted. One met while a checkpoint's record is being rebuilt (``records.trusting``: the record nests
+    a module whose argument is such a dict, or the checkpoint's hyper-parameters hold one) came from the file: only
+    this package and the packages the caller trusted are imported."""
     if isinstance(value, dict) and "class_path" in value:
         record = {"class_path": value["class_path"], "init_args": value.get("init_args", {})}
-        return build(record, what, trusted=[str(value["class_path"]).split(".")[0]], expected=expected)
+        from_record = building_trust()
+        trusted = from_record if from_record is not None else [top_package(p) for p in class_paths(value)]
+        return build(record, what, trusted=trusted, expected=expected)
     return value

@@ -76,7 +76,10 @@ def split_layers(num_layers: int, num_groups: int, sizes: Sequence[int] | None =
         raise ValueError(f"num_blocks must be >= 1, got {num_groups}.")
     if num_groups > num_layers:
         raise ValueError(
-            f"num_blocks={num_groups} is larger than the network's {num_layers} layers. Use num_blocks <= {num_layers}."
+            f"num_blocks={num_groups} is larger than the network's {num_layers} layers: num_blocks must not exceed the"
+            f" number of layers in the block stack, since every group needs at least one. Lower num_blocks to at most"
+            f" {num_layers} (command line: --model.num_blocks={num_layers}), or build the network with at least"
+            f" {num_groups} layers (e.g. depth={num_groups}: --model.net.init_args.depth={num_groups})."
         )
     if sizes is None:
         base, extra = divmod(num_layers, num_groups)

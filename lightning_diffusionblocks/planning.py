@@ -7,6 +7,7 @@ Mixed into Lightning's own strategies (:class:`~lightning.pytorch.strategies.Sin
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import pickle
@@ -21,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_diffusionblocks.checkpoints import CheckpointLoadError, read_checkpoint, unsafe_file_message
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
 
@@ -197,14 +199,29 @@ class GroupPlanning(_StrategyBase):
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        # `weights_only` exists from Lightning 2.6 on; pass through whatever this version sends
+        """Read a checkpoint with torch's restricted unpickler, always: ``weights_only=True`` is passed explicitly.
+
+        Lightning passes ``weights_only=None`` unless told otherwise, and torch turns None into the unrestricted
+        unpickler when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` is set; an explicit True is kept whatever the
+        environment says. A DiffusionBlocks checkpoint holds tensors and plain data only, so nothing is lost.
+        """
+        requested = kwargs.pop("weights_only", args[0] if args else None)
+        if requested is False:
+            rank_zero_warn(
+                "weights_only=False is ignored: DiffusionBlocks checkpoints hold tensors and plain data only and are"
+                " always read with torch's restricted unpickler (weights_only=True)."
+            )
         try:
-            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
-        except pickle.UnpicklingError as err:
+            if "weights_only" in inspect.signature(super().load_checkpoint).parameters:
+                return super().load_checkpoint(checkpoint_path, weights_only=True)
+            # Lightning 2.5 reads with torch's default, which the environment can turn into the unrestricted unpickler
+            return read_checkpoint(checkpoint_path)
+        except (pickle.UnpicklingError, CheckpointLoadError) as err:
+            refused = err if isinstance(err, pickle.UnpicklingError) else err.__cause__
+            if not isinstance(refused, pickle.UnpicklingError):
+                raise
             raise RuntimeError(
-                f"Checkpoint {checkpoint_path} holds objects other than tensors and plain data, which loading would"
-                f" execute; it was refused and nothing in it ran ({str(err).splitlines()[0]}). Resume only from"
-                " checkpoints you trust."
+                unsafe_file_message(checkpoint_path, refused, "Resume only from checkpoints you trust.")
             ) from err
         except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
             siblings = sorted(p.name for p in Path(checkpoint_path).parent.glob("*.ckpt") if p != Path(checkpoint_path))

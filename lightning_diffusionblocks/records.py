@@ -3,7 +3,9 @@
 The shape is LightningCLI's. A record holds plain data only (strings, numbers, booleans, None, lists and
 string-keyed dicts, nested records), so a checkpoint stays loadable with torch's restricted unpickler
 (``weights_only=True``). Rebuilding imports the recorded class, which runs that module's code, so it is
-limited to this package and to the modules the caller names as trusted.
+limited to this package and to the modules the caller names as trusted, at every depth of the record: every
+``class_path`` inside it is checked before anything is imported, and a constructor that itself builds a
+``class_path`` dict it was given (``DiffusionBlocksModule``) applies the same rule while a record is being built.
 
 Constructor arguments are known when a class records them itself (:class:`RecordsInitArgs`, which every
 model and task of this package uses, or an ``init_args`` dict attribute), for dataclasses, and for
@@ -18,7 +20,9 @@ import functools
 import importlib
 import inspect
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 TRUSTED_BY_DEFAULT = ("lightning_diffusionblocks",)
@@ -27,7 +31,36 @@ _PLAIN = (str, int, float, bool, type(None))
 
 
 class RecordError(ValueError):
-    """A record cannot be made into an object (unknown, untrusted, or incomplete)."""
+    """A record cannot be made into an object (unknown, untrusted, or incomplete).
+
+    ``untrusted`` lists the top-level packages the record names that are not trusted (empty for other reasons).
+    """
+
+    def __init__(self, message: str, untrusted: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.untrusted = list(untrusted)
+
+
+#: the trusted prefixes of the record being built (None: no record is being built, a dict is the caller's own)
+_BUILDING: ContextVar[tuple[str, ...] | None] = ContextVar("lightning_diffusionblocks_trusted", default=None)
+
+
+@contextmanager
+def trusting(trusted: Iterable[str]) -> Iterator[tuple[str, ...]]:
+    """While active, a ``class_path`` dict handed to one of this package's constructors is built only from this
+    package and ``trusted`` (it came from a checkpoint, not from the caller). Nested uses keep the outer rule."""
+    outer = _BUILDING.get()
+    active = tuple(trusted) if outer is None else outer
+    token = _BUILDING.set(active)
+    try:
+        yield active
+    finally:
+        _BUILDING.reset(token)
+
+
+def building_trust() -> tuple[str, ...] | None:
+    """The trusted prefixes of the record being built now, or None outside :func:`build` / :func:`trusting`."""
+    return _BUILDING.get()
 
 
 class RecordsInitArgs:
@@ -131,6 +164,93 @@ def _trusted(path: str, trusted: Iterable[str]) -> bool:
     return any(path == t or path.startswith(t + ".") for t in (*TRUSTED_BY_DEFAULT, *trusted))
 
 
+def class_paths(value: Any) -> Iterator[Any]:
+    """Every ``class_path`` value in ``value``, at any depth (in any dict that has one, a record or not)."""
+    if isinstance(value, dict):
+        if "class_path" in value:
+            yield value["class_path"]
+        for v in value.values():
+            yield from class_paths(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from class_paths(v)
+
+
+def top_package(path: Any) -> str:
+    return str(path).split(".")[0]
+
+
+def untrusted_packages(value: Any, trusted: Iterable[str] = ()) -> list[str]:
+    """The top-level packages named by class paths anywhere in ``value`` that are not trusted, without importing.
+
+    A class path that is not a dotted string (a short name that would be looked up among loaded classes) counts
+    as untrusted too, under its own name.
+    """
+    trusted = tuple(trusted)
+    found: list[str] = []
+    for path in class_paths(value):
+        ok = isinstance(path, str) and "." in path and _trusted(path, trusted)
+        if not ok and top_package(path) not in found:
+            found.append(top_package(path))
+    return found
+
+
+def untrusted_message(what: str, record: Any, untrusted: list[str]) -> str:
+    names = ", ".join(f"`{p}`" for p in untrusted)
+    where = f"The checkpoint records the {what} as `{record.get('class_path')}`" if isinstance(record, dict) else ""
+    return (
+        f"{where}{'; its record' if where else 'The record'} names classes from {names}, not trusted: importing them"
+        f" would run their code. Pass trusted={untrusted!r} to load_from_checkpoint if you trust"
+        f" {'that package' if len(untrusted) == 1 else 'those packages'}, or pass {what}=... yourself."
+    )
+
+
+def explain_rebuild(source: str, records: dict[str, Any], trusted: Iterable[str], call: str) -> str | None:
+    """One message for every reason the ``records`` (``{"net": record, "task": record}``) cannot be rebuilt, with
+    the one call that works (``call(path, net=..., trusted=[...])``); None when nothing stands in the way.
+
+    Reasons are found without importing anything: a missing record or missing constructor arguments (the object
+    must be passed), and class paths anywhere in a record from packages not trusted (they must be trusted).
+    """
+    trusted = tuple(trusted)
+    reasons: list[str] = []
+    to_pass: dict[str, str] = {}
+    untrusted: list[str] = []
+    for what, record in records.items():
+        path = record.get("class_path") if isinstance(record, dict) else None
+        if not isinstance(path, str):
+            reasons.append(
+                f"it does not record how to build its {what} (written by lightning_diffusionblocks 0.1, or by a {what}"
+                " whose arguments could not be recorded)"
+            )
+            to_pass[what] = "..."
+        elif record.get("init_args") is None:
+            reasons.append(f"it records the {what} as `{path}` but not its constructor arguments")
+            to_pass[what] = f"{path.rpartition('.')[2]}(...)"
+        else:
+            packages = untrusted_packages(record, trusted)
+            if packages:
+                paths = [p for p in class_paths(record) if top_package(p) in packages]
+                named = ", ".join(f"`{p}`" for p in dict.fromkeys(map(str, paths)))
+                reasons.append(
+                    f"its {what} is built from {named}, whose package{'s are' if len(packages) > 1 else ' is'} not"
+                    " trusted (importing it would run its code)"
+                )
+                untrusted += [p for p in packages if p not in untrusted]
+    if not reasons:
+        return None
+    arguments = [f"{what}={obj}" for what, obj in to_pass.items()]
+    if untrusted or trusted:  # the caller's own trusted list stays in the call
+        arguments.append(f"trusted={[*trusted, *untrusted]!r}")
+    message = f"Cannot rebuild the model from {source}: {'; '.join(reasons)}. Load it with\n    {call}(path, "
+    message += f"{', '.join(arguments)})"
+    if untrusted:
+        whats = [w for w in records if w not in to_pass and untrusted_packages(records[w], trusted)]
+        names = " and ".join(f"`{p}`" for p in untrusted)
+        message += f"\nif you trust {names}; otherwise pass {' and '.join(f'{w}=...' for w in whats)} yourself."
+    return message
+
+
 def build(record: dict[str, Any], what: str, trusted: Iterable[str] = (), expected: type | None = None) -> Any:
     """Instantiate a record, importing only from this package and the ``trusted`` module prefixes.
 
@@ -142,13 +262,9 @@ def build(record: dict[str, Any], what: str, trusted: Iterable[str] = (), expect
         raise RecordError(f"The checkpoint's record of the {what} is malformed: {record!r}.")
     path = record["class_path"]
     module_name, _, qualname = path.rpartition(".")
-    if not _trusted(path, trusted):
-        top = path.split(".")[0]
-        raise RecordError(
-            f"The checkpoint records the {what} as `{path}`. Importing it would run code from `{top}`, which is"
-            f" not trusted. Pass trusted=[{top!r}] to load_from_checkpoint if you trust that package, or pass"
-            f" {what}=... yourself."
-        )
+    untrusted = untrusted_packages(record, trusted)  # every depth, before anything is imported
+    if untrusted:
+        raise RecordError(untrusted_message(what, record, untrusted), untrusted)
     if record["init_args"] is None:
         raise RecordError(
             f"The checkpoint records the {what} as `{path}` but not its constructor arguments. Pass it:"
@@ -164,6 +280,11 @@ def build(record: dict[str, Any], what: str, trusted: Iterable[str] = (), expect
             f"The checkpoint records the {what} as `{path}`, which cannot be imported here ({err})."
             f" Install the package that defines it, or pass {what}=... to load_from_checkpoint."
         ) from err
+    if isinstance(owner, type) and not _trusted(f"{owner.__module__}.{owner.__qualname__}", trusted):
+        # a trusted module may import a class from elsewhere; the class's own module decides
+        untrusted = [top_package(owner.__module__)]
+        raise RecordError(untrusted_message(what, {"class_path": f"{owner.__module__}.{owner.__qualname__}"},
+                                            untrusted), untrusted)  # fmt: skip
     if not isinstance(owner, type) or (expected is not None and not issubclass(owner, expected)):
         raise RecordError(
             f"The checkpoint records the {what} as `{path}`, which is not a"
@@ -173,8 +294,9 @@ def build(record: dict[str, Any], what: str, trusted: Iterable[str] = (), expect
         raise RecordError(f"The checkpoint records an argument `{what}` of type `{path}`, which records never hold.")
     if not isinstance(record["init_args"], dict):
         raise RecordError(f"The checkpoint's record of the {what} is malformed: {record!r}.")
-    kwargs = {k: _built(v, f"{what}.{k}", trusted) for k, v in record["init_args"].items()}
-    return owner(**kwargs)
+    with trusting(trusted) as active:  # a constructor that builds a class_path dict itself follows the same rule
+        kwargs = {k: _built(v, f"{what}.{k}", active) for k, v in record["init_args"].items()}
+        return owner(**kwargs)
 
 
 def _buildable(cls: type) -> bool:
@@ -194,4 +316,5 @@ def _built(value: Any, what: str, trusted: tuple[str, ...]) -> Any:
     return value
 
 
-__all__ = ["TRUSTED_BY_DEFAULT", "RecordError", "RecordsInitArgs", "build", "is_plain", "record_of"]
+__all__ = ["TRUSTED_BY_DEFAULT", "RecordError", "RecordsInitArgs", "build", "building_trust", "class_paths",
+           "explain_rebuild", "is_plain", "record_of", "trusting", "untrusted_packages"]  # fmt: skip

