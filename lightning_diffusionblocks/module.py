@@ -147,11 +147,11 @@ class DiffusionBlocksModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net", "task", "optimizer"])
         self.automatic_optimization = False
         self.task = task
+        task.bind(net)  # first: a network made for another task is named as such, before any of its own checks
         check_stem = getattr(net, "diffusionblocks_check_stem", None)
         if callable(check_stem):  # the network knows which of its parts must not be copied per group
             check_stem(stem)
         self.network = BlockwiseNetwork(net, num_blocks, group_sizes, block_path, stem)
-        task.bind(net)
         self.boundaries = task.noise.boundaries(num_blocks, partition)
         self.ranges = [task.noise.group_range(self.boundaries, g, gamma) for g in range(num_blocks)]
         self.ema_network = copy.deepcopy(self.network).requires_grad_(False) if ema_decay else None
