@@ -70,7 +70,7 @@ class Task(RecordsInitArgs, ABC):
         declared = getattr(net, "diffusionblocks_outputs", None)
         if not (isinstance(declared, str) and self.reads) or declared == self.reads:
             return
-        readers = sorted({task.__name__ for task in _subclasses(Task) if task.reads == declared})
+        readers = sorted({task.__name__ for task in _subclasses(Task) if task.reads == declared})  # type: ignore[type-abstract]
         call = getattr(self, "expected_call", "")
         how = f": {call}." if call else "."
         fix = f"Train it with {' or '.join(readers)}" if readers else f"Pair it with a task that reads {declared}"
@@ -123,8 +123,8 @@ class Task(RecordsInitArgs, ABC):
         return TypeError(f"{call}() is not offered by the {type(self).__name__} task (it offers: {offered}).")
 
 
-def _subclasses(cls: type) -> list[type]:
-    found = []
+def _subclasses(cls: type[Task]) -> list[type[Task]]:
+    found: list[type[Task]] = []
     for sub in cls.__subclasses__():
         found += [sub, *_subclasses(sub)]
     return found
