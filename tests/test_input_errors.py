@@ -92,7 +92,9 @@ def test_classification_names_argmax_for_one_hot_labels():
 # ---------------------------------------------------------------------- the null label
 def test_a_null_label_the_label_table_lacks_is_refused_at_construction():
     """num_classes=10 with an Embedding(10): the 'no label' id 10 has no row (before: IndexError in training)."""
-    with pytest.raises(ValueError, match=r"feeds label 10 for 'no label'.*has 10 rows.*nn\.Embedding\(num_classes \+ 1"):
+    with pytest.raises(
+        ValueError, match=r"feeds label 10 for 'no label'.*has 10 rows.*nn\.Embedding\(num_classes \+ 1"
+    ):
         ldb.DiffusionBlocksModule(LabelNet(10, num_classes=10), ldb.tasks.ImageGeneration(), num_blocks=2)
     # told which id means "no label", the task trusts the user
     ldb.DiffusionBlocksModule(LabelNet(10, num_classes=10), ldb.tasks.ImageGeneration(null_label=0), num_blocks=2)
@@ -102,7 +104,9 @@ def test_a_real_class_equal_to_the_guessed_null_label_is_refused(tmp_path):
     """An Embedding(10) and no num_classes: the last row, 9, is guessed as 'no label'; data with class 9 is refused
     (before: the 9s were silently dropped to 'no label' and unguided samples were 9s). Without a 9 it trains."""
     images, labels = batch()
-    with pytest.raises(ValueError, match=r"include 9.*guessed as the last row of the label embedding `label`.*null_label"):
+    with pytest.raises(
+        ValueError, match=r"include 9.*guessed as the last row of the label embedding `label`.*null_label"
+    ):
         fit(LabelNet(10), ldb.tasks.FlowMatching(), images, labels, tmp_path)
     module = fit(LabelNet(10), ldb.tasks.FlowMatching(), images, labels % 9, tmp_path)
     assert (module.task.null_label, int(module.step_count)) == (9, 1)
@@ -133,7 +137,7 @@ def test_a_classifier_adapter_is_refused_by_image_generation(learn_embedding):
 # ---------------------------------------------------------------------- sampling arguments
 SAMPLING_REFUSALS = [
     ({"num_samples": 2, "steps": 2.5}, TypeError, r"steps must be an integer, got 2\.5 \(float\); e\.g\. sample"),
-    ({"num_samples": 2, "clip": (1, -1)}, ValueError, r"clip=\(1, -1\) is not an increasing range.*clip=\(-1\.0, 1\.0\)"),
+    ({"num_samples": 2, "clip": (1, -1)}, ValueError, r"clip=\(1, -1\) is not an increasing.*clip=\(-1\.0, 1\.0\)"),
     ({"labels": [1, 2, 3, 4], "num_samples": 8}, ValueError, r"got 4 labels and num_samples=8.*repeat_interleave"),
     ({"labels": torch.tensor([1.0, 2.0])}, TypeError, r"labels must be integer class ids.*torch\.float32"),
     ({"labels": nn.functional.one_hot(torch.tensor([1, 2]), 10)}, ValueError, r"labels\.argmax\(-1\)"),
@@ -143,12 +147,18 @@ SAMPLING_REFUSALS = [
 
 
 @pytest.mark.parametrize("task_class", IMAGE_TASKS, ids=lambda t: t.__name__)
-def test_sampling_arguments_are_checked_once_for_every_image_task(task_class):
+@pytest.mark.parametrize(("kwargs", "error", "message"), SAMPLING_REFUSALS, ids=lambda v: str(v)[:24])
+def test_sampling_arguments_are_checked_once_for_every_image_task(task_class, kwargs, error, message):
+    """Before: steps=2.5 and float labels ran (truncated), clip=(1, -1) clamped every pixel to one value, 4 labels with
+    num_samples=8 gave 4 samples, num_samples=0 said to pass num_samples."""
     module = ldb.DiffusionBlocksModule(tiny_dit(depth=2), task_class(), num_blocks=2)
-    for kwargs, error, message in SAMPLING_REFUSALS:
-        with pytest.raises(error, match=message):
-            module.sample(**{"steps": 2, **kwargs})
-    assert module.sample(labels=[1, 2], num_samples=2, steps=1, clip=[-1, 1]).shape == (2, 1, 8, 8)
+    with pytest.raises(error, match=message):
+        module.sample(**{"steps": 2, **kwargs})
+
+
+def test_consistent_sampling_arguments_still_work():
+    module = ldb.DiffusionBlocksModule(tiny_dit(depth=2), ldb.tasks.DDPM(), num_blocks=2)
+    assert module.sample(labels=[1, 2], num_samples=2, steps=1, clip=[-1, 1], seed=3).shape == (2, 1, 8, 8)
 
 
 def test_classification_refuses_fractional_steps():
@@ -187,11 +197,24 @@ def test_max_steps_that_leave_groups_unequal_steps_are_said(tmp_path, schedule, 
         strategy.build_schedule(module, trainer)
 
 
-def test_a_multi_process_strategy_that_is_not_ours_is_refused(tmp_path):
+MULTI_PROCESS_REFUSAL = r'DDPStrategy over 2 processes.*end to end.*strategy="diffusionblocks", devices=2'
+
+
+def test_a_multi_process_strategy_that_is_not_ours_is_refused_at_fit_start(tmp_path):
+    """The check itself, on Lightning's own DDP strategy for 2 devices (not launched): no schedule was handed over
+    and trainer.world_size is 2. Training end to end on one device stays allowed."""
+    module = ldb.DiffusionBlocksModule(tiny_dit(depth=2), ldb.tasks.ImageGeneration(), num_blocks=2)
+    module.trainer = L.Trainer(strategy="ddp_find_unused_parameters_true", devices=2, accelerator="cpu", logger=False)
+    with pytest.raises(MisconfigurationException, match=MULTI_PROCESS_REFUSAL):
+        module.on_fit_start()
+
+
+@pytest.mark.slow  # one launch of two spawned processes (fresh interpreters importing torch and Lightning)
+def test_a_spawned_ddp_run_stops_in_every_process(tmp_path):
     """strategy="ddp_find_unused_parameters_true" (what DDP's own error advises) used to train end to end without a
-    word; now every process stops at fit start naming strategy="diffusionblocks", devices=2. One spawned run."""
+    word; now every process stops at fit start naming strategy="diffusionblocks", devices=2."""
     strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", find_unused_parameters=True)
     images, labels = batch()
     run = partial(fit, tiny_dit(depth=2), ldb.tasks.ImageGeneration(), images, labels, tmp_path)
-    with pytest.raises(Exception, match=r'DDPStrategy over 2 processes.*strategy="diffusionblocks", devices=2'):
+    with pytest.raises(Exception, match=MULTI_PROCESS_REFUSAL):
         run(strategy=strategy, devices=2)
