@@ -120,51 +120,49 @@ class GroupPlanning(_StrategyBase):
                     f"The schedule is built for {self.schedule_spec.num_groups} groups but the module has"
                     f" num_blocks={module.num_blocks}."
                 )
-            schedule: Schedule = self.schedule_spec
-        elif self.schedule_spec == "random":
+            return self.schedule_spec
+        if self.schedule_spec == "random":
             seed = module.hparams["seed"] if self.seed is None else self.seed
-            schedule = RandomSchedule(module.num_blocks, seed=seed, groups=self.trained_groups(module))
-        else:
-            steps = self.steps_per_phase
-            groups = self.trained_groups(module)
-            n_groups = module.num_blocks if groups is None else len(set(groups))
-            if steps is None:
-                if trainer.max_steps is None or trainer.max_steps < 1:
-                    raise MisconfigurationException(
-                        "schedule='sequential' needs a phase length: pass steps_per_phase=N to the strategy or set"
-                        " Trainer(max_steps=...) so each group gets max_steps / num_blocks steps."
+            drawn = RandomSchedule(module.num_blocks, seed=seed, groups=self.trained_groups(module))
+            max_steps = trainer.max_steps or 0
+            if int(module.step_count) == 0 and 0 < max_steps <= 20_000 and len(drawn.groups) > 1:  # a fresh run
+                counts = dict.fromkeys(drawn.groups, 0)
+                for step in range(max_steps):
+                    counts[drawn.group_at(step)] += 1
+                n, low, high = len(counts), min(counts.values()), max(counts.values())
+                if low == 0 or high - low > 0.1 * max_steps / n:
+                    rank_zero_warn(
+                        f"The random schedule draws one group per step, and over max_steps={max_steps} it gives the"
+                        f" groups unequal steps ({', '.join(f'group {g}: {c}' for g, c in counts.items())}). Train"
+                        " longer (the shares even out), or use sequential phases"
+                        f" (strategy='diffusionblocks_sequential') with max_steps a multiple of {n} for exactly"
+                        f" max_steps / {n} steps each."
                     )
-                steps = math.ceil(trainer.max_steps / n_groups)
-            schedule = SequentialSchedule(module.num_blocks, steps, groups=groups)
-            if trainer.max_steps and trainer.max_steps > schedule.total_steps():
-                rank_zero_warn(
-                    f"Sequential phases cover {schedule.total_steps()} steps but max_steps={trainer.max_steps}; the"
-                    f" last group keeps training after its phase. Set max_steps={schedule.total_steps()} to stop"
-                    " with it."
+            return drawn
+        steps = self.steps_per_phase
+        groups = self.trained_groups(module)
+        n_groups = module.num_blocks if groups is None else len(set(groups))
+        if steps is None:
+            if trainer.max_steps is None or trainer.max_steps < 1:
+                raise MisconfigurationException(
+                    "schedule='sequential' needs a phase length: pass steps_per_phase=N to the strategy or set"
+                    " Trainer(max_steps=...) so each group gets max_steps / num_blocks steps."
                 )
-                return schedule
-        # a fresh run of max_steps steps that leaves the groups unequal steps is said, with the counts
-        max_steps, groups_trained = trainer.max_steps or 0, schedule.groups
-        if int(module.step_count) > 0 or not 0 < max_steps <= 20_000 or len(groups_trained) < 2:
-            return schedule  # a continued run, an epoch-bounded one, or one so long a random share is even
-        counts = dict.fromkeys(groups_trained, 0)
-        for step in range(max_steps):
-            counts[schedule.group_at(step)] += 1
-        shown = ", ".join(f"group {g}: {c}" for g, c in counts.items())
-        n, low, high = len(counts), min(counts.values()), max(counts.values())
-        if isinstance(schedule, SequentialSchedule) and low != high:
-            phase = schedule.steps_per_phase
+            steps = math.ceil(trainer.max_steps / n_groups)
+        schedule = SequentialSchedule(module.num_blocks, steps, groups=groups)
+        if trainer.max_steps and trainer.max_steps > schedule.total_steps():
             rank_zero_warn(
-                f"Sequential phases of {phase} steps with max_steps={max_steps} give the groups unequal steps"
-                f" ({shown}). For equal phases set max_steps={phase * n} (steps_per_phase x {n} groups), or leave out"
-                f" steps_per_phase and use a max_steps that is a multiple of {n}."
+                f"Sequential phases cover {schedule.total_steps()} steps but max_steps={trainer.max_steps}; the last"
+                f" group keeps training after its phase. Set max_steps={schedule.total_steps()} to stop with it."
             )
-        elif isinstance(schedule, RandomSchedule) and (low == 0 or high - low > 0.1 * max_steps / n):
+        elif trainer.max_steps and trainer.max_steps < schedule.total_steps() and int(module.step_count) == 0:
+            trained = schedule.groups
+            phases = [min(max(trainer.max_steps - i * steps, 0), steps) for i in range(len(trained))]
             rank_zero_warn(
-                f"The random schedule draws one group per step, and over max_steps={max_steps} it gives the groups"
-                f" unequal steps ({shown}). Train longer (the shares even out), or use sequential phases,"
-                f" strategy='diffusionblocks_sequential', with max_steps a multiple of {n} for exactly max_steps / {n}"
-                " steps each."
+                f"Sequential phases of {steps} steps with max_steps={trainer.max_steps} give the groups unequal steps"
+                f" ({', '.join(f'group {g}: {c}' for g, c in zip(trained, phases))}). For equal phases set"
+                f" max_steps={schedule.total_steps()} (steps_per_phase x {len(trained)} groups), or leave out"
+                f" steps_per_phase and use a max_steps that is a multiple of {len(trained)}."
             )
         return schedule
 
