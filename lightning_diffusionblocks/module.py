@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -157,11 +157,11 @@ class DiffusionBlocksModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net", "task", "optimizer"])
         self.automatic_optimization = False
         self.task = task
+        task.bind(net)  # first: a network made for another task is named as such, before any of its own checks
         check_stem = getattr(net, "diffusionblocks_check_stem", None)
         if callable(check_stem):  # the network knows which of its parts must not be copied per group
             check_stem(stem)
         self.network = BlockwiseNetwork(net, num_blocks, group_sizes, block_path, stem)
-        task.bind(net)
         self.boundaries = task.noise.boundaries(num_blocks, partition)
         self.ranges = [task.noise.group_range(self.boundaries, g, gamma) for g in range(num_blocks)]
         self.ema_network = copy.deepcopy(self.network).requires_grad_(False) if ema_decay else None
@@ -401,11 +401,27 @@ class DiffusionBlocksModule(L.LightningModule):
                 f" Trainer and pass DiffusionBlocksModule(..., accumulate_grad_batches={k}): the module sums {k}"
                 " micro-batches for the same group before each optimizer step."
             )
-        return []
+        return [_TrainingDataCheck()]
 
     @override
     def on_fit_start(self) -> None:
         blockwise = self._schedule is not None
+        strategy = type(self.trainer.strategy).__name__
+        if not blockwise and self.trainer.world_size > 1:
+            # a multi-process strategy of Lightning's own: every process would train the whole network end to end
+            world = self.trainer.world_size
+            raise MisconfigurationException(
+                f"DiffusionBlocksModule is being fit by {strategy} over {world} processes, a strategy that hands it no"
+                " DiffusionBlocks schedule: every process would train the whole network end to end (not block-wise),"
+                " and DDP's wrapper cannot serve a step that trains one group. Use"
+                f' Trainer(strategy="diffusionblocks", devices={world}) for block-wise data-parallel training, or'
+                ' strategy="auto" on one device for the end-to-end baseline.'
+            )
+        if not blockwise:
+            rank_zero_info(
+                f"DiffusionBlocks: training end to end ({strategy}): every group on the full noise range. Use"
+                " strategy='diffusionblocks' for block-wise training."
+            )
         if int(self.step_count) > 0 and blockwise != self.blockwise:
             before = "block-wise" if self.blockwise else "end to end"
             now = "block-wise" if blockwise else "end to end (strategy without a DiffusionBlocks schedule)"
@@ -722,6 +738,20 @@ class DiffusionBlocksModule(L.LightningModule):
                 checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
                 weights_only=True, **kwargs,
             )  # fmt: skip
+
+
+class _TrainingDataCheck(L.Callback):
+    """Refuse a fit that ran no training step because its training data had no batch (Lightning only warns)."""
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.limit_train_batches != 0 and trainer.num_training_batches == 0 and not trainer.interrupted:
+            raise MisconfigurationException(
+                "The training dataloader has no batches (len(train_dataloader) == 0), so fit ran no training step."
+                " Check that the training set is not empty and that batch_size is at most its size when"
+                " drop_last=True (with several processes each one gets len(dataset) / world_size samples), e.g."
+                " DataLoader(dataset, batch_size=min(batch_size, len(dataset)))."
+            )
 
 
 def _plain(value: Any) -> Any:

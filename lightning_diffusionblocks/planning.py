@@ -125,7 +125,22 @@ class GroupPlanning(_StrategyBase):
             return self.schedule_spec
         if self.schedule_spec == "random":
             seed = module.hparams["seed"] if self.seed is None else self.seed
-            return RandomSchedule(module.num_blocks, seed=seed, groups=self.trained_groups(module))
+            drawn = RandomSchedule(module.num_blocks, seed=seed, groups=self.trained_groups(module))
+            max_steps = trainer.max_steps or 0
+            if int(module.step_count) == 0 and 0 < max_steps <= 20_000 and len(drawn.groups) > 1:  # a fresh run
+                counts = dict.fromkeys(drawn.groups, 0)
+                for step in range(max_steps):
+                    counts[drawn.group_at(step)] += 1
+                n, low, high = len(counts), min(counts.values()), max(counts.values())
+                if low == 0 or high - low > 0.1 * max_steps / n:
+                    rank_zero_warn(
+                        f"The random schedule draws one group per step, and over max_steps={max_steps} it gives the"
+                        f" groups unequal steps ({', '.join(f'group {g}: {c}' for g, c in counts.items())}). Train"
+                        " longer (the shares even out), or use sequential phases"
+                        f" (strategy='diffusionblocks_sequential') with max_steps a multiple of {n} for exactly"
+                        f" max_steps / {n} steps each."
+                    )
+            return drawn
         steps = self.steps_per_phase
         groups = self.trained_groups(module)
         n_groups = module.num_blocks if groups is None else len(set(groups))
@@ -141,6 +156,15 @@ class GroupPlanning(_StrategyBase):
             rank_zero_warn(
                 f"Sequential phases cover {schedule.total_steps()} steps but max_steps={trainer.max_steps}; the last"
                 f" group keeps training after its phase. Set max_steps={schedule.total_steps()} to stop with it."
+            )
+        elif trainer.max_steps and trainer.max_steps < schedule.total_steps() and int(module.step_count) == 0:
+            trained = schedule.groups
+            phases = [min(max(trainer.max_steps - i * steps, 0), steps) for i in range(len(trained))]
+            rank_zero_warn(
+                f"Sequential phases of {steps} steps with max_steps={trainer.max_steps} give the groups unequal steps"
+                f" ({', '.join(f'group {g}: {c}' for g, c in zip(trained, phases))}). For equal phases set"
+                f" max_steps={schedule.total_steps()} (steps_per_phase x {len(trained)} groups), or leave out"
+                f" steps_per_phase and use a max_steps that is a multiple of {len(trained)}."
             )
         return schedule
 

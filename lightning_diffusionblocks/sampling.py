@@ -6,7 +6,9 @@ EDM Euler in σ, flow-matching Euler/Heun in t, DDIM over DDPM timesteps, and cl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +37,79 @@ def classifier_free_guidance(
     null = torch.full_like(labels, null_label)
     cond, uncond = predict(torch.cat([z, z]), torch.cat([level, level]), torch.cat([labels, null])).chunk(2)
     return uncond + guidance * (cond - uncond)
+
+
+# ---------------------------------------------------------------------- argument checks shared by every sampler
+#: a working value quoted when an argument is refused
+_EXAMPLES = {"steps": "50", "num_samples": "8", "seed": "0", "length": "64"}
+
+
+def check_integer(value: Any, name: str, call: str = "sample") -> int:
+    """``value`` as an int, or a TypeError naming ``call``'s argument ``name`` (a float such as 2.5 is refused,
+    not truncated)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        example = f"{call}({name}={_EXAMPLES.get(name, '...')})"
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}); e.g. {example}.")
+    return int(value)
+
+
+def check_count(value: Any, name: str, call: str = "sample") -> int:
+    """``value`` as a positive integer, or a TypeError/ValueError naming ``call``'s argument ``name``."""
+    value = check_integer(value, name, call)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}; e.g. {call}({name}={_EXAMPLES.get(name, '...')}).")
+    return value
+
+
+def check_clip(clip: Any) -> bool | tuple[float, float]:
+    """``clip`` of a sampler: False, True (the training data's range) or an increasing ``(lo, hi)``."""
+    if isinstance(clip, bool):
+        return clip
+    if isinstance(clip, (tuple, list)) and len(clip) == 2 and all(isinstance(v, numbers.Real) for v in clip):
+        lo, hi = float(clip[0]), float(clip[1])
+        if not lo < hi:
+            raise ValueError(
+                f"clip=({clip[0]}, {clip[1]}) is not an increasing range: clamping to it would turn every pixel into"
+                f" one value. Pass clip=(lo, hi) with lo < hi, e.g. clip=({min(lo, hi)}, {max(lo, hi)})."
+            )
+        return lo, hi
+    raise TypeError(f"clip takes False, True (the training data's range) or a (lo, hi) pair, got {clip!r}.")
+
+
+def check_labels(
+    labels: Tensor | Sequence[int] | None, num_samples: Any, device: torch.device | str | None = None
+) -> tuple[Tensor | None, int | None]:
+    """Sampling labels as a 1-D long tensor of class ids and the number of samples they make.
+
+    Refused: non-integer labels (the same rule as in training), one-hot rows, an empty list, and a
+    ``num_samples`` that disagrees with the number of labels (one sample is drawn per label).
+    """
+    if num_samples is not None:
+        num_samples = check_count(num_samples, "num_samples")
+    if labels is None:
+        return None, num_samples
+    given = labels if isinstance(labels, Tensor) else torch.as_tensor(labels)
+    if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
+        hint = " For one-hot rows pass labels.argmax(-1)." if given.ndim == 2 else ""
+        raise TypeError(
+            f"labels must be integer class ids (one per sample), got a {given.dtype} tensor of shape"
+            f" {tuple(given.shape)}.{hint} E.g. sample(labels=torch.tensor([0, 1, 2]))."
+        )
+    if given.ndim > 1 and not (given.ndim == 2 and given.shape[-1] == 1):
+        raise ValueError(
+            f"labels must be a 1-D tensor of class ids, got shape {tuple(given.shape)}; for one-hot rows pass"
+            " labels.argmax(-1)."
+        )
+    flat = given.reshape(-1).to(device=device, dtype=torch.long)
+    if flat.numel() == 0:
+        raise ValueError("labels is empty; pass at least one class id, or num_samples=N for unconditional samples.")
+    if num_samples is not None and num_samples != flat.numel():
+        raise ValueError(
+            f"sample() draws one sample per label, but got {flat.numel()} labels and num_samples={num_samples}."
+            f" Pass {num_samples} labels (e.g. labels.repeat_interleave(k) for k samples of each) or leave out"
+            " num_samples."
+        )
+    return flat, flat.numel()
 
 
 def check_grid(sigmas: Tensor) -> None:

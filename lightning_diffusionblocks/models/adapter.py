@@ -62,6 +62,7 @@ LAYOUTS: tuple[str, ...] = ("auto", "token", "additive")
 
 _ROTARY = re.compile(r"Rope|RoPE|Rotary")
 _RELATIVE = re.compile(r"RelPos(Bias|Mlp)|RelativePosition")
+_GRID_MIXING = re.compile(r"^LPI$|LocalPatchInteraction")
 _ISOTROPIC = "ViT, DeiT, EVA, BEiT, vit_relpos, MLP-Mixer or ResMLP"
 
 
@@ -74,6 +75,8 @@ def fixed_token_count_cause(backbone: nn.Module) -> str | None:
             return f"rotary position embedding ({where}), computed for exactly the patch grid"
         if _RELATIVE.search(kind) or getattr(module, "relative_position_bias_table", None) is not None:
             return f"relative position bias ({where}), sized for exactly the patch grid"
+        if _GRID_MIXING.search(kind):
+            return f"local patch interaction ({where}, XCiT), which folds the tokens back into the patch grid"
         if any(isinstance(getattr(module, a, None), nn.Module) for a in ("mlp_tokens", "linear_tokens")) or (
             "SpatialGating" in kind
         ):
@@ -108,6 +111,8 @@ def _example_input(backbone: nn.Module) -> Tensor | None:
     embed = _patch_embed(backbone)
     size = getattr(embed, "img_size", None)
     channels = getattr(getattr(embed, "proj", None), "in_channels", None)
+    if channels is None and embed is not None:  # a convolutional stem (XCiT, LeViT): its first convolution's input
+        channels = next((m.in_channels for m in embed.modules() if isinstance(m, nn.Conv2d)), None)
     if size is None or not isinstance(channels, int):
         return None
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -175,6 +180,9 @@ class ConditioningAdapter(RecordsInitArgs, StackHooks, nn.Module):
         conditioning: how blocks see the noise level: ``"film"`` (keeps the backbone's function at init) or
             ``"adaln_zero"`` (the paper's DiT layers; every block starts as the identity).
     """
+
+    #: what the adapter returns, checked by the task that binds it (``Task.reads``): it serves Classification
+    diffusionblocks_outputs = "class logits"
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
-from lightning_diffusionblocks.sampling import euler_step
+from lightning_diffusionblocks.sampling import check_integer, euler_step
 from lightning_diffusionblocks.tasks.base import Preview, Task
 from lightning_diffusionblocks.tasks.masked_lm import check_language_model, token_batch
 
@@ -81,6 +81,8 @@ class AutoregressiveLM(Task):
     ) -> tuple[Tensor, Tensor]:
         """Walk the σ grid for noisy targets of ``shape`` (…, D); ``call(run, z, sigma)`` gives logits, and
         ``each(logits)`` sees every step's. Returns (logits of the first step, logits of the last step)."""
+        check_integer(steps, "steps", "generate")
+        check_integer(seed, "seed", "generate")
         if steps < 1:
             raise ValueError(f"Generation needs at least 1 diffusion step per token, got steps={steps}.")
         sigmas = self.noise.inference_sigmas(steps).tolist()

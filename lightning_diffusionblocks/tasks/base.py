@@ -53,6 +53,9 @@ class Task(RecordsInitArgs, ABC):
     inference: tuple[str, ...] = ()
     #: validation metrics shown in the progress bar
     progress_metrics: tuple[str, ...] = ()
+    #: what this task reads from the network's output; a network that declares what it returns
+    #: (``diffusionblocks_outputs``) and returns something else is refused when bound (:meth:`check_network_outputs`)
+    reads: str = ""
 
     def __init__(self, noise: NoiseSchedule = EDM) -> None:
         self.noise = noise
@@ -60,6 +63,22 @@ class Task(RecordsInitArgs, ABC):
     # ------------------------------------------------------------------ conventions
     def bind(self, net: nn.Module) -> None:  # noqa: B027 - optional hook
         """Check that ``net`` suits this task and discover its conventions (called once by the module)."""
+
+    def check_network_outputs(self, net: nn.Module) -> None:
+        """Refuse a network that declares it returns something this task does not read (e.g. a classifier's logits
+        given to an image task), before a shape error deep in the first step; called by a task's :meth:`bind`."""
+        declared = getattr(net, "diffusionblocks_outputs", None)
+        if not (isinstance(declared, str) and self.reads) or declared == self.reads:
+            return
+        readers = sorted({task.__name__ for task in _subclasses(Task) if task.reads == declared})  # type: ignore[type-abstract]
+        call = getattr(self, "expected_call", "")
+        how = f": {call}." if call else "."
+        fix = f"Train it with {' or '.join(readers)}" if readers else f"Pair it with a task that reads {declared}"
+        raise ValueError(
+            f"{type(net).__name__} returns {declared} (its `diffusionblocks_outputs`), but the {type(self).__name__}"
+            f" task reads {self.reads} from the network{how} {fix}, or give {type(self).__name__} a network made"
+            " for it."
+        )
 
     def observe(self, batch: Any) -> None:  # noqa: B027 - optional hook
         """See a training batch (e.g. to learn the shape of a sample); called on every training step."""
@@ -130,6 +149,13 @@ class Task(RecordsInitArgs, ABC):
         """The error for a public call this task does not answer."""
         offered = ", ".join(f"{name}()" for name in self.inference) or "none"
         return TypeError(f"{call}() is not offered by the {type(self).__name__} task (it offers: {offered}).")
+
+
+def _subclasses(cls: type[Task]) -> list[type[Task]]:
+    found: list[type[Task]] = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
 
 
 def routed_loss(router: Router, levels: Tensor, loss_at: Callable[[Runner, Tensor | slice], Tensor]) -> Tensor:

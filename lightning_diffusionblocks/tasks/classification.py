@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
-from lightning_diffusionblocks.sampling import euler_step
+from lightning_diffusionblocks.sampling import check_integer, euler_step
 from lightning_diffusionblocks.tasks.base import Preview, Task
 
 
@@ -34,6 +34,7 @@ class Classification(Task):
 
     inference = ("predict_proba",)
     progress_metrics = ("acc",)
+    reads = "class logits"
 
     def __init__(
         self,
@@ -54,7 +55,11 @@ class Classification(Task):
             raise ValueError("Classification expects batches of `(inputs, labels)`.")
         inputs, labels = batch
         if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or labels.ndim != 1:
-            raise ValueError(f"Labels must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}.")
+            one_hot = labels.ndim == 2 and labels.shape[-1] == self.num_classes
+            raise ValueError(
+                f"Labels must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}."
+                + (" For one-hot labels pass labels.argmax(-1)." if one_hot else "")
+            )
         bad = (labels < 0) | (labels >= self.num_classes)
         if bool(bad.any()):
             raise ValueError(
@@ -81,6 +86,7 @@ class Classification(Task):
 
     # ------------------------------------------------------------------ conventions
     def bind(self, net: nn.Module) -> None:
+        self.check_network_outputs(net)
         try:
             table = net(mode="embeddings")
         except Exception as err:  # noqa: BLE001 - any failure means the network is not a classifier of this kind
@@ -114,7 +120,8 @@ class Classification(Task):
     ) -> list[tuple[float, Tensor]]:
         """(σ, class probabilities) after each of the ``steps`` σ steps of :meth:`predict_proba` (the last is its
         answer), to see what each group's step adds."""
-        steps = router.num_groups if steps is None else steps
+        steps = router.num_groups if steps is None else check_integer(steps, "steps", "predict_proba")
+        check_integer(seed, "seed", "predict_proba")
         if steps < 1:
             raise ValueError(f"Prediction needs at least 1 inference step, got steps={steps}.")
         sigmas = self.noise.inference_sigmas(steps).tolist()

@@ -124,9 +124,9 @@ class DDPM(ImageGeneration):
         conditional and null-label outputs, u + g·(c − u). ``clip`` clamps x̂₀ at *every* step, with ε̂ recomputed
         from the clamped x̂₀ (DDPM's ``clip_denoised``): an ε-prediction's error is multiplied by 1/√ᾱ in x̂₀ at
         high noise (×156 at the linear schedule's last timestep), and the clamp keeps it from compounding."""
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}.")
-        labels, num_samples, shape = self.sampling_inputs(router, labels, num_samples, guidance, shape)
+        labels, num_samples, shape = self.sampling_inputs(
+            router, labels, num_samples, guidance, shape, steps=steps, clip=clip, seed=seed
+        )
         gen = torch.Generator(device="cpu").manual_seed(seed)
         z = torch.randn((num_samples, *shape), generator=gen).to(router.device)
         timesteps = self.noise.grid(steps).tolist()

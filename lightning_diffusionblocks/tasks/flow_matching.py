@@ -155,9 +155,9 @@ class FlowMatching(ImageGeneration):
         """Generate by integrating the flow from pure noise (t = t_max) to t = 0, every call served by the group
         owning its t (Euler: ``steps`` calls; Heun: 2·steps − 1). Arguments as :meth:`ImageGeneration.sample`;
         ``guidance`` > 1 mixes conditional and null-label velocities, v_u + g·(v_c − v_u)."""
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}.")
-        labels, num_samples, shape = self.sampling_inputs(router, labels, num_samples, guidance, shape)
+        labels, num_samples, shape = self.sampling_inputs(
+            router, labels, num_samples, guidance, shape, steps=steps, clip=clip, seed=seed
+        )
         gen = torch.Generator(device="cpu").manual_seed(seed)
         z = torch.randn((num_samples, *shape), generator=gen).to(router.device)
 

@@ -17,11 +17,19 @@ from functools import partial
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
-from lightning_diffusionblocks.sampling import classifier_free_guidance, euler_sample
+from lightning_diffusionblocks.sampling import (
+    check_clip,
+    check_count,
+    check_integer,
+    check_labels,
+    classifier_free_guidance,
+    euler_sample,
+)
 from lightning_diffusionblocks.tasks.base import Preview, Task, routed_loss
 
 EXPECTED_SIGNATURE = "forward(x, c_noise, labels=None)"
@@ -32,6 +40,8 @@ EXPECTED_CALL = (
 _CHANNEL_ATTRS = ("channels", "in_channels", "in_chans", "num_channels")
 _SIZE_ATTRS = ("image_size", "input_size", "img_size", "sample_size")
 _LABEL_MODULE = re.compile(r"(label|class|y_emb)", re.IGNORECASE)
+#: |pixel| beyond which float images are taken for unscaled data (0–255 pixels), not data scaled to about [-1, 1]
+_UNSCALED = 20.0
 
 
 @dataclass(frozen=True)
@@ -108,16 +118,35 @@ class CallConvention:
 def discover_null_label(net: nn.Module) -> int | None:
     """The label id a network reads as "no label": its ``null_label``, its ``num_classes`` (the extra row of
     a ``num_classes + 1`` embedding), or the last row of a label embedding; None if it declares none."""
-    for owner in (net, *(m for name, m in net.named_modules() if name and _LABEL_MODULE.search(name))):
+    return find_null_label(net)[0]
+
+
+def find_null_label(net: nn.Module) -> tuple[int | None, str]:
+    """:func:`discover_null_label` and where the id comes from, in words (for messages)."""
+    for name, owner in (("", net), *((n, m) for n, m in net.named_modules() if n and _LABEL_MODULE.search(n))):
+        where = f"`{name}.`" if name else "the network's "
         value = getattr(owner, "null_label", None)
         if isinstance(value, int):
-            return value
+            return value, f"declared as {where}null_label"
         value = getattr(owner, "num_classes", None)
         if isinstance(value, int) and value > 0:
-            return value
+            return value, f"the extra row after {where}num_classes={value}"
+    found = label_embedding(net)
+    if found is not None:
+        name, table = found
+        return (
+            table.num_embeddings - 1,
+            f"guessed as the last row of the label embedding `{name}` (Embedding({table.num_embeddings}, ...)), as the"
+            " network declares no `num_classes` or `null_label`",
+        )
+    return None, "none declared"
+
+
+def label_embedding(net: nn.Module) -> tuple[str, nn.Embedding] | None:
+    """The network's label embedding (the first ``nn.Embedding`` named like a label/class table), or None."""
     for name, module in net.named_modules():
         if isinstance(module, nn.Embedding) and _LABEL_MODULE.search(name):
-            return module.num_embeddings - 1
+            return name, module
     return None
 
 
@@ -149,6 +178,7 @@ class ImageGeneration(Task):
     """
 
     inference = ("sample",)
+    reads = "image-shaped outputs (a denoised image, a velocity or a noise estimate)"
     #: how this task calls the network, quoted when the network's signature cannot be served
     expected_call = EXPECTED_CALL
 
@@ -161,25 +191,100 @@ class ImageGeneration(Task):
         self.label_dropout = label_dropout
         self.null_label_option = null_label
         self.null_label = -1 if null_label is None else null_label
+        #: where the null label comes from, in words (for messages; found again by :meth:`bind`)
+        self.null_label_origin = "none declared" if null_label is None else f"given as null_label={null_label}"
+        #: rows of the network's label embedding, when one is found (labels must index it)
+        self.label_rows: int | None = None
+        self._warned_range = False
         self.convention = CallConvention()
         self.sample_shape: list[int] | None = None
         self.data_range: list[float] | None = None
 
     # ------------------------------------------------------------------ conventions
     def bind(self, net: nn.Module) -> None:
+        self.check_network_outputs(net)
         if self.null_label_option is None:
-            found = discover_null_label(net)
+            found, self.null_label_origin = find_null_label(net)
             self.null_label = -1 if found is None else found
         self.convention = CallConvention.of(net, self.expected_call)
         self.sample_shape = self.sample_shape or discover_sample_shape(net)
+        table = label_embedding(net) if self.convention.takes_labels else None
+        self.label_rows = None if table is None else table[1].num_embeddings
+        if table is not None and self.null_label_option is None and self.null_label >= table[1].num_embeddings:
+            name, rows = table[0], table[1].num_embeddings
+            raise ValueError(
+                f"{type(self).__name__} feeds label {self.null_label} for 'no label' ({self.null_label_origin}): a"
+                f" share label_dropout={self.label_dropout} of training labels and every unguided sample get it. But"
+                f" the label embedding `{name}` has {rows} rows (ids 0..{rows - 1}), so that id would fail with an"
+                f" IndexError. Give the network a row for 'no label' (nn.Embedding(num_classes + 1, dim)), or tell"
+                f" the task which id the network reads as 'no label': {type(self).__name__}(null_label=<id>)."
+            )
 
     def observe(self, batch: Any) -> None:
-        images, _ = self.split(batch)
+        images, labels = self.split(batch)
+        self.check_batch(images, labels)
         self.sample_shape = list(images.shape[1:])
-        lo, hi = float(images.min()), float(images.max())
+        # one device sync for every statistic: the data range and what the labels hold
+        stats = [images.min().float(), images.max().float()]
+        if labels is not None:
+            stats += [(labels == self.null_label).any().float(), labels.max().float()]
+        values = torch.stack(stats).tolist()
+        lo, hi = values[0], values[1]
+        if labels is not None:
+            self.check_label_values(labels, bool(values[2]), int(values[3]))
+        if max(abs(lo), abs(hi)) > _UNSCALED and not self._warned_range:
+            self._warned_range = True
+            rank_zero_warn(
+                f"Training images range over [{lo:.4g}, {hi:.4g}], but {type(self).__name__} expects images scaled to"
+                " about [-1, 1] (its noise levels and loss weights assume it). Scale them in the data pipeline, e.g."
+                " images / 127.5 - 1 for 0–255 pixels."
+            )
         if self.data_range is not None:
             lo, hi = min(lo, self.data_range[0]), max(hi, self.data_range[1])
         self.data_range = [lo, hi]
+
+    def check_batch(self, images: Tensor, labels: Tensor | None) -> None:
+        """Refuse training data this task would silently misread: integer images (0–255 pixels) and labels that
+        are not one class id per image (floats, one-hot rows)."""
+        name = type(self).__name__
+        if not images.is_floating_point():
+            raise ValueError(
+                f"{name} got {images.dtype} images (pixel values such as 0–255), but it denoises float images scaled"
+                " to about [-1, 1]. Convert them in the data pipeline: images.float() / 127.5 - 1 (or torchvision's"
+                " ToTensor() then Normalize(0.5, 0.5))."
+            )
+        if labels is None:
+            return
+        if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1:
+            one_hot = labels.ndim == 2 and labels.shape[0] == images.shape[0]
+            raise ValueError(
+                f"{name} expects labels as a 1-D integer tensor of class ids, one per image; got {labels.dtype} of"
+                f" shape {tuple(labels.shape)}."
+                + (" For one-hot labels pass labels.argmax(-1)." if one_hot else " Convert them with labels.long().")
+            )
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"{name} got {labels.shape[0]} labels for {images.shape[0]} images; a batch is (images, labels) with"
+                " one class id per image."
+            )
+
+    def check_label_values(self, labels: Tensor, has_null: bool, top: int) -> None:
+        """Refuse labels the network cannot embed, and real labels equal to the null label (they would be read as
+        'no label': dropped out of their class for guidance, and unguided samples would be of that class)."""
+        name = type(self).__name__
+        if self.label_rows is not None and top >= self.label_rows:
+            raise ValueError(
+                f"{name} got label {top}, but the network's label embedding has {self.label_rows} rows"
+                f" (ids 0..{self.label_rows - 1}). Build the network for the data set's number of classes."
+            )
+        if has_null:
+            raise ValueError(
+                f"The training labels include {self.null_label}, the id {name} feeds for 'no label' (classifier-free"
+                f" guidance; {self.null_label_origin}). That class would be treated as 'no label': its images"
+                " unconditional and unguided samples of that class. Give the network a row for 'no label'"
+                " (nn.Embedding(num_classes + 1, dim) and a `num_classes` attribute), or tell the task which id no"
+                f" class uses: {name}(null_label=<id>)."
+            )
 
     def state(self) -> dict[str, Any]:
         return {"sample_shape": self.sample_shape, "data_range": self.data_range}
@@ -274,9 +379,9 @@ class ImageGeneration(Task):
         network or seen in training. The raw output of the sampler may leave the data range; ``clip=True``
         clamps it to the range seen in the training data, ``clip=(lo, hi)`` to a given range.
         """
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}.")
-        labels, num_samples, shape = self.sampling_inputs(router, labels, num_samples, guidance, shape)
+        labels, num_samples, shape = self.sampling_inputs(
+            router, labels, num_samples, guidance, shape, steps=steps, clip=clip, seed=seed
+        )
         gen = torch.Generator(device="cpu").manual_seed(seed)
         sigmas = self.noise.inference_sigmas(steps)
         z = (torch.randn((num_samples, *shape), generator=gen) * sigmas[0].item()).to(router.device)
@@ -294,21 +399,33 @@ class ImageGeneration(Task):
         num_samples: int | None,
         guidance: float,
         shape: Sequence[int] | None,
+        *,
+        steps: int = 1,
+        clip: bool | tuple[float, float] = False,
+        seed: int = 0,
     ) -> tuple[Tensor | None, int, Sequence[int]]:
-        """Check :meth:`sample`'s arguments: (labels on the router's device or None, number of samples, the shape
-        of one sample). Without labels a class-conditional network gets its null label."""
-        device = router.device
+        """Check :meth:`sample`'s arguments, for every sampler of this task family: (labels on the router's device
+        or None, number of samples, the shape of one sample). Without labels a class-conditional network gets its
+        null label. ``steps``, ``clip`` and ``seed`` are checked too (refused, never rounded or swapped)."""
+        check_count(steps, "steps")
+        check_clip(clip)
+        check_integer(seed, "seed")
+        if labels is None and num_samples is None:
+            raise ValueError("Pass `labels` or `num_samples` to sample().")
+        labels, num_samples = check_labels(labels, num_samples, router.device)
+        assert num_samples is not None
         if labels is not None:
-            labels = torch.as_tensor(labels, dtype=torch.long, device=device).view(-1)
-            num_samples = len(labels)
             if not self.convention.takes_labels:
                 raise ValueError("The network takes no labels; call sample(num_samples=...) without labels.")
+            if self.label_rows is not None and bool((labels >= self.label_rows).any()):
+                raise ValueError(
+                    f"sample() got labels {labels.tolist()[:8]}, but the network's label embedding has"
+                    f" {self.label_rows} rows (ids 0..{self.label_rows - 1}; {self.null_label} means 'no label')."
+                )
         elif guidance != 1.0:
             raise ValueError("Classifier-free guidance needs `labels`; pass labels or guidance=1.0.")
-        if not num_samples:
-            raise ValueError("Pass `labels` or `num_samples` to sample().")
         if labels is None and self.convention.takes_labels:
-            labels = torch.full((num_samples,), self.null_label, dtype=torch.long, device=device)
+            labels = torch.full((num_samples,), self.null_label, dtype=torch.long, device=router.device)
         if shape is None:
             if self.sample_shape is None:
                 raise ValueError(

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_diffusionblocks.masking import LINEAR_MASKING, MaskingSchedule
 from lightning_diffusionblocks.routing import Router, Runner
+from lightning_diffusionblocks.sampling import check_integer
 from lightning_diffusionblocks.tasks.base import Preview, Task
 
 
@@ -164,6 +165,10 @@ class MaskedLM(Task):
         if length is None:
             raise ValueError("Pass length=<number of tokens>: the network declares no context_length.")
         device = router.device
+        check_integer(steps, "steps", "generate")
+        check_integer(seed, "seed", "generate")
+        check_integer(num_samples, "num_samples", "generate")
+        check_integer(length, "length", "generate")
         if steps < 1:
             raise ValueError(f"Generation needs at least 1 step, got steps={steps}.")
         if num_samples < 1 or length < 1:
