@@ -11,11 +11,12 @@ import math
 import os
 import pickle
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -171,6 +172,30 @@ class GroupPlanning(_StrategyBase):
         offset = int(module.step_count) - module.trainer.global_step if module is not None else 0
         return self.schedule.group_at(step + offset)
 
+    # ------------------------------------------------------------------ exact resume of the data order
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """Give a resumed run's samplers their epoch before the first iterator is made.
+
+        Lightning creates the training iterator before it calls ``set_epoch`` on a resume, so a sampler that
+        shuffles when its iterator is made (``DistributedSampler``) would draw epoch 0's order for the resumed
+        epoch. The epoch is known from the restored loop progress: the saved epoch, or the next one when the saved
+        epoch's batches were all used.
+        """
+        dataloader = super().process_dataloader(dataloader)  # type: ignore[misc]
+        module = self.lightning_module  # type: ignore[attr-defined]
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is not None and trainer.training:
+            loop = trainer.fit_loop
+            progress = loop.epoch_progress.current
+            _set_sampler_epoch(dataloader, progress.started if _epoch_used_up(loop.epoch_loop) else progress.processed)
+        return dataloader
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        _resume_after_last_batch(checkpoint)
+        super().load_model_state_dict(checkpoint, strict=strict)  # type: ignore[safe-super]
+
     # ------------------------------------------------------------------ checkpoints
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -213,3 +238,46 @@ class GroupPlanning(_StrategyBase):
                 f"Checkpoint {checkpoint_path} is corrupt or truncated ({type(err).__name__}: {err})."
                 f" It was not loaded and nothing was overwritten; resume from an earlier checkpoint.{hint}"
             ) from err
+
+
+def _epoch_used_up(epoch_loop: Any) -> bool:
+    """Whether the (restored) training epoch loop had trained the last batch of its epoch."""
+    progress = epoch_loop.batch_progress
+    return bool(progress.is_last_batch) and progress.current.processed == progress.current.ready > 0
+
+
+def _resume_after_last_batch(checkpoint: Mapping[str, Any]) -> None:
+    """Make a checkpoint written after its epoch's last batch resume at the next epoch's first batch.
+
+    Two things in such a checkpoint mislead Lightning's loops. (1) The saved data-loader state describes an
+    iterator with nothing left (``StatefulDataLoader`` saves "all batches yielded"), yet Lightning loads it into
+    the next epoch's iterator: that epoch would end at once and the run would train the epoch after it (a later
+    shuffle, epoch numbers one ahead). Without it the next epoch starts a fresh iterator, as in the uninterrupted
+    run. (2) A checkpoint written in ``on_train_epoch_end`` (Lightning's default ``ModelCheckpoint``) is, with
+    ``max_steps``, restarted as an unfinished epoch: one more batch of a restarted iterator, then that epoch's
+    end again. Its progress counters are put back to where a checkpoint written after the last batch has them
+    (the epoch not yet counted as processed), which Lightning resumes at the next epoch's first batch.
+    """
+    fit = (checkpoint.get("loops") or {}).get("fit_loop")
+    if not isinstance(fit, dict):
+        return
+    batches, epochs = fit.get("epoch_loop.batch_progress") or {}, fit.get("epoch_progress") or {}
+    current = batches.get("current") or {}
+    if not (batches.get("is_last_batch") and current.get("processed") == current.get("ready", -1) > 0):
+        return
+    state = fit.get("state_dict") or {}
+    if state.get("combined_loader"):
+        state["combined_loader"] = []
+    epoch = epochs.get("current") or {}
+    at_epoch_end = (
+        epoch.get("ready") == epoch.get("started") == epoch.get("processed") == epoch.get("completed", -2) + 1
+        and current.get("completed") == current.get("processed")
+    )
+    if at_epoch_end:
+        for counters in (epochs["current"], epochs["total"]):
+            counters["processed"] -= 1
+        for counters in (batches["current"], batches["total"]):
+            counters["completed"] -= 1
+        loop_state = fit.get("epoch_loop.state_dict")
+        if isinstance(loop_state, dict) and "_batches_that_stepped" in loop_state:
+            loop_state["_batches_that_stepped"] -= 1
