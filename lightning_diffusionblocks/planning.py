@@ -27,6 +27,12 @@ from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, Sequen
 
 ScheduleSpec = Literal["random", "sequential"] | Schedule
 
+#: settings a checkpoint records and a resume checks, each a name ``allow_changed`` may give
+RESUME_SETTINGS = (
+    "schedule", "steps_per_phase", "schedule_seed", "groups_to_train", "seed", "gamma", "partition",
+    "accumulate_grad_batches", "parallelism", "world_size", "replicas",
+)  # fmt: skip
+
 if TYPE_CHECKING:  # a mixin of Lightning strategies: type-check its calls against theirs
     _StrategyBase = pl.strategies.Strategy
 else:
@@ -76,6 +82,9 @@ class GroupPlanning(_StrategyBase):
         #: the offloading callback, when one is attached (BlockOffload registers itself in its setup)
         self.offloader: GroupOffloader | None = None
         self._exposed: list[int] = []
+        #: recorded run settings a resume may change (see :data:`RESUME_SETTINGS`); anything else is refused
+        self.allow_changed: Sequence[str] = ()
+        self._resumed_from: dict[str, Any] | None = None  # the checkpoint's DiffusionBlocks record, until checked
 
     # ------------------------------------------------------------------ what subclasses may change
     def trained_groups(self, module: DiffusionBlocksModule) -> list[int] | None:
@@ -107,6 +116,7 @@ class GroupPlanning(_StrategyBase):
         if trainer.training:
             self.schedule = self.build_schedule(module, trainer)
             self.validate(module)
+            self.check_resume(module)
             module.use_schedule(self.schedule, reduce_gradients=self.reduce_gradients)
 
     def unplan(self) -> None:
@@ -160,6 +170,65 @@ class GroupPlanning(_StrategyBase):
             + ", ".join(f"[{lo:.4g}, {hi:.4g}]" for lo, hi in module.ranges)
         )
 
+    # ------------------------------------------------------------------ the run's settings, recorded and checked
+    def layout(self) -> dict[str, Any]:
+        """How the processes of this run are laid out (recorded in checkpoints)."""
+        world = int(self.world_size)  # type: ignore[attr-defined]
+        if hasattr(self, "owned"):  # block parallel: groups x replicas
+            return {"parallelism": "block_parallel", "world_size": world, "replicas": int(getattr(self, "replicas", 1))}
+        return {"parallelism": "data_parallel" if world > 1 else "single", "world_size": world, "replicas": world}
+
+    def run_record(self) -> dict[str, Any]:
+        """The schedule and process layout of this run, as plain data (the same on every process)."""
+        schedule = self.schedule
+        return {
+            "schedule": type(schedule).__name__ if schedule is not None else None,
+            "steps_per_phase": getattr(schedule, "steps_per_phase", None),
+            "schedule_seed": getattr(schedule, "seed", None),
+            "groups_to_train": self.groups_to_train,
+            **self.layout(),
+        }
+
+    def check_resume(self, module: DiffusionBlocksModule) -> None:
+        """Refuse to resume a run whose recorded settings differ from this one's (unless ``allow_changed`` names them).
+
+        A changed schedule, seed, ``groups_to_train``, ``gamma`` or process layout would silently train something
+        other than the run the checkpoint came from.
+        """
+        saved, self._resumed_from = self._resumed_from, None
+        if saved is None:
+            return
+        unknown = sorted(set(self.allow_changed) - set(RESUME_SETTINGS))
+        if unknown:
+            raise ValueError(f"allow_changed names unknown settings {unknown}; choose from {list(RESUME_SETTINGS)}.")
+        recorded = {**(saved.get("training") or {}), **(saved.get("run") or {})}
+        if not recorded:
+            rank_zero_warn(
+                "The checkpoint does not record the run's settings (schedule, seeds, groups_to_train, gamma, process"
+                " layout; written by lightning_diffusionblocks 0.2.0 or earlier), so the resume cannot check that"
+                " they are unchanged. Resume with the settings it was trained with."
+            )
+            return
+        now = {**module.training_settings(), **self.run_record()}
+        changed = [key for key in RESUME_SETTINGS if key in recorded and recorded[key] != now.get(key)]
+        refused = [key for key in changed if key not in self.allow_changed]
+        if refused:
+            described = ", ".join(f"{key}={recorded[key]!r} (now {now.get(key)!r})" for key in refused)
+            raise MisconfigurationException(
+                f"The checkpoint was trained with {described}; resuming with different settings would silently train"
+                " another run. Resume with the recorded values, or, to change them on purpose, allow it:"
+                f" `strategy.allow_changed = {tuple(refused)!r}` (the resume is then no longer exact)."
+            )
+        if changed:
+            rank_zero_warn(
+                "Resuming with changed settings (allowed by `allow_changed`): "
+                + ", ".join(f"{key} {recorded[key]!r} -> {now.get(key)!r}" for key in changed)
+                + "; the run is no longer the one the checkpoint came from."
+            )
+        if any(key in changed for key in ("parallelism", "world_size", "replicas", "schedule", "steps_per_phase")):
+            # each group's LR horizon was counted for the old layout/schedule: count the remaining steps afresh
+            module.recompute_horizons = True
+
     # ------------------------------------------------------------------ steps
     def select_group(self, step: int) -> int:
         """The group trained at Trainer step ``step`` (callbacks ask for the coming and the next step).
@@ -193,6 +262,8 @@ class GroupPlanning(_StrategyBase):
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        record = checkpoint.get("diffusionblocks")
+        self._resumed_from = dict(record) if isinstance(record, Mapping) else None  # checked in setup
         _resume_after_last_batch(checkpoint)
         super().load_model_state_dict(checkpoint, strict=strict)  # type: ignore[safe-super]
 
@@ -205,7 +276,13 @@ class GroupPlanning(_StrategyBase):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Write to a temporary file and rename it, so a crash mid-write never replaces a good checkpoint."""
+        """Write to a temporary file and rename it, so a crash mid-write never replaces a good checkpoint.
+
+        The run's schedule and process layout are added to the module's record, for :meth:`check_resume`.
+        """
+        record = checkpoint.get("diffusionblocks")
+        if isinstance(record, dict) and self.schedule is not None:
+            record["run"] = self.run_record()
         try:
             if self.is_global_zero and isinstance(filepath, (str, os.PathLike)) and "://" not in str(filepath):
                 path = Path(filepath)
@@ -269,10 +346,8 @@ def _resume_after_last_batch(checkpoint: Mapping[str, Any]) -> None:
     if state.get("combined_loader"):
         state["combined_loader"] = []
     epoch = epochs.get("current") or {}
-    at_epoch_end = (
-        epoch.get("ready") == epoch.get("started") == epoch.get("processed") == epoch.get("completed", -2) + 1
-        and current.get("completed") == current.get("processed")
-    )
+    finished = epoch.get("ready") == epoch.get("started") == epoch.get("processed") == epoch.get("completed", -2) + 1
+    at_epoch_end = finished and current.get("completed") == current.get("processed")
     if at_epoch_end:
         for counters in (epochs["current"], epochs["total"]):
             counters["processed"] -= 1

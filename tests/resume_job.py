@@ -6,7 +6,7 @@ python tests/resume_job.py OUT --data-parallel 2 ...       # two processes (gloo
 
 Checkpoints: ``OUT/ckpt`` every ``--every`` steps (and ``last.ckpt``), ``OUT/epoch_ckpt`` at every epoch end
 (Lightning's default ``ModelCheckpoint`` schedule) with ``--epoch-ckpt``. The final state dict goes to
-``OUT/final.pt``; ``OUT/trace.txt`` lists (step, micro-batch, epoch, group, labels of the batch) of every batch rank 0 trained.
+``OUT/final.pt``; ``OUT/trace.txt`` lists (step, micro-batch, epoch, group, labels) of every batch rank 0 trained.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ class Trace(Callback):
         if trainer.is_global_zero:
             with self.path.open("a") as f:
                 micro = getattr(pl_module, "_micro", 0)
-                print(trainer.global_step, micro, trainer.current_epoch, pl_module.group_at(), batch[1].tolist(), file=f)
+                print(
+                    trainer.global_step, micro, trainer.current_epoch, pl_module.group_at(), batch[1].tolist(), file=f
+                )
         if os.environ.get("LDB_DEBUG"):
             print("STEP", trainer.global_step, batch[1].tolist(), flush=True)
 
@@ -119,7 +121,9 @@ def main() -> None:
     if args.block_parallel:
         strategy = ldb.BlockParallelStrategy(process_group_backend="gloo")
     elif args.data_parallel:
-        strategy = ldb.DiffusionBlocksDDPStrategy(schedule=args.schedule, steps_per_phase=8, process_group_backend="gloo")
+        strategy = ldb.DiffusionBlocksDDPStrategy(
+            schedule=args.schedule, steps_per_phase=8, process_group_backend="gloo"
+        )
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",
