@@ -261,6 +261,22 @@ class GroupPlanning(_StrategyBase):
         return dataloader
 
     @override
+    def on_train_start(self) -> None:
+        """A resumed run's first micro-batches must not write a step checkpoint again.
+
+        With ``accumulate_grad_batches`` the step count stays at the resumed step until its last micro-batch, so
+        ``ModelCheckpoint(every_n_train_steps=...)``, which does not save which step it saved last, would write a
+        half-accumulated step under the resumed step's name; the uninterrupted run wrote that step once, before.
+        """
+        super().on_train_start()  # type: ignore[misc]
+        module = self.lightning_module  # type: ignore[attr-defined]
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is not None and trainer.global_step > 0:
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(getattr(callback, "_last_global_step_saved", None), int):
+                    callback._last_global_step_saved = max(callback._last_global_step_saved, trainer.global_step)
+
+    @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         record = checkpoint.get("diffusionblocks")
         self._resumed_from = dict(record) if isinstance(record, Mapping) else None  # checked in setup
