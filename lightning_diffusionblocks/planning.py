@@ -279,7 +279,9 @@ class GroupPlanning(_StrategyBase):
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         record = checkpoint.get("diffusionblocks")
-        self._resumed_from = dict(record) if isinstance(record, Mapping) else None  # checked in setup
+        module = self.lightning_module  # type: ignore[attr-defined]
+        fitting = module is not None and module._trainer is not None and module._trainer.training
+        self._resumed_from = dict(record) if fitting and isinstance(record, Mapping) else None  # checked in setup
         _resume_after_last_batch(checkpoint)
         super().load_model_state_dict(checkpoint, strict=strict)  # type: ignore[safe-super]
 

@@ -13,6 +13,7 @@ A representative subset (epoch-boundary resumes in 1 and 2 processes, disk offlo
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,3 +113,23 @@ def test_killed_run_resumes_bit_identical(tmp_path, references, layout, offload,
     resumed = run_job(out, *args, "--resume", str(out / checkpoint))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(references[layout], out)
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("layout", ["single", "data_parallel"])
+def test_plain_loader_resumes_bit_identical_at_epoch_ends(tmp_path, layout):
+    """A plain ``DataLoader(shuffle=False)`` has no state to save; from a checkpoint at an epoch's end (Lightning's
+    epoch checkpoint, or a step checkpoint on the last batch) the resumed run still trains the same batches."""
+    args = [*COMMON, *LAYOUTS[layout], "--no-offload", "--loader", "ordered"]
+    reference = tmp_path / "reference"
+    done = run_job(reference, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run"
+    killed = run_job(out, *args, "--kill-at", "7", "--kill-micro", "1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for run, checkpoint in ((out, "epoch_ckpt/epoch=0-step=4.ckpt"), (copy, "ckpt/epoch=0-step=4.ckpt")):
+        resumed = run_job(run, *args, "--resume", str(run / checkpoint))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert_same_run(reference, run)
