@@ -458,8 +458,15 @@ class DiffusionBlocksModule(L.LightningModule):
         return float(total) if math.isfinite(total) else float(trainer.estimated_stepping_batches)
 
     def _horizons(self) -> None:
+        recompute, self.recompute_horizons = getattr(self, "recompute_horizons", False), False
+        if recompute:  # resumed under another layout or schedule: each group's share of the steps left, from now
+            left = max(self._optimizer_steps() - self.trainer.global_step, 0.0)
+            per_group = left if self._schedule is None else self._schedule.expected_steps(left)
+            horizons = [float(s) + per_group for s in self.group_steps] + [float(self.step_count) + left]
+            self.lr_horizons.copy_(torch.tensor(horizons, dtype=torch.float64).clamp_(min=1.0))
+            return
         if self.trainer.global_step > 0 and bool(self.lr_horizons.any()):
-            return  # a resumed run keeps the horizons it started with
+            return  # a resumed run keeps the horizons it started with (same layout and schedule: checked)
         total = self._optimizer_steps()
         per_group = total if self._schedule is None else self._schedule.expected_steps(total)
         horizons = [float(s) + per_group if self.trainer.global_step == 0 else per_group for s in self.group_steps]
@@ -618,6 +625,14 @@ class DiffusionBlocksModule(L.LightningModule):
             "boundaries": self.boundaries.tolist(),
         }
 
+    def training_settings(self) -> dict[str, Any]:
+        """The module's settings a resume must keep (recorded in checkpoints, checked by the strategy)."""
+        hp = self.hparams
+        return {
+            "seed": hp.seed, "gamma": hp.gamma, "partition": hp.partition,
+            "accumulate_grad_batches": hp.accumulate_grad_batches,
+        }  # fmt: skip
+
     def missing_groups(self) -> list[int]:
         """Groups whose weights are not in memory (e.g. offloaded and not read back)."""
         missing = []
@@ -647,6 +662,7 @@ class DiffusionBlocksModule(L.LightningModule):
             )
         record = {
             **self.partition_info(),
+            "training": self.training_settings(),
             "blockwise": self.blockwise,
             "net": record_of(self.network.net),
             "task": record_of(self.task),

@@ -12,11 +12,12 @@ import math
 import os
 import pickle
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -27,6 +28,12 @@ from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
 
 ScheduleSpec = Literal["random", "sequential"] | Schedule
+
+#: settings a checkpoint records and a resume checks, each a name ``allow_changed`` may give
+RESUME_SETTINGS = (
+    "schedule", "steps_per_phase", "schedule_seed", "groups_to_train", "seed", "gamma", "partition",
+    "accumulate_grad_batches", "parallelism", "world_size", "replicas",
+)  # fmt: skip
 
 if TYPE_CHECKING:  # a mixin of Lightning strategies: type-check its calls against theirs
     _StrategyBase = pl.strategies.Strategy
@@ -77,6 +84,9 @@ class GroupPlanning(_StrategyBase):
         #: the offloading callback, when one is attached (BlockOffload registers itself in its setup)
         self.offloader: GroupOffloader | None = None
         self._exposed: list[int] = []
+        #: recorded run settings a resume may change (see :data:`RESUME_SETTINGS`); anything else is refused
+        self.allow_changed: Sequence[str] = ()
+        self._resumed_from: dict[str, Any] | None = None  # the checkpoint's DiffusionBlocks record, until checked
 
     # ------------------------------------------------------------------ what subclasses may change
     def trained_groups(self, module: DiffusionBlocksModule) -> list[int] | None:
@@ -108,6 +118,7 @@ class GroupPlanning(_StrategyBase):
         if trainer.training:
             self.schedule = self.build_schedule(module, trainer)
             self.validate(module)
+            self.check_resume(module)
             module.use_schedule(self.schedule, reduce_gradients=self.reduce_gradients)
 
     def unplan(self) -> None:
@@ -185,6 +196,65 @@ class GroupPlanning(_StrategyBase):
             + ", ".join(f"[{lo:.4g}, {hi:.4g}]" for lo, hi in module.ranges)
         )
 
+    # ------------------------------------------------------------------ the run's settings, recorded and checked
+    def layout(self) -> dict[str, Any]:
+        """How the processes of this run are laid out (recorded in checkpoints)."""
+        world = int(self.world_size)  # type: ignore[attr-defined]
+        if hasattr(self, "owned"):  # block parallel: groups x replicas
+            return {"parallelism": "block_parallel", "world_size": world, "replicas": int(getattr(self, "replicas", 1))}
+        return {"parallelism": "data_parallel" if world > 1 else "single", "world_size": world, "replicas": world}
+
+    def run_record(self) -> dict[str, Any]:
+        """The schedule and process layout of this run, as plain data (the same on every process)."""
+        schedule = self.schedule
+        return {
+            "schedule": type(schedule).__name__ if schedule is not None else None,
+            "steps_per_phase": getattr(schedule, "steps_per_phase", None),
+            "schedule_seed": getattr(schedule, "seed", None),
+            "groups_to_train": self.groups_to_train,
+            **self.layout(),
+        }
+
+    def check_resume(self, module: DiffusionBlocksModule) -> None:
+        """Refuse to resume a run whose recorded settings differ from this one's (unless ``allow_changed`` names them).
+
+        A changed schedule, seed, ``groups_to_train``, ``gamma`` or process layout would silently train something
+        other than the run the checkpoint came from.
+        """
+        saved, self._resumed_from = self._resumed_from, None
+        if saved is None:
+            return
+        unknown = sorted(set(self.allow_changed) - set(RESUME_SETTINGS))
+        if unknown:
+            raise ValueError(f"allow_changed names unknown settings {unknown}; choose from {list(RESUME_SETTINGS)}.")
+        recorded = {**(saved.get("training") or {}), **(saved.get("run") or {})}
+        if not recorded:
+            rank_zero_warn(
+                "The checkpoint does not record the run's settings (schedule, seeds, groups_to_train, gamma, process"
+                " layout; written by lightning_diffusionblocks 0.2.0 or earlier), so the resume cannot check that"
+                " they are unchanged. Resume with the settings it was trained with."
+            )
+            return
+        now = {**module.training_settings(), **self.run_record()}
+        changed = [key for key in RESUME_SETTINGS if key in recorded and recorded[key] != now.get(key)]
+        refused = [key for key in changed if key not in self.allow_changed]
+        if refused:
+            described = ", ".join(f"{key}={recorded[key]!r} (now {now.get(key)!r})" for key in refused)
+            raise MisconfigurationException(
+                f"The checkpoint was trained with {described}; resuming with different settings would silently train"
+                " another run. Resume with the recorded values, or, to change them on purpose, allow it:"
+                f" `strategy.allow_changed = {tuple(refused)!r}` (the resume is then no longer exact)."
+            )
+        if changed:
+            rank_zero_warn(
+                "Resuming with changed settings (allowed by `allow_changed`): "
+                + ", ".join(f"{key} {recorded[key]!r} -> {now.get(key)!r}" for key in changed)
+                + "; the run is no longer the one the checkpoint came from."
+            )
+        if any(key in changed for key in ("parallelism", "world_size", "replicas", "schedule", "steps_per_phase")):
+            # each group's LR horizon was counted for the old layout/schedule: count the remaining steps afresh
+            module.recompute_horizons = True
+
     # ------------------------------------------------------------------ steps
     def select_group(self, step: int) -> int:
         """The group trained at Trainer step ``step`` (callbacks ask for the coming and the next step).
@@ -197,6 +267,50 @@ class GroupPlanning(_StrategyBase):
         offset = int(module.step_count) - module.trainer.global_step if module is not None else 0
         return self.schedule.group_at(step + offset)
 
+    # ------------------------------------------------------------------ exact resume of the data order
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """Give a resumed run's samplers their epoch before the first iterator is made.
+
+        Lightning creates the training iterator before it calls ``set_epoch`` on a resume, so a sampler that
+        shuffles when its iterator is made (``DistributedSampler``) would draw epoch 0's order for the resumed
+        epoch. The epoch is known from the restored loop progress: the saved epoch, or the next one when the saved
+        epoch's batches were all used.
+        """
+        dataloader = super().process_dataloader(dataloader)  # type: ignore[misc]
+        module = self.lightning_module  # type: ignore[attr-defined]
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is not None and trainer.training:
+            loop = trainer.fit_loop
+            progress = loop.epoch_progress.current
+            _set_sampler_epoch(dataloader, progress.started if _epoch_used_up(loop.epoch_loop) else progress.processed)
+        return dataloader
+
+    @override
+    def on_train_start(self) -> None:
+        """A resumed run's first micro-batches must not write a step checkpoint again.
+
+        With ``accumulate_grad_batches`` the step count stays at the resumed step until its last micro-batch, so
+        ``ModelCheckpoint(every_n_train_steps=...)``, which does not save which step it saved last, would write a
+        half-accumulated step under the resumed step's name; the uninterrupted run wrote that step once, before.
+        """
+        super().on_train_start()  # type: ignore[misc]
+        module = self.lightning_module  # type: ignore[attr-defined]
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is not None and trainer.global_step > 0:
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(getattr(callback, "_last_global_step_saved", None), int):
+                    callback._last_global_step_saved = max(callback._last_global_step_saved, trainer.global_step)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        record = checkpoint.get("diffusionblocks")
+        module = self.lightning_module  # type: ignore[attr-defined]
+        fitting = module is not None and module._trainer is not None and module._trainer.training
+        self._resumed_from = dict(record) if fitting and isinstance(record, Mapping) else None  # checked in setup
+        _resume_after_last_batch(checkpoint)
+        super().load_model_state_dict(checkpoint, strict=strict)  # type: ignore[safe-super]
+
     # ------------------------------------------------------------------ checkpoints
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -206,7 +320,13 @@ class GroupPlanning(_StrategyBase):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Write to a temporary file and rename it, so a crash mid-write never replaces a good checkpoint."""
+        """Write to a temporary file and rename it, so a crash mid-write never replaces a good checkpoint.
+
+        The run's schedule and process layout are added to the module's record, for :meth:`check_resume`.
+        """
+        record = checkpoint.get("diffusionblocks")
+        if isinstance(record, dict) and self.schedule is not None:
+            record["run"] = self.run_record()
         try:
             if self.is_global_zero and isinstance(filepath, (str, os.PathLike)) and "://" not in str(filepath):
                 path = Path(filepath)
@@ -254,3 +374,44 @@ class GroupPlanning(_StrategyBase):
                 f"Checkpoint {checkpoint_path} is corrupt or truncated ({type(err).__name__}: {err})."
                 f" It was not loaded and nothing was overwritten; resume from an earlier checkpoint.{hint}"
             ) from err
+
+
+def _epoch_used_up(epoch_loop: Any) -> bool:
+    """Whether the (restored) training epoch loop had trained the last batch of its epoch."""
+    progress = epoch_loop.batch_progress
+    return bool(progress.is_last_batch) and progress.current.processed == progress.current.ready > 0
+
+
+def _resume_after_last_batch(checkpoint: Mapping[str, Any]) -> None:
+    """Make a checkpoint written after its epoch's last batch resume at the next epoch's first batch.
+
+    Two things in such a checkpoint mislead Lightning's loops. (1) The saved data-loader state describes an
+    iterator with nothing left (``StatefulDataLoader`` saves "all batches yielded"), yet Lightning loads it into
+    the next epoch's iterator: that epoch would end at once and the run would train the epoch after it (a later
+    shuffle, epoch numbers one ahead). Without it the next epoch starts a fresh iterator, as in the uninterrupted
+    run. (2) A checkpoint written in ``on_train_epoch_end`` (Lightning's default ``ModelCheckpoint``) is, with
+    ``max_steps``, restarted as an unfinished epoch: one more batch of a restarted iterator, then that epoch's
+    end again. Its progress counters are put back to where a checkpoint written after the last batch has them
+    (the epoch not yet counted as processed), which Lightning resumes at the next epoch's first batch.
+    """
+    fit = (checkpoint.get("loops") or {}).get("fit_loop")
+    if not isinstance(fit, dict):
+        return
+    batches, epochs = fit.get("epoch_loop.batch_progress") or {}, fit.get("epoch_progress") or {}
+    current = batches.get("current") or {}
+    if not (batches.get("is_last_batch") and current.get("processed") == current.get("ready", -1) > 0):
+        return
+    state = fit.get("state_dict") or {}
+    if state.get("combined_loader"):
+        state["combined_loader"] = []
+    epoch = epochs.get("current") or {}
+    finished = epoch.get("ready") == epoch.get("started") == epoch.get("processed") == epoch.get("completed", -2) + 1
+    at_epoch_end = finished and current.get("completed") == current.get("processed")
+    if at_epoch_end:
+        for counters in (epochs["current"], epochs["total"]):
+            counters["processed"] -= 1
+        for counters in (batches["current"], batches["total"]):
+            counters["completed"] -= 1
+        loop_state = fit.get("epoch_loop.state_dict")
+        if isinstance(loop_state, dict) and "_batches_that_stepped" in loop_state:
+            loop_state["_batches_that_stepped"] -= 1

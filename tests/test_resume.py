@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.merge import MergeError, merge_checkpoints
@@ -132,3 +133,75 @@ def test_merge_refuses_overlaps_gaps_and_mismatches(tmp_path):
     with pytest.raises(MergeError, match="different model"):
         merge_checkpoints([a, tmp_path / "wide.ckpt"], tmp_path / "x.ckpt")
     assert merge_checkpoints([a, c], tmp_path / "ok.ckpt")["state_dict"]["group_steps"].tolist()[2] > 0
+
+
+def _fit(tmp_path: Path, ckpt: Path | None = None, max_steps: int = 4, allow: tuple[str, ...] = (), **kw):  # noqa: ANN003
+    """A short sequential fit (2 steps a phase); ``kw`` splits into module and strategy options."""
+    strategy_kw = {k: kw.pop(k) for k in ("schedule", "groups_to_train", "steps_per_phase") if k in kw}
+    strategy_kw.setdefault("schedule", "sequential")
+    if strategy_kw["schedule"] == "sequential":
+        strategy_kw.setdefault("steps_per_phase", 2)
+    module = ldb.DiffusionBlocksModule(tiny_dit(), ldb.tasks.ImageGeneration(), num_blocks=3, **kw)
+    strategy = ldb.DiffusionBlocksStrategy(**strategy_kw)
+    strategy.allow_changed = allow
+    trainer = L.Trainer(strategy=strategy, max_steps=max_steps, **trainer_kwargs(tmp_path))
+    trainer.fit(module, image_loader(), ckpt_path=ckpt)
+    return trainer, module
+
+
+def test_resume_refuses_changed_settings_unless_allowed(tmp_path):
+    """The checkpoint records schedule, seeds, groups_to_train, gamma, partition and layout; a resume that changes one
+    is refused naming it and its recorded value, unless `allow_changed` names it."""
+    trainer, _ = _fit(tmp_path)
+    ckpt = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(ckpt)
+    record = torch.load(ckpt, weights_only=True)["diffusionblocks"]
+    assert record["training"] == {"seed": 0, "gamma": 0.05, "partition": "equiprobable", "accumulate_grad_batches": 1}
+    assert record["run"] == {
+        "schedule": "SequentialSchedule", "steps_per_phase": 2, "schedule_seed": None, "groups_to_train": None,
+        "parallelism": "single", "world_size": 1, "replicas": 1,
+    }  # fmt: skip
+    changes = {
+        "schedule='SequentialSchedule'": {"schedule": "random"},
+        "steps_per_phase=2": {"steps_per_phase": 3},
+        r"groups_to_train=None \(now \[0\]\)": {"groups_to_train": [0]},
+        "seed=0": {"seed": 1},
+        "gamma=0.05": {"gamma": 0.1},
+        "accumulate_grad_batches=1": {"accumulate_grad_batches": 2},
+    }
+    for message, change in changes.items():
+        with pytest.raises(MisconfigurationException, match=message):
+            _fit(tmp_path, ckpt, max_steps=6, **change)
+    with pytest.raises(ValueError, match="same `partition`"):  # its noise boundaries are checked on loading
+        _fit(tmp_path, ckpt, max_steps=6, partition="uniform_log")
+    with pytest.raises(ValueError, match="unknown settings"):
+        _fit(tmp_path, ckpt, max_steps=6, allow=("sead",))
+    with pytest.warns(UserWarning, match="changed settings.*seed 0 -> 1"):
+        _, module = _fit(tmp_path, ckpt, max_steps=6, allow=("seed",), seed=1)
+    assert int(module.step_count) == 6
+    # a checkpoint of 0.2.0 (no record of the settings) still resumes, with a warning
+    old = torch.load(ckpt, weights_only=True)
+    del old["diffusionblocks"]["training"], old["diffusionblocks"]["run"]
+    torch.save(old, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match="does not record the run's settings"):
+        _fit(tmp_path, tmp_path / "old.ckpt", max_steps=6)
+
+
+def test_block_parallel_checkpoint_in_one_process_is_refused_or_gets_new_horizons(tmp_path):
+    """A block-parallel run's LR horizons count each process's own steps; resumed in one process (another layout)
+    the run is refused, or, when allowed, every group's horizon is counted afresh for the steps left."""
+    trainer, _ = _fit(tmp_path, schedule="random")
+    ckpt = tmp_path / "bp.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)  # what a 3-process block-parallel run of 4 steps records
+    state["diffusionblocks"]["run"].update(parallelism="block_parallel", world_size=3, replicas=1)
+    state["state_dict"]["group_steps"] = torch.tensor([4, 4, 4])
+    state["state_dict"]["lr_horizons"] = torch.tensor([4.0, 4.0, 4.0, 4.0], dtype=torch.float64)
+    torch.save(state, ckpt)
+    with pytest.raises(MisconfigurationException, match="parallelism='block_parallel'.*world_size=3"):
+        _fit(tmp_path, ckpt, max_steps=10, schedule="random")
+    allow = ("parallelism", "world_size", "replicas")
+    with pytest.warns(UserWarning, match="changed settings"):
+        _, module = _fit(tmp_path, ckpt, max_steps=10, schedule="random", allow=allow)
+    # 6 steps left, a third each: 4 + 2 per group; the shared stem 4 + 6
+    assert module.lr_horizons.tolist() == [6.0, 6.0, 6.0, 10.0]
