@@ -159,7 +159,8 @@ class BlockParallelStrategy(DiffusionBlocksDDPStrategy):
         if not _distributed() or self.world_size <= 1:
             return
         module = self.check_module(self.lightning_module)
-        if self.offloader is not None:  # own groups offloaded to disk or host memory come back first
+        offloaded = any(t.numel() == 0 for g in self.owned for t in self._group_tensors(module, g))
+        if self.offloader is not None and offloaded:  # own groups offloaded to disk or host memory come back first
             self.offloader.expose_for_checkpoint()
         self._allocate_others(module)
         self.verify_replicas("before gathering the groups")
@@ -205,6 +206,20 @@ class BlockParallelStrategy(DiffusionBlocksDDPStrategy):
     def on_validation_end(self) -> None:
         super().on_validation_end()
         self.release_others()
+
+    @override
+    def on_train_start(self) -> None:
+        """A resumed run restored every group's optimizer state (the checkpoint holds them all); keep only the own."""
+        super().on_train_start()
+        if not self._keep_own_only or self.world_size <= 1:
+            return
+        module = self.check_module(self.lightning_module)
+        others = [
+            p for g in range(module.num_blocks) if g not in self.owned for p in module.network.group_parameters(g)
+        ]
+        for optimizer in self.optimizers:
+            for p in others:
+                optimizer.state.pop(p, None)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
