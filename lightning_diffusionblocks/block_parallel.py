@@ -208,9 +208,10 @@ class BlockParallelStrategy(DiffusionBlocksDDPStrategy):
         self.release_others()
 
     @override
-    def on_train_start(self) -> None:
-        """A resumed run restored every group's optimizer state (the checkpoint holds them all); keep only the own."""
-        super().on_train_start()
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        """A resumed run restores every group's optimizer state (the checkpoint holds them all): keep only the own
+        groups' (before any callback, e.g. an offloader, sees the optimizer)."""
+        super().load_optimizer_state_dict(checkpoint)
         if not self._keep_own_only or self.world_size <= 1:
             return
         module = self.check_module(self.lightning_module)
