@@ -225,9 +225,8 @@ class BlockParallelStrategy(DiffusionBlocksDDPStrategy):
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        if not self._whole:
-            return
-        self.release_others()  # groups gathered since the last step (e.g. for a preview) are freed again
+        if self._whole:  # groups gathered since the last step (e.g. for a preview) are freed again
+            self.release_others()
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:

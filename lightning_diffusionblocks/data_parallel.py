@@ -181,12 +181,15 @@ def _distributed() -> bool:
 def _buckets(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
     """Tensors split into buckets of one dtype and at most :data:`BUCKET_BYTES` (one tensor may exceed it)."""
     by_dtype: dict[torch.dtype, list[list[Tensor]]] = {}
+    filled: dict[torch.dtype, int] = {}  # bytes in each dtype's last bucket
     for t in tensors:
         buckets = by_dtype.setdefault(t.dtype, [[]])
-        size = sum(x.numel() * x.element_size() for x in buckets[-1])
-        if buckets[-1] and size + t.numel() * t.element_size() > BUCKET_BYTES:
+        size = t.numel() * t.element_size()
+        if buckets[-1] and filled[t.dtype] + size > BUCKET_BYTES:
             buckets.append([])
+            filled[t.dtype] = 0
         buckets[-1].append(t)
+        filled[t.dtype] = filled.get(t.dtype, 0) + size
     return [bucket for buckets in by_dtype.values() for bucket in buckets]
 
 
