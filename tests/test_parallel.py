@@ -231,14 +231,16 @@ def test_a_replica_that_drifts_stops_fit_naming_the_tensor(tmp_path, strategy, b
 
 
 def test_block_parallel_with_several_groups_per_process_and_offload_writes_whole_checkpoints(tmp_path):
-    """Two processes, B=4: each offloads its own inactive group and holds none of the other's; a checkpoint mid-fit
-    gathers every group (offloaded ones read back first) and equals what the spawn launcher returns."""
+    """Two processes, B=4: each offloads its own inactive group and holds none of the other's; the sanity check,
+    validation after each step and a checkpoint mid-fit gather every group (offloaded ones read back first; a
+    group left empty would fail them), and the checkpoint equals what the spawn launcher returns."""
     strategy = ldb.BlockParallelStrategy(start_method="spawn", process_group_backend="gloo")
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
     trainer = L.Trainer(strategy=strategy, max_steps=2, callbacks=[ldb.callbacks.BlockOffload(), saver],
-                        **trainer_kwargs(tmp_path, devices=2, enable_checkpointing=True))  # fmt: skip
+                        **trainer_kwargs(tmp_path, devices=2, enable_checkpointing=True, num_sanity_val_steps=1,
+                                         val_check_interval=1, limit_val_batches=1))  # fmt: skip
     m = module(num_blocks=4, ema_decay=0.9)
-    trainer.fit(m, DataLoader(IndexedImages(), batch_size=4))
+    trainer.fit(m, DataLoader(IndexedImages(), batch_size=4), DataLoader(IndexedImages(8), batch_size=4))
     saved = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=True)["state_dict"]
     assert int(saved["group_steps"].sum()) == 4  # two steps on each process, every group's counter gathered
     for key, value in m.state_dict().items():
