@@ -7,9 +7,21 @@ Every configuration is a fresh launch (Lightning starts the other processes), an
 interleaved (world 1: e2e, dp, bp; world 2: …; then again) so that load on a shared machine hits them
 alike; the fastest round is kept. Per configuration: median step time (slowest rank), throughput in
 sample-layer evaluations per second (global batch × layers run per step / step time), gradient bytes
-all-reduced per step and per process, the seconds of a step spent in that all-reduce, and per-process
+all-reduced per step and per process, the seconds of a step spent in that all-reduce, per-process
 accounting memory (parameters of the groups the process trains, their gradients and optimizer state, and
-the bytes saved for backward).
+the bytes saved for backward), and beside it each process's measured memory:
+
+- on the CPU, the resident set size (``/proc/self/statm``) sampled before each backward pass and after each
+  step (``rss_train``: the largest sample, what the process holds while it trains), and the kernel's peak RSS
+  (``getrusage``) up to the last training step, which also covers building the whole model at start-up;
+- on a GPU, ``torch.cuda.max_memory_allocated`` over the training steps (reset when training starts).
+
+``rss_base`` is the process's RSS after its imports, before it builds the model: what the interpreter and
+libraries hold. The table's last column compares the RSS above that start-up figure with end-to-end DDP's.
+
+A block-parallel process keeps only its own groups' weights in memory while it trains, so its measured figure
+follows the accounting's 1/B once the weights and optimizer state outweigh the interpreter and libraries
+(a few hundred MiB of RSS that every process pays).
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +48,22 @@ from lightning_diffusionblocks.memory import SavedTensorMeter, gradient_bytes, o
 
 MODES = ("e2e", "dp", "bp")
 MIB = 2**20
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux ``/proc``; 0 where it is not available)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far, as the kernel counts it (KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 class CountingDDP(DDPStrategy):
@@ -59,16 +88,32 @@ class CountingDDP(DDPStrategy):
 class Probe(L.Callback):
     """Step times and per-process accounting memory, written by rank 0 for all ranks."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.times, self.memory = args, [], {}
+    def __init__(self, args: argparse.Namespace, rss_base: int) -> None:
+        self.args, self.times, self.memory, self.measured = args, [], {}, {"rss_base": rss_base}
+
+    def on_train_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def _measure(self, pl_module) -> None:  # noqa: ANN001
+        """Sample what the process holds now (called before each backward pass and after each step)."""
+        self.measured["rss_train"] = max(self.measured.get("rss_train", 0), rss_bytes())
+        # the kernel's high-water mark lags its batched counters a little; it is never below a sample
+        self.measured["rss_peak"] = max(peak_rss_bytes(), self.measured["rss_train"])
+        if pl_module.device.type == "cuda":
+            self.measured["cuda_peak"] = torch.cuda.max_memory_allocated(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
         self._start = time.perf_counter()
         self._meter = SavedTensorMeter(exclude=pl_module.parameters()).__enter__()
 
+    def on_before_backward(self, trainer, pl_module, loss):  # noqa: ANN001, ANN201
+        self._measure(pl_module)  # the activations of the step are all alive here
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
         self._meter.__exit__(None, None, None)
         self.times.append(time.perf_counter() - self._start)
+        self._measure(pl_module)
         trained = [g for g in range(pl_module.num_blocks) if int(pl_module.group_steps[g]) > 0]
         params = [p for g in trained for p in pl_module.network.group_parameters(g)]
         params += pl_module.network.shared_parameters()
@@ -80,7 +125,7 @@ class Probe(L.Callback):
     def on_train_end(self, trainer, pl_module):  # noqa: ANN001, ANN201
         strategy = trainer.strategy
         steps = len(self.times)
-        mine = {"times": self.times[self.args.warmup :], "memory": self.memory,
+        mine = {"times": self.times[self.args.warmup :], "memory": self.memory, "measured": self.measured,
                 "bytes_per_step": getattr(strategy, "bytes_reduced", 0) / steps,
                 "reduce_seconds_per_step": getattr(strategy, "seconds_reduced", 0.0) / steps}  # fmt: skip
         gathered = [None] * trainer.world_size
@@ -93,6 +138,7 @@ class Probe(L.Callback):
 
 
 def child(args: argparse.Namespace) -> None:
+    rss_base = rss_bytes()  # the interpreter and libraries, before any model exists
     torch.manual_seed(0)
     torch.set_num_threads(max(1, args.threads // args.world))
     blocks = 1 if args.mode == "e2e" else args.blocks
@@ -106,7 +152,7 @@ def child(args: argparse.Namespace) -> None:
     n = args.global_batch * (args.steps + args.warmup)
     data = TensorDataset(torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g))
     trainer = L.Trainer(strategy=strategy, accelerator=args.accelerator, devices=args.world,
-                        max_steps=args.steps + args.warmup, callbacks=[Probe(args)], logger=False,
+                        max_steps=args.steps + args.warmup, callbacks=[Probe(args, rss_base)], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
     trainer.fit(module, DataLoader(data, batch_size=per_rank))
@@ -117,18 +163,30 @@ def summarise(args: argparse.Namespace, mode: str, world: int, ranks: list[dict]
     step = statistics.median(per_step)
     layers = args.depth if mode == "e2e" else args.depth / args.blocks
     memory = {k: max(r["memory"][k] for r in ranks) / MIB for k in ranks[0]["memory"]}
+    # each process's own measurement, rank by rank
+    measured = {k: [r["measured"][k] / MIB for r in ranks] for k in ranks[0]["measured"]}
     return {"mode": mode, "world": world, "step_seconds": step, "step_times": per_step,
             "throughput": args.global_batch * layers / step,
             "bytes_per_step": max(r["bytes_per_step"] for r in ranks),
             "reduce_seconds_per_step": max(r["reduce_seconds_per_step"] for r in ranks),
-            "memory_mib": memory, "memory_total_mib": sum(memory.values())}  # fmt: skip
+            "memory_mib": memory, "memory_total_mib": sum(memory.values()),
+            "measured_mib": measured}  # fmt: skip
 
 
 def table(rows: list[dict], blocks: int) -> str:
     e2e = {r["world"]: r for r in rows if r["mode"] == "e2e"}
     own = {(r["mode"], 1): r for r in rows if r["world"] == 1}
+    measured = "cuda_peak" if "cuda_peak" in rows[0]["measured_mib"] else "rss_train"
+    label = "CUDA peak" if measured == "cuda_peak" else "RSS in training"
+    start = "" if measured == "cuda_peak" else "rss_base"
+
+    def held(r: dict) -> float:  # the largest process's measured memory (on the CPU: above its start-up RSS)
+        m = r["measured_mib"]
+        return max(x - (m[start][i] if start else 0.0) for i, x in enumerate(m[measured]))
+
     head = ["config", "procs", "step ms", "sample-layers/s", "vs own 1-proc", "all-reduce MiB/step",
-            "bytes vs e2e", "all-reduce ms/step", "memory MiB/proc", "memory vs e2e", "1/B"]  # fmt: skip
+            "bytes vs e2e", "all-reduce ms/step", "memory MiB/proc", "memory vs e2e", "1/B",
+            f"measured {label} MiB, each proc", "measured vs e2e" + (" (above start-up)" if start else "")]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     names = {"e2e": "end-to-end DDP", "dp": "DiffusionBlocks data parallel", "bp": "DiffusionBlocks block parallel"}
     for r in rows:
@@ -137,7 +195,9 @@ def table(rows: list[dict], blocks: int) -> str:
         cells = [names[r["mode"]], str(r["world"]), f"{1000 * r['step_seconds']:.1f}", f"{r['throughput']:.0f}",
                  f"{r['throughput'] / own[(r['mode'], 1)]['throughput']:.2f}", f"{r['bytes_per_step'] / MIB:.2f}",
                  f"{ratio:.3f}", f"{1000 * r['reduce_seconds_per_step']:.1f}", f"{r['memory_total_mib']:.1f}",
-                 f"{r['memory_total_mib'] / base['memory_total_mib']:.3f}", f"{1 / blocks:.3f}"]  # fmt: skip
+                 f"{r['memory_total_mib'] / base['memory_total_mib']:.3f}", f"{1 / blocks:.3f}",
+                 " / ".join(f"{m:.0f}" for m in r["measured_mib"][measured]),
+                 f"{held(r) / held(e2e[r['world']]):.3f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -8,6 +8,10 @@
 Lightning launches the other processes itself (it re-runs this script once per rank) unless torchrun or
 SLURM did. Block parallel with --devices equal to --num-blocks trains one group per process; rank 0 writes
 the checkpoint with every group's weights, and samples are drawn from it on one device afterwards.
+
+Nothing here needs a seed for correctness: each process builds its own network, and the strategy copies rank 0's
+weights to every process before training and checks at the end (and before each checkpoint) that the processes
+that train the same group still hold bit-identical copies; a difference stops the run with an error.
 """
 
 from __future__ import annotations

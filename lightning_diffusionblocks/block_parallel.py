@@ -8,6 +8,12 @@ data with its own seed and a group's replicas see disjoint shards. Groups are ga
 its first owner) before validation, when a checkpoint is written (weights, EMA, counters and optimizer
 state of every group, whichever rank trained it) and when training ends, so rank 0's checkpoint, the
 weights the spawn launcher returns and sampling after ``fit`` all hold every group's trained weights.
+
+While training, a process keeps only its own groups in memory: the weights (and EMA copy) of the groups it does
+not own are freed at set-up (after rank 0's state was broadcast to every process) and hold no storage; gathering
+allocates them, and they are freed again when training goes on. Before a gather, the replicas of each group are
+checked to be bit-identical (see :meth:`DiffusionBlocksDDPStrategy.verify_replicas`): a gather copies each
+group from its first owner, so a replica that drifted would otherwise be overwritten without a word.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_diffusionblocks.data_parallel import DiffusionBlocksDDPStrategy, broadcast_tensors
+from lightning_diffusionblocks.data_parallel import DiffusionBlocksDDPStrategy, _distributed, broadcast_tensors
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.planning import ScheduleSpec
 
@@ -56,6 +62,10 @@ class BlockParallelStrategy(DiffusionBlocksDDPStrategy):
         self.owner_ranks: list[int] = []
         self.replicas = 1
         self._replica_group: Any = None
+        #: the shapes of the tensors of each group this process does not own (freed while it trains)
+        self._shapes: dict[int, list[torch.Size]] = {}
+        self._keep_own_only = False  # True from set-up to the end of training in a fit
+        self._whole = True  # every group's tensors are allocated
 
     # ------------------------------------------------------------------ layout
     @override
@@ -106,13 +116,34 @@ class BlockParallelStrategy(DiffusionBlocksDDPStrategy):
                 " already holds only its own group. Remove the callback (it helps when a process owns several"
                 " groups, i.e. fewer processes than num_blocks)."
             )
-        super().setup(trainer)
-        if trainer.training and self.root_device.type != "cpu":  # other groups' weights leave the device
-            module = self.check_module(self.lightning_module)
-            for g in range(module.num_blocks):
-                if g not in self.owned:
-                    for p in self._group_tensors(module, g):
-                        p.data = p.data.cpu()
+        super().setup(trainer)  # every process now holds rank 0's state (configure_ddp broadcasts it)
+        self._keep_own_only = trainer.training
+        self.release_others()
+
+    # ------------------------------------------------------------------ keeping only the own groups
+    def release_others(self) -> None:
+        """While training, free the weights and EMA copy of the groups this process does not own: it neither
+        trains nor reads them until :meth:`gather_groups` brings them back, so its memory follows 1/B."""
+        if not self._keep_own_only or self.world_size <= 1:
+            return
+        module = self.check_module(self.lightning_module)
+        for g in range(module.num_blocks):
+            if g in self.owned:
+                continue
+            tensors = self._group_tensors(module, g)
+            self._shapes.setdefault(g, [t.shape for t in tensors])
+            for t in tensors:
+                if t.numel():
+                    t.data = torch.empty(0, dtype=t.dtype, device=self.root_device)
+        self._whole = False
+
+    def _allocate_others(self, module: DiffusionBlocksModule) -> None:
+        """Give the freed groups' tensors storage again on the compute device (a gather then fills them)."""
+        for g, shapes in self._shapes.items():
+            for t, shape in zip(self._group_tensors(module, g), shapes):
+                if t.numel() != shape.numel():
+                    t.data = torch.empty(shape, dtype=t.dtype, device=self.root_device)
+        self._whole = True
 
     # ------------------------------------------------------------------ gathering every group
     @staticmethod
@@ -123,10 +154,16 @@ class BlockParallelStrategy(DiffusionBlocksDDPStrategy):
         return tensors
 
     def gather_groups(self) -> None:
-        """Every process receives every group's weights and counters from the group's first owner."""
-        if not (dist.is_available() and dist.is_initialized()) or self.world_size <= 1:
+        """Every process receives every group's weights and counters from the group's first owner, after checking
+        that the group's replicas agree (a collective: every process enters)."""
+        if not _distributed() or self.world_size <= 1:
             return
         module = self.check_module(self.lightning_module)
+        offloaded = any(t.numel() == 0 for g in self.owned for t in self._group_tensors(module, g))
+        if self.offloader is not None and offloaded:  # own groups offloaded to disk or host memory come back first
+            self.offloader.expose_for_checkpoint()
+        self._allocate_others(module)
+        self.verify_replicas("before gathering the groups")
         for g in range(module.num_blocks):
             broadcast_tensors(self._group_tensors(module, g), self.owner_ranks[g], self.root_device)
         mine = torch.zeros(module.num_blocks, dtype=torch.bool)
@@ -136,21 +173,77 @@ class BlockParallelStrategy(DiffusionBlocksDDPStrategy):
             dist.all_reduce(values)  # each group's value from its R replicas, identical
             buffer.copy_((values / self.replicas).round() if not buffer.is_floating_point() else values / self.replicas)
 
+    # ------------------------------------------------------------------ checking replicas
+    @override
+    def replica_sets(self) -> list[list[int]]:
+        r = self.replicas
+        return [list(range(first, first + r)) for first in range(0, self.world_size, r)]
+
+    @override
+    def replicated_state(self, module: DiffusionBlocksModule) -> dict[str, Tensor]:
+        """Everything but the groups this process does not own (their copies differ until gathered)."""
+        others = {
+            id(t) for g in range(module.num_blocks) if g not in self.owned for t in self._group_tensors(module, g)
+        }
+        return {k: v for k, v in module.state_dict(keep_vars=True).items() if id(v) not in others}
+
+    @override
+    def verify_before_checkpoint(self) -> None:
+        """:meth:`gather_groups` checked the replicas before copying the groups; they are identical now."""
+
+    @override
+    def finish_training(self) -> None:
+        self._keep_own_only = False
+        self.gather_groups()
+
     @override
     def on_validation_start(self) -> None:
-        if self.lightning_module is not None and self.lightning_module.trainer.training:
+        if self._keep_own_only:  # validation (or the sanity check) in a fit visits every group
             self.gather_groups()
         super().on_validation_start()
 
     @override
-    def on_train_end(self) -> None:
-        self.gather_groups()
-        super().on_train_end()
+    def on_validation_end(self) -> None:
+        super().on_validation_end()
+        self.release_others()
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        """A resumed run restores every group's optimizer state (the checkpoint holds them all): keep only the own
+        groups' (before any callback, e.g. an offloader, sees the optimizer)."""
+        super().load_optimizer_state_dict(checkpoint)
+        if not self._keep_own_only or self.world_size <= 1:
+            return
+        module = self.check_module(self.lightning_module)
+        others = [
+            p for g in range(module.num_blocks) if g not in self.owned for p in module.network.group_parameters(g)
+        ]
+        for optimizer in self.optimizers:
+            for p in others:
+                optimizer.state.pop(p, None)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self._whole:  # groups gathered since the last step (e.g. for a preview) are freed again
+            self.release_others()
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         self.gather_groups()  # every rank enters (Trainer.save_checkpoint runs on all of them)
         return super().lightning_module_state_dict()
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        try:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+        finally:
+            self.release_others()
+
+    @override
+    def teardown(self) -> None:
+        self._keep_own_only = False
+        super().teardown()
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:

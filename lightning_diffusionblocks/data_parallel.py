@@ -6,12 +6,19 @@ batch: the step's group is a function of ``(seed, step)``, the same on every ran
 wrapped in ``DistributedDataParallel`` (its reducer expects the same parameters to get gradients every
 step, and here they change with the group): after the backward pass only the active group's gradients
 are all-reduced, as one flat bucket, so inactive groups stay bit-identical and replicas stay identical.
+
+As DDP's wrapper would, the strategy broadcasts rank 0's state at set-up (every parameter and buffer, the EMA
+copy and the task's learned state), so processes that built their networks with different random weights
+start as one. Identity is then checked, never assumed: before each checkpoint and when training ends every
+process hashes its state and the digests are compared; a difference raises :class:`ReplicaMismatchError`
+naming the tensors (nothing is silently overwritten).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +30,15 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from typing_extensions import override
 
+from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.planning import GroupPlanning, ScheduleSpec
+
+#: broadcasts at set-up go in buckets of at most this many bytes (DDP uses 250 MiB)
+BUCKET_BYTES = 64 * 2**20
+
+
+class ReplicaMismatchError(RuntimeError):
+    """Processes that should hold identical copies of the model do not."""
 
 
 class DiffusionBlocksDDPStrategy(GroupPlanning, DDPStrategy):
@@ -65,7 +80,53 @@ class DiffusionBlocksDDPStrategy(GroupPlanning, DDPStrategy):
 
     @override
     def configure_ddp(self) -> None:
-        """No DistributedDataParallel wrapper: :meth:`reduce_gradients` averages the active group's gradients."""
+        """No DistributedDataParallel wrapper (:meth:`reduce_gradients` averages the active group's gradients), but
+        what its constructor does: every process starts from rank 0's weights (see :meth:`broadcast_state`)."""
+        self.broadcast_state()
+
+    def broadcast_state(self) -> None:
+        """Copy rank 0's parameters, buffers (counters, LR horizons, the network's own), EMA copy and task state to
+        every process. Runs at set-up, after the model is on its device and after a checkpoint was restored (then
+        it changes nothing), so replicas start identical even when each process built its network unseeded."""
+        if not _distributed() or self.world_size <= 1:
+            return
+        module = self.check_module(self.lightning_module)
+        broadcast_tensors([*module.parameters(), *module.buffers()], 0, self.root_device)
+        task_state = [module.task.state()]
+        dist.broadcast_object_list(task_state, src=0)
+        if self.global_rank != 0:
+            module.task.load_state(task_state[0])
+
+    # ------------------------------------------------------------------ checking that replicas agree
+    def replica_sets(self) -> list[list[int]]:
+        """Global ranks that must hold identical copies of :meth:`replicated_state`, one list per set."""
+        return [list(range(self.world_size))]
+
+    def replicated_state(self, module: DiffusionBlocksModule) -> dict[str, Tensor]:
+        """The tensors this process shares with the other members of its replica set (here: the whole module)."""
+        return module.state_dict()
+
+    def verify_replicas(self, when: str) -> None:
+        """Compare a digest of every replicated tensor across each replica set; raise on any difference.
+
+        A collective: every process enters, and every process raises the same error, so none is left waiting.
+        """
+        sets = [s for s in self.replica_sets() if len(s) > 1]
+        if not sets or not _distributed() or self.world_size <= 1:
+            return
+        module = self.check_module(self.lightning_module)
+        digests = {name: tensor_digest(t) for name, t in self.replicated_state(module).items()}
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, digests)
+        problems = []
+        for ranks in sets:
+            first = gathered[ranks[0]]
+            for rank in ranks[1:]:
+                names = sorted(n for n in first.keys() | gathered[rank].keys() if first.get(n) != gathered[rank].get(n))
+                if names:
+                    problems.append((ranks[0], rank, names, len(first)))
+        if problems:
+            raise ReplicaMismatchError(replica_mismatch_message(when, problems))
 
     @override
     def reduce_gradients(self, params: list[Tensor]) -> None:
@@ -84,6 +145,25 @@ class DiffusionBlocksDDPStrategy(GroupPlanning, DDPStrategy):
         for p, synced in zip(with_grad, _unflatten_dense_tensors(flat, [p.grad for p in with_grad])):
             p.grad.copy_(synced)
 
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        state = super().lightning_module_state_dict()  # offloaded groups are exposed by now
+        self.verify_before_checkpoint()
+        return state
+
+    def verify_before_checkpoint(self) -> None:
+        """Every process enters :meth:`lightning_module_state_dict` (``Trainer.save_checkpoint`` runs on all)."""
+        self.verify_replicas("before writing a checkpoint")
+
+    @override
+    def on_train_end(self) -> None:
+        self.finish_training()
+        super().on_train_end()
+
+    def finish_training(self) -> None:
+        """When training ends (every process): the replicas must agree."""
+        self.verify_replicas("at the end of training")
+
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
@@ -94,11 +174,62 @@ class DiffusionBlocksDDPStrategy(GroupPlanning, DDPStrategy):
         )  # fmt: skip
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _buckets(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
+    """Tensors split into buckets of one dtype and at most :data:`BUCKET_BYTES` (one tensor may exceed it)."""
+    by_dtype: dict[torch.dtype, list[list[Tensor]]] = {}
+    filled: dict[torch.dtype, int] = {}  # bytes in each dtype's last bucket
+    for t in tensors:
+        buckets = by_dtype.setdefault(t.dtype, [[]])
+        size = t.numel() * t.element_size()
+        if buckets[-1] and filled[t.dtype] + size > BUCKET_BYTES:
+            buckets.append([])
+            filled[t.dtype] = 0
+        buckets[-1].append(t)
+        filled[t.dtype] = filled.get(t.dtype, 0) + size
+    return [bucket for buckets in by_dtype.values() for bucket in buckets]
+
+
 def broadcast_tensors(tensors: list[Tensor], src: int, device: torch.device, group: Any = None) -> None:
-    """Broadcast ``tensors`` from global rank ``src`` in one flat bucket (on ``device``) and copy them in place."""
-    if not tensors:
-        return
-    flat = _flatten_dense_tensors([t.detach().to(device) for t in tensors])
-    dist.broadcast(flat, src=src, group=group)
-    for t, value in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-        t.data.copy_(value)
+    """Broadcast ``tensors`` from global rank ``src`` in flat buckets (on ``device``) and copy them in place."""
+    unique = list({id(t): t for t in tensors}.values())  # tied weights once
+    for bucket in _buckets(unique):
+        flat = _flatten_dense_tensors([t.detach().to(device) for t in bucket])
+        if flat.dtype == torch.bool:  # not every backend sends bool
+            sent = flat.to(torch.uint8)
+            dist.broadcast(sent, src=src, group=group)
+            flat = sent.bool()
+        else:
+            dist.broadcast(flat, src=src, group=group)
+        for t, value in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            t.data.copy_(value)
+
+
+def tensor_digest(t: Tensor) -> str:
+    """A hash of a tensor's shape, dtype and exact bytes (two replicas agree only if they are bit-identical)."""
+    data = t.detach().reshape(-1)
+    if data.dtype == torch.bool:
+        data = data.to(torch.uint8)
+    raw = data.contiguous().view(torch.uint8).cpu().numpy()
+    h = hashlib.blake2b(f"{tuple(t.shape)} {t.dtype}".encode(), digest_size=16)
+    h.update(memoryview(raw))
+    return h.hexdigest()
+
+
+def replica_mismatch_message(when: str, problems: list[tuple[int, int, list[str], int]]) -> str:
+    parts = []
+    for first, rank, names, total in problems:
+        shown = ", ".join(names[:6]) + (f", … ({len(names) - 6} more)" if len(names) > 6 else "")
+        parts.append(f"rank {rank} differs from rank {first} in {len(names)} of {total} tensors ({shown})")
+    return (
+        f"Replicas diverged ({when}): processes that train the same groups must hold bit-identical copies, but "
+        + "; ".join(parts)
+        + ". They started identical (rank 0's state is broadcast at set-up), so something made them drift: check"
+        " that every process sees batches of the same shapes and count (equal shards, drop_last), that no"
+        " nondeterministic op gives a different result on one process, that no callback or hook changes weights"
+        " on one process only, and that buffers updated in forward (BatchNorm statistics) are synchronised"
+        " (Trainer(sync_batchnorm=True)). Nothing was overwritten; the copies were left as they are."
+    )

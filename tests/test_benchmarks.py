@@ -102,6 +102,10 @@ def test_scaling_benchmark(tmp_path):
     assert 0 < dp["bytes_per_step"] < 0.75 * e2e["bytes_per_step"]  # one group of two, plus nothing else
     assert bp["bytes_per_step"] == 0  # one group per process: nothing to all-reduce
     assert bp["memory_total_mib"] < e2e["memory_total_mib"]
+    for r in rows.values():  # each process's measured memory beside the accounting: start-up, training and peak RSS
+        m = r["measured_mib"]
+        assert len(m["rss_base"]) == len(m["rss_train"]) == len(m["rss_peak"]) == r["world"]
+        assert all(0 < base < now <= peak for base, now, peak in zip(m["rss_base"], m["rss_train"], m["rss_peak"]))
 
 
 def test_text_reference(tmp_path):
