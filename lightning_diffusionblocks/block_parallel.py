@@ -18,6 +18,7 @@ group from its first owner, so a replica that drifted would otherwise be overwri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -54,10 +55,16 @@ class BlockParallelStrategy(DiffusionBlocksDDPStrategy):
 
     strategy_name = "diffusionblocks_block_parallel"
 
-    def __init__(self, schedule: ScheduleSpec = "random", seed: int | None = None, **ddp_kwargs: Any) -> None:
+    def __init__(
+        self,
+        schedule: ScheduleSpec = "random",
+        seed: int | None = None,
+        allow_changed: Sequence[str] = (),
+        **ddp_kwargs: Any,
+    ) -> None:
         if "groups_to_train" in ddp_kwargs:
             raise MisconfigurationException("Block parallel assigns groups to processes itself; drop groups_to_train.")
-        super().__init__(schedule=schedule, seed=seed, **ddp_kwargs)
+        super().__init__(schedule=schedule, seed=seed, allow_changed=allow_changed, **ddp_kwargs)
         self.owned: list[int] = []
         self.owner_ranks: list[int] = []
         self.replicas = 1

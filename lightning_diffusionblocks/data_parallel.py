@@ -55,6 +55,7 @@ class DiffusionBlocksDDPStrategy(GroupPlanning, DDPStrategy):
         steps_per_phase: int | None = None,
         groups_to_train: Sequence[int] | None = None,
         seed: int | None = None,
+        allow_changed: Sequence[str] = (),
         **ddp_kwargs: Any,
     ) -> None:
         for option in ("find_unused_parameters", "static_graph"):
@@ -64,7 +65,7 @@ class DiffusionBlocksDDPStrategy(GroupPlanning, DDPStrategy):
                     " DistributedDataParallel; it all-reduces only the active group's gradients itself."
                 )
         super().__init__(**ddp_kwargs)
-        self._init_planning(schedule, steps_per_phase, groups_to_train, seed)
+        self._init_planning(schedule, steps_per_phase, groups_to_train, seed, allow_changed)
         #: bytes this process all-reduced for gradients, and the seconds it spent doing so (for benchmarks)
         self.bytes_reduced = 0
         self.seconds_reduced = 0.0

@@ -63,6 +63,8 @@ class GroupPlanning(_StrategyBase):
         steps_per_phase: steps per group for ``"sequential"``; default ``max_steps / groups``.
         groups_to_train: train only these groups in this job (e.g. one group per job).
         seed: seed of the random schedule; default the module's ``seed``.
+        allow_changed: names from :data:`RESUME_SETTINGS` that a resume may change from what the checkpoint
+            recorded (e.g. ``("world_size",)``); any other change is refused. The resume is then no longer exact.
     """
 
     strategy_name = "diffusionblocks"
@@ -73,6 +75,7 @@ class GroupPlanning(_StrategyBase):
         steps_per_phase: int | None = None,
         groups_to_train: Sequence[int] | None = None,
         seed: int | None = None,
+        allow_changed: Sequence[str] = (),
     ) -> None:
         if isinstance(schedule, str) and schedule not in ("random", "sequential"):
             raise ValueError(f"schedule must be 'random', 'sequential' or a Schedule instance, got {schedule!r}.")
@@ -85,7 +88,7 @@ class GroupPlanning(_StrategyBase):
         self.offloader: GroupOffloader | None = None
         self._exposed: list[int] = []
         #: recorded run settings a resume may change (see :data:`RESUME_SETTINGS`); anything else is refused
-        self.allow_changed: Sequence[str] = ()
+        self.allow_changed: Sequence[str] = tuple(allow_changed)
         self._resumed_from: dict[str, Any] | None = None  # the checkpoint's DiffusionBlocks record, until checked
 
     # ------------------------------------------------------------------ what subclasses may change
@@ -243,7 +246,8 @@ class GroupPlanning(_StrategyBase):
             raise MisconfigurationException(
                 f"The checkpoint was trained with {described}; resuming with different settings would silently train"
                 " another run. Resume with the recorded values, or, to change them on purpose, allow it:"
-                f" `strategy.allow_changed = {tuple(refused)!r}` (the resume is then no longer exact)."
+                f" `{type(self).__name__}(..., allow_changed={tuple(refused)!r})` (the resume is then no longer"
+                " exact)."
             )
         if changed:
             rank_zero_warn(

@@ -52,6 +52,7 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
         steps_per_phase: int | None = None,
         groups_to_train: Sequence[int] | None = None,
         seed: int | None = None,
+        allow_changed: Sequence[str] = (),
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
@@ -59,7 +60,7 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
         super().__init__(
             device="cpu", accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
         )
-        self._init_planning(schedule, steps_per_phase, groups_to_train, seed)
+        self._init_planning(schedule, steps_per_phase, groups_to_train, seed, allow_changed)
         self._parallel_devices: list[torch.device] | None = None
         self._launched = False
         #: set by Lightning's accelerator connector (TorchElastic, SLURM, …); used if this becomes data parallel
@@ -107,6 +108,7 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
             steps_per_phase=self.steps_per_phase,
             groups_to_train=self.groups_to_train,
             seed=self.seed,
+            allow_changed=self.allow_changed,
             accelerator=self._accelerator,
             parallel_devices=list(devices),
             cluster_environment=self.cluster_environment,

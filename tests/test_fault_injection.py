@@ -7,7 +7,8 @@ accumulation window; an epoch is 8 batches (4 optimizer steps) in every layout; 
 (one of two on an epoch's last batch) and Lightning's default per-epoch checkpoint.
 
 The whole matrix is marked ``matrix`` and left out by default: ``pytest -m matrix tests/test_fault_injection.py``.
-A representative subset (epoch-boundary resumes in 1 and 2 processes, disk offload) runs with the suite.
+A representative subset (epoch-boundary resumes in 1 and 2 processes, disk offload, block parallel inside an
+accumulation window) runs with the suite.
 """
 
 from __future__ import annotations
@@ -37,8 +38,14 @@ KILLS = {
     "after_checkpoint": (4, 0, "ckpt/last.ckpt"),  # step 4's checkpoint, written on epoch 0's last batch
     "accumulation": (3, 1, "ckpt/last.ckpt"),  # the second micro-batch of step 3; resumes at step 2
 }
-#: run with the suite: epoch-boundary resumes in 1 process (both kinds of checkpoint, disk offload) and 2 processes
-SUBSET = {("single", True, "last_batch"), ("single", True, "after_checkpoint"), ("data_parallel", False, "last_batch")}
+#: run with the suite: epoch-boundary resumes in 1 process (both kinds of checkpoint, disk offload) and 2 processes,
+#: and block parallel with disk offload killed inside an accumulation window
+SUBSET = {
+    ("single", True, "last_batch"),
+    ("single", True, "after_checkpoint"),
+    ("data_parallel", False, "last_batch"),
+    ("block_parallel", True, "accumulation"),
+}
 
 
 def run_job(out: Path, *args: str) -> subprocess.CompletedProcess:

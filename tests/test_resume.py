@@ -41,6 +41,7 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted_run(tmp_path):
     assert a["group_steps"].tolist() == [8, 8, 8]
 
 
+@pytest.mark.matrix  # three processes, ~40 s; the suite resumes block parallel in its fault-injection subset
 def test_block_parallel_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     """Three processes, one group each, the package's resumable loader (sharded per group by Lightning): killed
     after the step-4 checkpoint, in the middle of an epoch (6 batches), resumed, same final weights."""
@@ -142,8 +143,7 @@ def _fit(tmp_path: Path, ckpt: Path | None = None, max_steps: int = 4, allow: tu
     if strategy_kw["schedule"] == "sequential":
         strategy_kw.setdefault("steps_per_phase", 2)
     module = ldb.DiffusionBlocksModule(tiny_dit(), ldb.tasks.ImageGeneration(), num_blocks=3, **kw)
-    strategy = ldb.DiffusionBlocksStrategy(**strategy_kw)
-    strategy.allow_changed = allow
+    strategy = ldb.DiffusionBlocksStrategy(**strategy_kw, allow_changed=allow)
     trainer = L.Trainer(strategy=strategy, max_steps=max_steps, **trainer_kwargs(tmp_path))
     trainer.fit(module, image_loader(), ckpt_path=ckpt)
     return trainer, module
@@ -174,6 +174,9 @@ def test_resume_refuses_changed_settings_unless_allowed(tmp_path):
             _fit(tmp_path, ckpt, max_steps=6, **change)
     with pytest.raises(ValueError, match="same `partition`"):  # its noise boundaries are checked on loading
         _fit(tmp_path, ckpt, max_steps=6, partition="uniform_log")
+    allow_seed = r"DiffusionBlocksStrategy\(\.\.\., allow_changed=\('seed',\)\)"  # the working call
+    with pytest.raises(MisconfigurationException, match=allow_seed):
+        _fit(tmp_path, ckpt, max_steps=6, seed=1)
     with pytest.raises(ValueError, match="unknown settings"):
         _fit(tmp_path, ckpt, max_steps=6, allow=("sead",))
     with pytest.warns(UserWarning, match="changed settings.*seed 0 -> 1"):

@@ -226,3 +226,12 @@ def test_learning_rate_schedule_counts_each_group_own_steps(tmp_path):
         assert lrs[4] == pytest.approx(1e-2)
         assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
         assert lrs[-1] > 1e-3
+
+
+def test_allow_changed_survives_the_switch_to_data_parallel():
+    """`strategy="diffusionblocks"` given two devices becomes the data-parallel class in place; the resume override
+    set on the single-device object must come along."""
+    strategy = ldb.DiffusionBlocksStrategy(allow_changed=("world_size",))
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, logger=False)
+    assert isinstance(trainer.strategy, ldb.DiffusionBlocksDDPStrategy)
+    assert tuple(trainer.strategy.allow_changed) == ("world_size",)
