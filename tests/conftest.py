@@ -57,13 +57,17 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
         path.write_bytes(payload)
 
 
-@pytest.fixture
-def mnist_dir(tmp_path: Path) -> Path:
-    """A directory with synthetic MNIST-format IDX files (28×28, 10 classes)."""
-    root = tmp_path / "mnist"
+def write_mnist(root: Path, train: int = 200, test: int = 50) -> Path:
+    """Synthetic MNIST-format IDX files (28×28, 10 classes) in a new directory ``root``."""
     root.mkdir()
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 200), ("t10k", 50)):
+    for prefix, n in (("train", train), ("t10k", test)):
         write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         write_idx(root / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
     return root
+
+
+@pytest.fixture
+def mnist_dir(tmp_path: Path) -> Path:
+    """A directory with synthetic MNIST-format IDX files (28×28, 10 classes)."""
+    return write_mnist(tmp_path / "mnist")

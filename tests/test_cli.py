@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -22,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks import cli
 from lightning_diffusionblocks.data import fashion_mnist
-from tests.conftest import trainer_kwargs, write_idx
+from tests.conftest import trainer_kwargs, write_mnist
 from tests.test_loading_security import marker_package
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,12 +211,7 @@ def test_two_processes_from_python_m(tmp_path, mnist_dir):
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One CLI-trained tiny mnist_dit checkpoint (two steps) and its data directory, shared by the tests below."""
     root = tmp_path_factory.mktemp("trained")
-    data = root / "mnist"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 64), ("t10k", 32)):
-        write_idx(data / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(data / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
+    data = write_mnist(root / "mnist", train=64, test=32)
     with pytest.MonkeyPatch.context() as monkeypatch:
         run_cli(args_for("mnist_dit.yaml", root, data), monkeypatch)
     return {"ckpt": root / "checkpoints" / "last.ckpt", "data": data}
