@@ -407,15 +407,17 @@ class DiffusionBlocksModule(L.LightningModule):
     def on_fit_start(self) -> None:
         blockwise = self._schedule is not None
         strategy = type(self.trainer.strategy).__name__
-        if not blockwise and self.trainer.world_size > 1:
+        if not blockwise and self.trainer.world_size > 1 and self.num_blocks > 1:
             # a multi-process strategy of Lightning's own: every process would train the whole network end to end
+            # (with num_blocks=1 that is what block-wise training is, so e.g. an end-to-end DDP baseline may run)
             world = self.trainer.world_size
             raise MisconfigurationException(
                 f"DiffusionBlocksModule is being fit by {strategy} over {world} processes, a strategy that hands it no"
                 " DiffusionBlocks schedule: every process would train the whole network end to end (not block-wise),"
                 " and DDP's wrapper cannot serve a step that trains one group. Use"
                 f' Trainer(strategy="diffusionblocks", devices={world}) for block-wise data-parallel training, or'
-                ' strategy="auto" on one device for the end-to-end baseline.'
+                ' strategy="auto" on one device for the end-to-end baseline (a multi-process end-to-end baseline:'
+                " the same network with num_blocks=1)."
             )
         if not blockwise:
             rank_zero_info(

@@ -207,6 +207,11 @@ def test_a_multi_process_strategy_that_is_not_ours_is_refused_at_fit_start(tmp_p
     module.trainer = L.Trainer(strategy="ddp_find_unused_parameters_true", devices=2, accelerator="cpu", logger=False)
     with pytest.raises(MisconfigurationException, match=MULTI_PROCESS_REFUSAL):
         module.on_fit_start()
+    # num_blocks=1 is end to end by construction: a multi-process end-to-end baseline (benchmarks/scaling.py) may run
+    whole = ldb.DiffusionBlocksModule(tiny_dit(depth=2), ldb.tasks.ImageGeneration(), num_blocks=1)
+    whole.trainer = module.trainer
+    whole.on_fit_start()
+    assert not whole.blockwise
 
 
 @pytest.mark.slow  # one launch of two spawned processes (fresh interpreters importing torch and Lightning)
