@@ -156,6 +156,9 @@ def child(args: argparse.Namespace) -> None:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
     trainer.fit(module, DataLoader(data, batch_size=per_rank))
+    if dist.is_available() and dist.is_initialized():  # leave gloo's threads joined before the interpreter exits
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def summarise(args: argparse.Namespace, mode: str, world: int, ranks: list[dict]) -> dict:
