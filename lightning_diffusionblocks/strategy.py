@@ -114,8 +114,6 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
     def data_parallel(self) -> DiffusionBlocksDDPStrategy:
         """A :class:`DiffusionBlocksDDPStrategy` with this strategy's schedule options and plugins (what the
         Trainer trains with when this strategy is given several devices or nodes)."""
-        if self._launched:
-            raise MisconfigurationException(SET_UP_REFUSAL)
         return DiffusionBlocksDDPStrategy(
             schedule=self.schedule_spec,
             steps_per_phase=self.steps_per_phase,
