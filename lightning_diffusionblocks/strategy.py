@@ -2,35 +2,38 @@
 
 ``Trainer(strategy="diffusionblocks")`` works once ``lightning_diffusionblocks`` is imported. On one device
 it is this single-device strategy; given several devices or nodes (``devices=N``, ``num_nodes``, a
-``torchrun`` or SLURM launch) it becomes :class:`~lightning_diffusionblocks.data_parallel.DiffusionBlocksDDPStrategy`
-with the same schedule, as ``strategy="ddp"`` is to one device what ``"auto"`` is. The
-strategy hands the module its schedule (:meth:`DiffusionBlocksModule.use_schedule`); the module never
-asks which strategy trains it. The group of a step is a pure function of ``(seed, step)`` (see
-:mod:`schedules`), counted in the module's own steps, so a resumed run continues exactly and a second
-fit continues rather than replaying the first one's noise. For several devices or nodes see
-:class:`~lightning_diffusionblocks.data_parallel.DiffusionBlocksDDPStrategy` and
+``torchrun`` or SLURM launch) Lightning builds
+:class:`~lightning_diffusionblocks.data_parallel.DiffusionBlocksDDPStrategy` with the same schedule instead,
+as it builds ``"ddp"`` rather than a single-device strategy for ``strategy="auto"`` (see
+:func:`resolve_strategy`). The strategy hands the module its schedule
+(:meth:`DiffusionBlocksModule.use_schedule`); the module never asks which strategy trains it. The group of a step
+is a pure function of ``(seed, step)`` (see :mod:`schedules`), counted in the module's own steps, so a resumed run
+continues exactly and a second fit continues rather than replaying the first one's noise. For several devices or
+nodes see :class:`~lightning_diffusionblocks.data_parallel.DiffusionBlocksDDPStrategy` and
 :class:`~lightning_diffusionblocks.block_parallel.BlockParallelStrategy`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_diffusionblocks.data_parallel import DiffusionBlocksDDPStrategy
 from lightning_diffusionblocks.planning import GroupOffloader, GroupPlanning, ScheduleSpec
 
-__all__ = ["DiffusionBlocksStrategy", "GroupOffloader"]
+__all__ = ["DiffusionBlocksStrategy", "GroupOffloader", "resolve_strategy"]
 
 MULTI_PROCESS_HINT = (
     " For several processes give the Trainer their devices and nodes: Trainer(strategy='diffusionblocks',"
@@ -39,10 +42,17 @@ MULTI_PROCESS_HINT = (
     " between groups."
 )
 
+SET_UP_REFUSAL = "strategy='diffusionblocks' cannot change its devices once set up; build a new Trainer and strategy."
+
 
 class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
     """Train a :class:`DiffusionBlocksModule` one block group per step on one device (see :class:`GroupPlanning`
-    for the arguments)."""
+    for the arguments).
+
+    Given to a Trainer with several devices or nodes, by name or as an instance, the Trainer trains with the
+    :class:`~lightning_diffusionblocks.data_parallel.DiffusionBlocksDDPStrategy` of the same options instead
+    (``trainer.strategy``; an instance passed in is left as it is, see :func:`resolve_strategy`).
+    """
 
     strategy_name = "diffusionblocks"
 
@@ -63,12 +73,12 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
         self._init_planning(schedule, steps_per_phase, groups_to_train, seed, allow_changed)
         self._parallel_devices: list[torch.device] | None = None
         self._launched = False
-        #: set by Lightning's accelerator connector (TorchElastic, SLURM, …); used if this becomes data parallel
-        self.cluster_environment: ClusterEnvironment | None = None
 
     # ------------------------------------------------------------------ devices
     # The accelerator connector only hands devices to strategies with `parallel_devices`; without it a
-    # string-built single-device strategy would stay on the CPU even with accelerator="gpu".
+    # string-built single-device strategy would stay on the CPU even with accelerator="gpu". Several devices or
+    # nodes never reach here through the Trainer (resolve_strategy picks the data-parallel class first); anything
+    # else that hands them over is refused rather than silently training one process.
     @property
     def parallel_devices(self) -> list[torch.device] | None:
         return self._parallel_devices
@@ -76,8 +86,7 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
     @parallel_devices.setter
     def parallel_devices(self, devices: list[torch.device] | None) -> None:
         if devices is not None and len(devices) > 1:
-            self._become_data_parallel(devices, num_nodes=1)
-            return
+            self._refuse_several(len(devices), 1)
         self._parallel_devices = devices
         if devices:
             self._root_device = torch.device(devices[0])
@@ -89,38 +98,31 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
     @num_nodes.setter
     def num_nodes(self, num_nodes: int) -> None:
         if num_nodes > 1:
-            self._become_data_parallel(self._parallel_devices or [self._root_device], num_nodes)
+            self._refuse_several(len(self._parallel_devices or [self._root_device]), num_nodes)
 
-    def _become_data_parallel(self, devices: list[torch.device], num_nodes: int) -> None:
-        """Turn into :class:`DiffusionBlocksDDPStrategy` with this schedule, in place.
-
-        Lightning's accelerator connector builds a string-named strategy before it knows the devices, then hands
-        them over here; the connector keeps this object, so it changes its class rather than being replaced.
-        """
-        from lightning_diffusionblocks.data_parallel import DiffusionBlocksDDPStrategy
-
+    def _refuse_several(self, devices: int, num_nodes: int) -> None:
         if self._launched:
-            raise MisconfigurationException(
-                "strategy='diffusionblocks' cannot change its devices once set up; build a new Trainer."
-            )
-        parallel = DiffusionBlocksDDPStrategy(
+            raise MisconfigurationException(SET_UP_REFUSAL)
+        raise MisconfigurationException(
+            f"{type(self).__name__} trains in one process but was given {devices} device(s) × {num_nodes} node(s)."
+            " For several, give the Trainer the strategy by name, Trainer(strategy='diffusionblocks', devices=N,"
+            " num_nodes=M), or build the data-parallel one with the same options:"
+            " DiffusionBlocksDDPStrategy(schedule=..., steps_per_phase=..., groups_to_train=..., seed=...,"
+            " allow_changed=...)."
+        )
+
+    def data_parallel(self) -> DiffusionBlocksDDPStrategy:
+        """A :class:`DiffusionBlocksDDPStrategy` with this strategy's schedule options and plugins (what the
+        Trainer trains with when this strategy is given several devices or nodes)."""
+        return DiffusionBlocksDDPStrategy(
             schedule=self.schedule_spec,
             steps_per_phase=self.steps_per_phase,
             groups_to_train=self.groups_to_train,
             seed=self.seed,
             allow_changed=self.allow_changed,
             accelerator=self._accelerator,
-            parallel_devices=list(devices),
-            cluster_environment=self.cluster_environment,
             checkpoint_io=self._checkpoint_io,
             precision_plugin=self._precision_plugin,
-        )
-        parallel.num_nodes = num_nodes
-        self.__class__ = DiffusionBlocksDDPStrategy  # type: ignore[assignment]
-        self.__dict__ = parallel.__dict__
-        rank_zero_info(
-            f"DiffusionBlocks: {len(devices)} device(s) × {num_nodes} node(s), so strategy='diffusionblocks' trains"
-            " data parallel (DiffusionBlocksDDPStrategy: every process trains the step's group on its shard)."
         )
 
     @property
@@ -150,3 +152,62 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
             description="DiffusionBlocks, sequential phases (group 0 first)",
             schedule="sequential",
         )
+        _teach_the_connector()
+
+
+def resolve_strategy(strategy: str | Strategy, num_devices: int, num_nodes: int) -> str | Strategy:
+    """What the Trainer trains with for ``strategy`` on ``num_devices`` × ``num_nodes``.
+
+    ``"diffusionblocks"``, a name registered to :class:`DiffusionBlocksStrategy` (such as
+    ``"diffusionblocks_sequential"``) or a :class:`DiffusionBlocksStrategy` instance, given several devices or
+    nodes, becomes a :class:`~lightning_diffusionblocks.data_parallel.DiffusionBlocksDDPStrategy` with the same
+    options (an instance is left as it is; the Trainer holds the new object). Anything else, and any subclass of
+    :class:`DiffusionBlocksStrategy` (whose overrides the data-parallel class would not have), is returned unchanged.
+    """
+    if num_devices <= 1 and num_nodes <= 1:
+        return strategy
+    if isinstance(strategy, str):
+        entry = dict.get(StrategyRegistry, strategy)  # the registry's own get() builds the strategy
+        if entry is None or entry["strategy"] is not DiffusionBlocksStrategy:
+            return strategy
+        parallel = DiffusionBlocksDDPStrategy(**entry["init_params"])
+        named = f"strategy={strategy!r}"
+    elif type(strategy) is DiffusionBlocksStrategy:
+        parallel = strategy.data_parallel()
+        named = "DiffusionBlocksStrategy(...)"
+    else:
+        return strategy
+    rank_zero_info(
+        f"DiffusionBlocks: {num_devices} device(s) × {num_nodes} node(s), so {named} trains data parallel"
+        " (DiffusionBlocksDDPStrategy: every process trains the step's group on its shard)."
+    )
+    return parallel
+
+
+def _teach_the_connector() -> None:
+    """Have Lightning's accelerator connector pick the data-parallel class by device count (:func:`resolve_strategy`).
+
+    The connector builds a string-named strategy from the registry with no devices and hands them over only
+    afterwards, so the class has to be chosen where Lightning itself falls back from the user's choice: its
+    ``_check_strategy_and_fallback``, which runs once the devices and nodes are parsed and before the strategy is
+    built. The wrapper runs Lightning's own checks first and changes nothing for any other strategy; it is
+    installed once. Should a Lightning release rename the method, nothing is installed and several devices given
+    to :class:`DiffusionBlocksStrategy` are refused (naming the data-parallel class) rather than mis-trained.
+    """
+    original: Callable[[_AcceleratorConnector], None] | None = getattr(
+        _AcceleratorConnector, "_check_strategy_and_fallback", None
+    )
+    if original is None or getattr(original, "_resolves_diffusionblocks", False):
+        return
+
+    @functools.wraps(original)
+    def check_strategy_and_fallback(connector: _AcceleratorConnector) -> None:
+        original(connector)
+        connector._strategy_flag = resolve_strategy(
+            connector._strategy_flag,
+            len(getattr(connector, "_parallel_devices", None) or ()),
+            getattr(connector, "_num_nodes_flag", 1),
+        )
+
+    check_strategy_and_fallback._resolves_diffusionblocks = True  # type: ignore[attr-defined]
+    setattr(_AcceleratorConnector, "_check_strategy_and_fallback", check_strategy_and_fallback)  # noqa: B010

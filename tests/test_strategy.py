@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
-from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_diffusionblocks as ldb
@@ -229,9 +232,53 @@ def test_learning_rate_schedule_counts_each_group_own_steps(tmp_path):
 
 
 def test_allow_changed_survives_the_switch_to_data_parallel():
-    """`strategy="diffusionblocks"` given two devices becomes the data-parallel class in place; the resume override
-    set on the single-device object must come along."""
-    strategy = ldb.DiffusionBlocksStrategy(allow_changed=("world_size",))
+    """A `DiffusionBlocksStrategy` instance given two devices: the Trainer trains with the data-parallel class built
+    with the same options (the resume override included); the instance itself is left as it was."""
+    strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=3, allow_changed=("world_size",))
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, logger=False)
-    assert isinstance(trainer.strategy, ldb.DiffusionBlocksDDPStrategy)
-    assert tuple(trainer.strategy.allow_changed) == ("world_size",)
+    parallel = trainer.strategy
+    assert type(parallel) is ldb.DiffusionBlocksDDPStrategy
+    assert (parallel.schedule_spec, parallel.steps_per_phase, parallel.world_size) == ("sequential", 3, 2)
+    assert tuple(parallel.allow_changed) == ("world_size",)
+    assert type(strategy) is ldb.DiffusionBlocksStrategy
+    assert strategy.parallel_devices is None
+
+
+def test_several_devices_build_the_data_parallel_class_from_the_start(monkeypatch):
+    """The accelerator connector builds `DiffusionBlocksDDPStrategy` itself for `strategy="diffusionblocks",
+    devices=2`: no single-device strategy is made on the way, and nothing in the package assigns `__class__`."""
+    package = Path(ldb.__file__).parent
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+            assert not any(isinstance(t, ast.Attribute) and t.attr == "__class__" for t in targets), path
+            assert not (isinstance(node, ast.Constant) and node.value == "__class__"), path  # setattr(x, "__class__")
+
+    def never(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a single-device strategy was built for two devices")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ldb.DiffusionBlocksStrategy, "__init__", never)
+        trainer = L.Trainer(strategy="diffusionblocks", accelerator="cpu", devices=2, logger=False)
+    assert type(trainer.strategy) is ldb.DiffusionBlocksDDPStrategy
+    assert trainer._accelerator_connector.strategy is trainer.strategy
+    assert trainer.strategy.parallel_devices == [torch.device("cpu")] * 2
+    # any other strategy goes through Lightning's choice untouched
+    assert type(L.Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False).strategy) is DDPStrategy
+
+
+def test_several_devices_are_refused_where_the_class_cannot_be_chosen():
+    """A subclass (whose overrides the data-parallel class lacks) or a strategy already set up is never turned into
+    data parallel: several devices or nodes are refused, naming what works."""
+
+    class Custom(ldb.DiffusionBlocksStrategy):
+        pass
+
+    with pytest.raises(MisconfigurationException, match=r"Custom trains in one process.*DiffusionBlocksDDPStrategy\("):
+        L.Trainer(strategy=Custom(), accelerator="cpu", devices=2, logger=False)
+    strategy = ldb.DiffusionBlocksStrategy()
+    L.Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False).strategy.setup_environment()
+    with pytest.raises(MisconfigurationException, match="cannot change its devices once set up"):
+        strategy.parallel_devices = [torch.device("cpu")] * 2
+    with pytest.raises(MisconfigurationException, match="cannot change its devices once set up"):
+        strategy.num_nodes = 2
