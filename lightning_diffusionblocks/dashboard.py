@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import numpy as np
@@ -25,11 +25,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_diffusionblocks.memory import GroupMemory
+from lightning_diffusionblocks.partition import BlockwiseNetwork
 from lightning_diffusionblocks.records import is_plain, record_of
+from lightning_diffusionblocks.schedules import Schedule
 
-if TYPE_CHECKING:
-    from lightning_diffusionblocks.callbacks.memory_monitor import GroupMemory
-    from lightning_diffusionblocks.module import DiffusionBlocksModule
+if TYPE_CHECKING:  # annotations only
+    from lightning_diffusionblocks.tasks.base import Task
 
 MIB = 2**20
 
@@ -178,7 +180,34 @@ class GroupLossLog:
 
 
 # ---------------------------------------------------------------------- the run's configuration
-def run_config(module: DiffusionBlocksModule) -> dict[str, Any]:
+class DescribedModule(Protocol):
+    """What the configuration and the per-group table read of the module they describe. ``DiffusionBlocksModule``
+    has all of it; it is named here because the module imports this file, so this file imports no module."""
+
+    @property
+    def network(self) -> BlockwiseNetwork: ...
+    @property
+    def task(self) -> Task: ...
+    @property
+    def hparams(self) -> Mapping[str, Any]: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def blockwise(self) -> bool: ...
+    @property
+    def boundaries(self) -> Tensor: ...
+    @property
+    def ranges(self) -> Sequence[tuple[float, float]]: ...
+    @property
+    def group_steps(self) -> Tensor: ...
+    @property
+    def step_count(self) -> Tensor: ...
+    @property
+    def _schedule(self) -> Schedule | None: ...
+    def nominal_range(self, group: int) -> tuple[float, float]: ...
+
+
+def run_config(module: DescribedModule) -> dict[str, Any]:
     """The partition, σ ranges, schedule, task and network of ``module`` as plain data (for ``log_hyperparams``)."""
     network, task, hp = module.network, module.task, module.hparams
     per_group = [_count(network.group_parameters(g)) for g in range(module.num_blocks)]
@@ -218,7 +247,7 @@ def run_config(module: DiffusionBlocksModule) -> dict[str, Any]:
     }
 
 
-def log_run_config(trainer: pl.Trainer, module: DiffusionBlocksModule) -> None:
+def log_run_config(trainer: pl.Trainer, module: DescribedModule) -> None:
     """``run_config`` under the key ``diffusionblocks`` in every logger's hyper-parameters (wandb: the run config)."""
     if not trainer.loggers or not trainer.is_global_zero:
         return
@@ -239,11 +268,21 @@ def _plain_or_none(value: Any) -> Any:
 MEMORY_COLUMNS = ("params", "grads", "optimizer", "activations", "total")
 
 
+@runtime_checkable
+class GroupMemoryReport(Protocol):
+    """A callback that measures each group's training memory (``BlockMemoryMonitor`` is one). The per-group table
+    finds it among ``trainer.callbacks`` by this method, so the dashboard, below the callbacks, imports none."""
+
+    def group_memory(self) -> Mapping[str, GroupMemory]:
+        """Each group's peak figures over the fit, by row name (``"0"``, ``"1"``, …, or ``"all"`` end to end)."""
+        ...
+
+
 def group_table(
-    module: DiffusionBlocksModule, memory: Mapping[str, GroupMemory] | None = None
+    module: DescribedModule, memory: Mapping[str, GroupMemory] | None = None
 ) -> tuple[list[str], list[list[Any]]]:
     """One row per group (one row ``all`` for an end-to-end model): its layers, σ ranges, steps, parameters and,
-    when ``memory`` (``BlockMemoryMonitor.groups``) is given, its peak training memory in MiB."""
+    when ``memory`` (:meth:`GroupMemoryReport.group_memory`) is given, its peak training memory in MiB."""
     columns = ["group", "layers", "sigma_min", "sigma_max", "nominal_sigma_min", "nominal_sigma_max", "steps"]
     columns.append("parameters")
     rows: list[list[Any]] = []
@@ -271,15 +310,15 @@ def group_table(
     return columns, rows
 
 
-def log_group_summary(trainer: pl.Trainer, module: DiffusionBlocksModule) -> list[Path]:
-    """The per-group table (:func:`group_table`, with a ``BlockMemoryMonitor``'s peaks when one is attached) through
-    every logger under ``diffusionblocks/groups``; returns the files written."""
-    from lightning_diffusionblocks.callbacks.memory_monitor import BlockMemoryMonitor
-
+def log_group_summary(trainer: pl.Trainer, module: DescribedModule) -> list[Path]:
+    """The per-group table (:func:`group_table`, with the peaks of a :class:`GroupMemoryReport` callback such as
+    ``BlockMemoryMonitor`` when one is attached) through every logger under ``diffusionblocks/groups``; returns the
+    files written."""
     if not trainer.loggers or not trainer.is_global_zero:
         return []
-    monitor = next((cb for cb in trainer.callbacks if isinstance(cb, BlockMemoryMonitor)), None)  # type: ignore[attr-defined]
-    columns, rows = group_table(module, monitor.groups if monitor is not None else None)
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    report = next((cb for cb in callbacks if isinstance(cb, GroupMemoryReport)), None)
+    columns, rows = group_table(module, report.group_memory() if report is not None else None)
     return log_table(trainer, "diffusionblocks/groups", columns, rows)
 
 

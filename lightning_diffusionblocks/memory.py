@@ -1,7 +1,8 @@
 """Exact memory accounting: bytes of parameters, gradients, optimizer state and saved activations.
 
 These count what PyTorch holds, not what the allocator reserves, so they are exact and repeatable on
-any device; process-level peaks (RSS, CUDA) are read beside them.
+any device; process-level peaks (RSS, CUDA) are read beside them. :class:`GroupMemory` holds one group's figures:
+the memory monitor fills it and the dashboard's per-group table reads it, neither importing the other.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from types import TracebackType
 
 import torch
@@ -99,3 +101,23 @@ def peak_rss_bytes() -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if os.uname().sysname == "Darwin" else peak * 1024
+
+
+@dataclass
+class GroupMemory:
+    """Peak bytes seen while one group trained (end-to-end runs report one row, ``all``)."""
+
+    steps: int = 0
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    total: int = 0
+    peak_rss: int = 0
+    cuda_peak: int = 0
+
+    def update(self, other: GroupMemory) -> None:
+        self.steps += 1
+        for f in fields(self):
+            if f.name != "steps":
+                setattr(self, f.name, max(getattr(self, f.name), getattr(other, f.name)))

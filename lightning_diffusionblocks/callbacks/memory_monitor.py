@@ -6,7 +6,7 @@ show every group (each figure the largest any process measured: a process's peak
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_diffusionblocks.dashboard import is_logging_row, log_metrics
 from lightning_diffusionblocks.memory import (
+    GroupMemory,
     SavedTensorMeter,
     gradient_bytes,
     optimizer_bytes,
@@ -24,28 +25,11 @@ from lightning_diffusionblocks.memory import (
     peak_rss_bytes,
     reset_peak_rss,
 )
+from lightning_diffusionblocks.planning import GroupPlanning
+
+__all__ = ["BlockMemoryMonitor", "GroupMemory", "current_group", "group_names", "merge_across_processes"]
 
 MIB = 2**20
-
-
-@dataclass
-class GroupMemory:
-    """Peak bytes seen while one group trained (end-to-end runs report one row, ``all``)."""
-
-    steps: int = 0
-    params: int = 0
-    grads: int = 0
-    optimizer: int = 0
-    activations: int = 0
-    total: int = 0
-    peak_rss: int = 0
-    cuda_peak: int = 0
-
-    def update(self, other: GroupMemory) -> None:
-        self.steps += 1
-        for f in fields(self):
-            if f.name != "steps":
-                setattr(self, f.name, max(getattr(self, f.name), getattr(other, f.name)))
 
 
 def merge_across_processes(
@@ -76,8 +60,7 @@ def group_names(pl_module: pl.LightningModule) -> list[str]:
 
 
 def current_group(trainer: pl.Trainer) -> str:
-    from lightning_diffusionblocks.planning import GroupPlanning
-
+    """The row the current training step's figures belong to: the group the strategy trains now, else ``all``."""
     strategy = trainer.strategy
     if isinstance(strategy, GroupPlanning) and strategy.schedule is not None:
         return str(strategy.select_group(trainer.global_step))
@@ -179,6 +162,11 @@ class BlockMemoryMonitor(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._close_meter()
+
+    def group_memory(self) -> dict[str, GroupMemory]:
+        """Each group's peaks over all its steps (``groups``): what the module's per-group table shows
+        (:class:`~lightning_diffusionblocks.dashboard.GroupMemoryReport`)."""
+        return self.groups
 
     def table(self) -> str:
         """Per-group peaks as a fixed-width table (MiB)."""

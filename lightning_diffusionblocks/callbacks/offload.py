@@ -30,6 +30,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_diffusionblocks.dashboard import is_logging_row, log_metrics
+from lightning_diffusionblocks.module import DiffusionBlocksModule
+from lightning_diffusionblocks.planning import GroupPlanning
 
 Target = Literal["auto", "cpu", "disk"]
 
@@ -169,9 +171,6 @@ class BlockOffload(Callback):
     # ------------------------------------------------------------------ set-up
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_diffusionblocks.module import DiffusionBlocksModule
-        from lightning_diffusionblocks.planning import GroupPlanning
-
         if stage != "fit":
             return
         if pl_module is self._module and self.missing_groups():

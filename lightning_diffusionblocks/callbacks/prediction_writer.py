@@ -1,7 +1,7 @@
 """`PredictionWriter`: what ``trainer.predict`` returns, written to files a person can open.
 
 The callback knows no task: each batch's prediction is turned into a
-:class:`~lightning_diffusionblocks.tasks.base.Preview` by the task (:meth:`Task.prediction_preview`) and its parts
+:class:`~lightning_diffusionblocks.previews.Preview` by the task (:meth:`Task.prediction_preview`) and its parts
 are written: images as a PNG grid, a table (class probabilities, per-sequence language-model metrics) as CSV, token
 ids and text as a ``.txt`` file. The command line's ``predict`` adds one by default.
 """

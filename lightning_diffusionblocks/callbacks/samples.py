@@ -1,6 +1,6 @@
 """`SampleLogger`: what the model does now (samples, generated text, a confusion matrix), shown on every logger.
 
-The callback knows no task: it asks the module's task for a :class:`~lightning_diffusionblocks.tasks.base.Preview`
+The callback knows no task: it asks the module's task for a :class:`~lightning_diffusionblocks.previews.Preview`
 (:meth:`Task.preview`) and renders whichever parts it holds: images as a grid, token ids as decoded lines, a table,
 scalars as metrics.
 """
@@ -22,7 +22,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_diffusionblocks.dashboard import log_image, log_metrics, log_table, log_text, logging_step
-from lightning_diffusionblocks.tasks.base import Preview
+from lightning_diffusionblocks.module import DiffusionBlocksModule
+from lightning_diffusionblocks.previews import Preview
 from lightning_diffusionblocks.visualize import image_grid
 
 Decode = Callable[[list[int]], str]
@@ -83,8 +84,6 @@ class SampleLogger(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_diffusionblocks.module import DiffusionBlocksModule
-
         if not isinstance(pl_module, DiffusionBlocksModule):
             raise MisconfigurationException(
                 f"SampleLogger shows the preview of a DiffusionBlocksModule's task, got {type(pl_module).__name__}."
