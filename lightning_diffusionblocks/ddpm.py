@@ -145,8 +145,8 @@ class DDPMSchedule(NoiseLevels):
         """The smallest timestep k with P(K ≤ k) ≥ q, as float64."""
         q = torch.as_tensor(q, dtype=torch.float64)
         cumulative = torch.cumsum(self.probabilities(), 0).to(q.device)
-        k = torch.searchsorted(cumulative, q, right=False).clamp_(0, self.num_timesteps - 1)
-        return k.to(torch.float64)
+        k = torch.searchsorted(cumulative, q.reshape(-1), right=False).clamp_(0, self.num_timesteps - 1)
+        return k.to(torch.float64).reshape(q.shape)
 
     def mass(self, lo: float, hi: float) -> float:
         """Training probability of the timesteps inside [lo, hi]."""

@@ -215,7 +215,13 @@ def test_equiprobable_grid_against_the_reference_cdf() -> None:
     expected = [1 / (1 + math.exp(-NORMAL.inv_cdf(q_hi - k / 4 * (q_hi - q_lo)))) for k in range(steps)]
     expected[0], expected[-1] = 0.999, 1e-3
     assert flow.grid(steps, "equiprobable").tolist() == pytest.approx([*expected, 0.0], abs=1e-12)
-    assert DDPMSchedule(num_timesteps=10).sampling_grid(3).tolist() == [9.0, 4.0, 0.0, -1.0]  # −1: clean, ᾱ = 1
+    ddpm = DDPMSchedule(num_timesteps=10, timestep_weights=(2.0,) * 5 + (1.0,) * 5)
+    assert ddpm.sampling_grid(3).tolist() == [9.0, 4.0, 0.0, -1.0]  # −1: the clean data, ᾱ = 1
+    k = torch.arange(10, dtype=torch.float64)
+    assert ddpm.cdf(k).tolist() == pytest.approx([2 * (j + 1) / 15 if j < 5 else (j + 6) / 15 for j in range(10)])
+    assert torch.equal(ddpm.icdf(ddpm.cdf(k)), k)  # the discrete CDF and its quantile invert at every timestep
+    assert (float(ddpm.cdf(ddpm.level_min)), float(ddpm.icdf(0.5))) == (0.0, 3.0)
+    assert float(ddpm.cdf(4.5)) == pytest.approx(10 / 15, rel=1e-12)
 
 
 def test_append_dims_and_tasks_typed_against_the_interface() -> None:
