@@ -35,7 +35,7 @@ class LogUniformSigma(NoiseLevels):
 
     level_name = "sigma"
 
-    def __init__(self, a: float = 0.01, b: float = 10.0) -> None:
+    def __init__(self, a: float = 0.5, b: float = 2.0) -> None:
         self.a, self.b = a, b
 
     @property
@@ -101,7 +101,7 @@ CASES: dict[str, tuple[NoiseLevels, Callable[[float, float], float], float]] = {
         3 / 24 + 1e-12,  # whole timesteps: a group's share is within one timestep's weight of 1/B
     ),
     "masking": (MaskingSchedule(), lambda lo, hi: (hi - lo) / (1 - 1e-4), 2e-4),
-    "log_uniform": (LogUniformSigma(), lambda lo, hi: math.log(hi / lo) / math.log(1000.0), 1e-12),
+    "log_uniform": (LogUniformSigma(), lambda lo, hi: math.log(hi / lo) / math.log(4.0), 1e-12),
 }
 NAMES = list(CASES)
 
@@ -147,7 +147,7 @@ def test_overlap_widens_in_order_and_clamps(name: str) -> None:
             assert previous[1] <= hi <= noise.level_max
             assert (lo, hi) != previous or (lo, hi) == (noise.level_min, noise.level_max)
             previous = (lo, hi)
-        assert noise.group_range(b, g, 10.0) == (noise.level_min, noise.level_max)
+        assert noise.group_range(b, g, 100.0) == (noise.level_min, noise.level_max)
     with pytest.raises(ValueError, match=r"group must be in \[0, 3\), got 3"):
         noise.group_range(b, 3)
     with pytest.raises(ValueError, match="Overlap gamma must be >= 0"):
