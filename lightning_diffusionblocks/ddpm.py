@@ -5,9 +5,9 @@ timestep is more noise and group 0 (the first layers) owns the largest timesteps
 the quantiles of the training timestep distribution: uniform timesteps give each group an equal count.
 
 Levels are timesteps as floats and the B+1 ascending boundaries sit half-way between timesteps
-(−0.5, …, T − 0.5), so every timestep is owned by exactly one group. :class:`DDPMSchedule` offers the interface
-the module and the router use of :class:`~lightning_diffusionblocks.noise.NoiseSchedule` (``boundaries``,
-``group_range``, ``group_of``, ``sample``, ``sigma_min``/``sigma_max``, ``loss_weight``), in timesteps.
+(−0.5, …, T − 0.5), so every timestep is owned by exactly one group. :class:`DDPMSchedule` is a
+:class:`~lightning_diffusionblocks.levels.NoiseLevels` whose levels are timesteps; a sampler's walk ends at −1, the
+clean data (ᾱ = 1, diffusers' ``final_alpha_cumprod``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_diffusionblocks.noise import GroupRouting
+from lightning_diffusionblocks.levels import NoiseLevels
 
 BetaSchedule = Literal["linear", "cosine"]
 DDPMPrediction = Literal["epsilon", "v"]
@@ -59,7 +59,7 @@ def eps_and_x0(prediction: DDPMPrediction, out: Tensor, z: Tensor, alpha_bar: Te
 
 
 @dataclass(frozen=True)
-class DDPMSchedule(GroupRouting):
+class DDPMSchedule(NoiseLevels):
     """A β schedule over T discrete timesteps and the training distribution of those timesteps.
 
     Args:
@@ -91,13 +91,17 @@ class DDPMSchedule(GroupRouting):
                 )
             object.__setattr__(self, "timestep_weights", weights)
 
-    # the module reads the full range through these names: every timestep, with half-step margins
+    level_name = "timesteps"
+    level_end = -1.0
+    partitions = ("equiprobable", "linear")
+
+    # the full range: every timestep, with half-step margins
     @property
-    def sigma_min(self) -> float:
+    def level_min(self) -> float:
         return -0.5
 
     @property
-    def sigma_max(self) -> float:
+    def level_max(self) -> float:
         return self.num_timesteps - 0.5
 
     # --- the noise schedule --------------------------------------------------------------------
@@ -130,6 +134,20 @@ class DDPMSchedule(GroupRouting):
         """Per-sample weight: 1 (DDPM's simple loss), float32."""
         return torch.ones_like(timesteps, dtype=torch.float32)
 
+    def cdf(self, level: Tensor | float) -> Tensor:
+        """P(K ≤ level) of the training distribution of timesteps K, float64."""
+        level = torch.as_tensor(level, dtype=torch.float64)
+        cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.probabilities(), 0)])
+        count = (torch.floor(level) + 1).clamp(0, self.num_timesteps).long()  # timesteps 0 … ⌊level⌋
+        return cumulative.to(count.device)[count]
+
+    def icdf(self, q: Tensor | float) -> Tensor:
+        """The smallest timestep k with P(K ≤ k) ≥ q, as float64."""
+        q = torch.as_tensor(q, dtype=torch.float64)
+        cumulative = torch.cumsum(self.probabilities(), 0).to(q.device)
+        k = torch.searchsorted(cumulative, q.reshape(-1), right=False).clamp_(0, self.num_timesteps - 1)
+        return k.to(torch.float64).reshape(q.shape)
+
     def mass(self, lo: float, hi: float) -> float:
         """Training probability of the timesteps inside [lo, hi]."""
         k = torch.arange(self.num_timesteps, dtype=torch.float64)
@@ -143,12 +161,15 @@ class DDPMSchedule(GroupRouting):
         timesteps whose cumulative probability is ≤ b/B (uniform timesteps: equal counts, ±1 when B does not
         divide T); ``linear`` cuts at equal counts whatever the weights.
         """
+        if num_groups > self.num_timesteps:
+            raise ValueError(
+                f"num_groups={num_groups} exceeds the {self.num_timesteps} timesteps; every group needs one. Lower B."
+            )
+        return super().boundaries(num_groups, partition)
+
+    def cut(self, frac: Tensor, partition: str) -> Tensor:
+        """Group edges at half timesteps (see :meth:`boundaries`)."""
         t = self.num_timesteps
-        if num_groups < 1:
-            raise ValueError(f"num_groups must be >= 1, got {num_groups}.")
-        if num_groups > t:
-            raise ValueError(f"num_groups={num_groups} exceeds the {t} timesteps; every group needs one. Lower B.")
-        frac = torch.arange(num_groups + 1, dtype=torch.float64) / num_groups
         if partition == "equiprobable":
             cumulative = torch.cumsum(self.probabilities(), 0)
             edges = torch.searchsorted(cumulative, frac + 1e-12, right=True)
@@ -167,44 +188,22 @@ class DDPMSchedule(GroupRouting):
             )
         return edges.to(torch.float64) - 0.5
 
-    def group_range(self, boundaries: Tensor, group: int, gamma: float = 0.0) -> tuple[float, float]:
-        """(lo, hi) in timesteps trained by ``group`` (0 = the largest timesteps), widened by γ × its width in
-        timesteps on both sides (the space the training distribution and the partition live in), clamped to
-        [−0.5, T − 0.5]."""
-        num_groups = len(boundaries) - 1
-        if not 0 <= group < num_groups:
-            raise ValueError(f"group must be in [0, {num_groups}), got {group}.")
-        if gamma < 0:
-            raise ValueError(f"Overlap gamma must be >= 0, got {gamma}.")
-        lo = float(boundaries[num_groups - 1 - group])
-        hi = float(boundaries[num_groups - group])
-        pad = gamma * (hi - lo)
-        return max(lo - pad, self.sigma_min), min(hi + pad, self.sigma_max)
+    # widening: the base class's γ × the width in timesteps on both sides (the space the training distribution and
+    # the partition live in), clamped to [−0.5, T − 0.5]
 
     # --- drawing timesteps ----------------------------------------------------------------------------
-    def sample(
-        self,
-        n: int,
-        lo: float | None = None,
-        hi: float | None = None,
-        generator: torch.Generator | None = None,
-        device: torch.device | str = "cpu",
-    ) -> Tensor:
-        """Draw n timesteps k with lo ≤ k ≤ hi from the training distribution restricted there, by inverse CDF
-        (no rejection loop); integer values in a float32 tensor."""
-        lo = self.sigma_min if lo is None else lo
-        hi = self.sigma_max if hi is None else hi
+    def draw(self, n: int, lo: float, hi: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        """n timesteps k with lo ≤ k ≤ hi from the training distribution restricted there, by inverse CDF (no
+        rejection loop); integer values (float32 once :meth:`sample` returns them)."""
         k_lo, k_hi = max(math.ceil(lo), 0), min(math.floor(hi), self.num_timesteps - 1)
         cumulative = torch.cumsum(self.probabilities(), 0)
         q_lo = float(cumulative[k_lo - 1]) if k_lo > 0 else 0.0
         q_hi = float(cumulative[k_hi]) if k_hi >= k_lo else q_lo
         if not q_hi > q_lo:
             raise ValueError(f"No timestep with training probability lies in [{lo}, {hi}].")
-        dev = generator.device if generator is not None else torch.device(device)
-        u = torch.rand(n, dtype=torch.float64, generator=generator, device=dev)
+        u = torch.rand(n, dtype=torch.float64, generator=generator, device=device)
         q = q_lo + u * (q_hi - q_lo)
-        k = torch.searchsorted(cumulative.to(dev), q, right=True).clamp_(k_lo, k_hi)
-        return k.to(device=device, dtype=torch.float32)
+        return torch.searchsorted(cumulative.to(device), q, right=True).clamp_(k_lo, k_hi)
 
     def grid(self, steps: int) -> Tensor:
         """Descending timesteps T − 1 = k_0 > … > k_{steps−1} = 0 where DDIM calls the network (evenly spaced,
@@ -215,6 +214,10 @@ class DDPMSchedule(GroupRouting):
         if steps == 1:
             return torch.tensor([t - 1])
         return torch.round(torch.linspace(t - 1, 0, steps, dtype=torch.float64)).long()
+
+    def sampling_grid(self, steps: int) -> Tensor:
+        """:meth:`grid` as float64, then −1 (the clean data, ᾱ = 1)."""
+        return torch.cat([self.grid(steps).to(torch.float64), torch.tensor([self.level_end], dtype=torch.float64)])
 
 
 DDPM_LINEAR = DDPMSchedule()

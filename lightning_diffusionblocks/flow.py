@@ -7,9 +7,7 @@ unchanged: boundaries t_b = sigmoid(m + s·Φ⁻¹(b/B)) (m=0, s=1, B=3 → 0.39
 → t = 0.152, 0.336, i.e. σ = 0.1796, 0.5050). A resolution shift α (t' = αt/(1 + (α − 1)t), i.e. σ' = ασ) is
 m → m + ln α. Group 0 (the first layers) owns the highest t, the most noise, as it owns the highest σ in EDM.
 
-:class:`FlowSchedule` offers the interface the module and the router use of
-:class:`~lightning_diffusionblocks.noise.NoiseSchedule` (``boundaries``, ``group_range``, ``group_of``,
-``sample``, ``sigma_min``/``sigma_max``, ``loss_weight``), with t in place of σ.
+:class:`FlowSchedule` is a :class:`~lightning_diffusionblocks.levels.NoiseLevels` whose levels are t.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_diffusionblocks.noise import GroupRouting
+from lightning_diffusionblocks.levels import NoiseLevels
 
 TimeDistribution = Literal["logit_normal", "uniform"]
 Prediction = Literal["velocity", "x0", "epsilon"]
@@ -68,7 +66,7 @@ def velocity_of(prediction: Prediction, out: Tensor, z: Tensor, t: Tensor) -> Te
 
 
 @dataclass(frozen=True)
-class FlowSchedule(GroupRouting):
+class FlowSchedule(NoiseLevels):
     """Training distribution of the flow time t and its DiffusionBlocks partition.
 
     Args:
@@ -98,13 +96,14 @@ class FlowSchedule(GroupRouting):
         if self.shift <= 0:
             raise ValueError(f"The shift alpha must be positive (1 = no shift), got {self.shift}.")
 
-    # the module reads the full range through these names
+    level_name = "t"
+
     @property
-    def sigma_min(self) -> float:
+    def level_min(self) -> float:
         return self.t_min
 
     @property
-    def sigma_max(self) -> float:
+    def level_max(self) -> float:
         return self.t_max
 
     # --- the distribution of t ------------------------------------------------------------------
@@ -127,86 +126,38 @@ class FlowSchedule(GroupRouting):
         """Per-sample weight of the flow-matching loss: 1 (the plain MSE of rectified flow), float32."""
         return torch.ones_like(t, dtype=torch.float32)
 
-    def mass(self, lo: float, hi: float) -> float:
-        """Probability mass of the truncated distribution inside [lo, hi]."""
-        total = self.cdf(self.t_max) - self.cdf(self.t_min)
-        return float((self.cdf(hi) - self.cdf(lo)) / total)
-
     # --- partition --------------------------------------------------------------------------------
-    def boundaries(self, num_groups: int, partition: str = "equiprobable") -> Tensor:
-        """B+1 ascending t values; interval [t_i, t_{i+1}] is owned by group B−1−i (group 0: the highest t).
+    def cut_other(self, frac: Tensor, partition: str) -> Tensor:
+        """``uniform_log``: equal steps of logit t = ln σ (``equiprobable``: t_b = sigmoid(m + ln α + s·Φ⁻¹(b/B)) up to
+        the truncation; ``linear``: equal steps of t)."""
+        if partition != "uniform_log":
+            raise self.unknown_partition(partition)
+        lo, hi = _logit(self.t_min), _logit(self.t_max)
+        if not math.isfinite(hi - lo):
+            raise ValueError("partition='uniform_log' needs 0 < t_min and t_max < 1 (logit t must be finite).")
+        return torch.sigmoid(lo + frac * (hi - lo))
 
-        ``equiprobable`` cuts at equal steps of the truncated CDF, t_b = sigmoid(m + ln α + s·Φ⁻¹(b/B)) up to the
-        truncation; ``uniform_log`` at equal steps of logit t = ln σ; ``linear`` at equal steps of t.
-        """
-        if num_groups < 1:
-            raise ValueError(f"num_groups must be >= 1, got {num_groups}.")
-        frac = torch.arange(num_groups + 1, dtype=torch.float64) / num_groups
-        if partition == "equiprobable":
-            q_lo, q_hi = self.cdf(self.t_min), self.cdf(self.t_max)
-            out = self.icdf(q_lo + frac * (q_hi - q_lo))
-        elif partition == "uniform_log":
-            lo, hi = _logit(self.t_min), _logit(self.t_max)
-            if not math.isfinite(hi - lo):
-                raise ValueError("partition='uniform_log' needs 0 < t_min and t_max < 1 (logit t must be finite).")
-            out = torch.sigmoid(lo + frac * (hi - lo))
-        elif partition == "linear":
-            out = self.t_min + frac * (self.t_max - self.t_min)
-        else:
-            raise ValueError(f"Unknown partition {partition!r}; use 'equiprobable', 'uniform_log' or 'linear'.")
-        out[0], out[-1] = self.t_min, self.t_max  # exact ends, no round-off
-        return out
-
-    def group_range(self, boundaries: Tensor, group: int, gamma: float = 0.0) -> tuple[float, float]:
-        """(t_lo, t_hi) trained by ``group`` (0 = first layers = highest t), widened by overlap γ.
-
-        The overlap is applied in logit(t) = ln σ, the space the paper defines it in for EDM (App. C): each end
-        moves out by γ × the group's width in logit t, then the range is clamped to [t_min, t_max]. A
+    def widen(self, lo: float, hi: float, gamma: float) -> tuple[float, float]:
+        """The overlap is applied in logit(t) = ln σ, the space the paper defines it in for EDM (App. C): each end
+        moves out by γ × the group's width in logit t (then :meth:`group_range` clamps to [t_min, t_max]). A
         FlowMatching group therefore trains on exactly the relative noise levels the EDM group with
         P_mean = m, P_std = s trains on. (A linear widening in t, as one peer does, would give the narrow middle
         groups almost no overlap and the wide outer ones a lot.)
         """
-        num_groups = len(boundaries) - 1
-        if not 0 <= group < num_groups:
-            raise ValueError(f"group must be in [0, {num_groups}), got {group}.")
-        if gamma < 0:
-            raise ValueError(f"Overlap gamma must be >= 0, got {gamma}.")
-        lo = float(boundaries[num_groups - 1 - group])
-        hi = float(boundaries[num_groups - group])
         if gamma == 0:
             return lo, hi
         width = _logit(hi) - _logit(lo)
         if not math.isfinite(width):
             raise ValueError(
-                f"Group {group} spans [{lo}, {hi}], infinitely wide in logit t, so the overlap gamma={gamma} (measured"
-                " in logit t = ln sigma) has no size. Give the FlowSchedule 0 < t_min and t_max < 1 (the defaults"
-                " 1e-3 and 1 - 1e-3), or use gamma=0."
+                f"The group spanning [{lo}, {hi}] is infinitely wide in logit t, so the overlap gamma={gamma}"
+                " (measured in logit t = ln sigma) has no size. Give the FlowSchedule 0 < t_min and t_max < 1 (the"
+                " defaults 1e-3 and 1 - 1e-3), or use gamma=0."
             )
         lo_w = torch.sigmoid(torch.tensor(_logit(lo) - gamma * width, dtype=torch.float64)).item()
         hi_w = torch.sigmoid(torch.tensor(_logit(hi) + gamma * width, dtype=torch.float64)).item()
-        return max(lo_w, self.t_min), min(hi_w, self.t_max)
+        return lo_w, hi_w
 
-    # --- drawing t --------------------------------------------------------------------------------
-    def sample(
-        self,
-        n: int,
-        lo: float | None = None,
-        hi: float | None = None,
-        generator: torch.Generator | None = None,
-        device: torch.device | str = "cpu",
-    ) -> Tensor:
-        """Draw n times from the distribution truncated to [lo, hi] by inverse CDF (exact, no rejection loop);
-        float32."""
-        lo = self.t_min if lo is None else lo
-        hi = self.t_max if hi is None else hi
-        if not lo < hi:
-            raise ValueError(f"Need lo < hi to sample t, got [{lo}, {hi}].")
-        dev = generator.device if generator is not None else torch.device(device)
-        q_lo, q_hi = self.cdf(lo).to(dev), self.cdf(hi).to(dev)
-        u = torch.rand(n, dtype=torch.float64, generator=generator, device=dev)
-        t = self.icdf(q_lo + u * (q_hi - q_lo)).clamp_(lo, hi)
-        return t.to(device=device, dtype=torch.float32)
-
+    # --- the sampling grid ------------------------------------------------------------------------
     def grid(self, steps: int, spacing: Grid = "uniform") -> Tensor:
         """Descending times t_0 = t_max > … > t_{steps−1} ≥ t_min where the sampler calls the network, then 0.
 
@@ -215,20 +166,19 @@ class FlowSchedule(GroupRouting):
         """
         if steps < 1:
             raise ValueError(f"Sampling needs at least 1 step, got steps={steps}.")
-        frac = 1 - torch.arange(steps, dtype=torch.float64) / steps  # 1, …, 1/steps
         if spacing == "uniform":
-            points = shift_time(frac, self.shift) * self.t_max
+            frac = 1 - torch.arange(steps, dtype=torch.float64) / steps  # 1, …, 1/steps
+            points = (shift_time(frac, self.shift) * self.t_max).clamp(self.t_min, self.t_max)
+            points[0] = self.t_max
         elif spacing == "equiprobable":
-            q_lo, q_hi = self.cdf(self.t_min), self.cdf(self.t_max)
-            down = torch.arange(steps - 1, -1, -1, dtype=torch.float64) / max(steps - 1, 1)  # 1, …, 0
-            points = self.icdf(q_lo + down * (q_hi - q_lo))
+            points = self.equiprobable_grid(steps)
         else:
             raise ValueError(f"Unknown grid spacing {spacing!r}; use 'uniform' or 'equiprobable'.")
-        points = points.clamp(self.t_min, self.t_max)
-        if spacing == "equiprobable" and steps > 1:
-            points[-1] = self.t_min  # exact end: the CDF's tail loses digits
-        points[0] = self.t_max
         return torch.cat([points, torch.zeros(1, dtype=torch.float64)])
+
+    def sampling_grid(self, steps: int) -> Tensor:
+        """:meth:`grid` with its default ``uniform`` spacing: ``steps`` times from t_max, then 0."""
+        return self.grid(steps)
 
 
 def _logit(t: float) -> float:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from lightning_diffusionblocks.levels import append_dims
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
 from lightning_diffusionblocks.sampling import check_integer, euler_step
@@ -43,6 +44,7 @@ class AutoregressiveLM(Task):
 
     def __init__(self, vocab_size: int, noise: NoiseSchedule = EDM, weighting: Weighting = "per_sample") -> None:
         super().__init__(noise)
+        self.noise: NoiseSchedule = noise
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
         if weighting not in ("per_sample", "batch_mean", "none"):
@@ -61,7 +63,7 @@ class AutoregressiveLM(Task):
         tokens = token_batch(batch, self.vocab_size)
         targets = run(mode="embeddings")[tokens]
         eps = torch.randn(targets.shape, generator=generator, device=generator.device).to(targets)
-        z = targets + sigma.view(-1, 1, 1).to(targets) * eps
+        z = targets + append_dims(sigma, targets.ndim).to(targets) * eps
         logits = run(tokens, z, level=sigma, sigma_data=self.noise.sigma_data)
         ce = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none").mean(1)
         if self.weighting == "per_sample":
@@ -85,7 +87,7 @@ class AutoregressiveLM(Task):
         check_integer(seed, "seed", "generate")
         if steps < 1:
             raise ValueError(f"Generation needs at least 1 diffusion step per token, got steps={steps}.")
-        sigmas = self.noise.inference_sigmas(steps).tolist()
+        sigmas = self.noise.equiprobable_grid(steps).tolist()
         gen = torch.Generator(device="cpu").manual_seed(seed)
         device = router.device
         z = (torch.randn(shape, generator=gen) * sigmas[0]).to(device)

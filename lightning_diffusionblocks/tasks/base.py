@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_diffusionblocks.noise import EDM, NoiseSchedule
+from lightning_diffusionblocks.levels import NoiseLevels
+from lightning_diffusionblocks.noise import EDM
 from lightning_diffusionblocks.previews import Preview
 from lightning_diffusionblocks.records import RecordsInitArgs
 from lightning_diffusionblocks.routing import Router, Runner
@@ -35,8 +36,9 @@ class Task(RecordsInitArgs, ABC):
     #: (``diffusionblocks_outputs``) and returns something else is refused when bound (:meth:`check_network_outputs`)
     reads: str = ""
 
-    def __init__(self, noise: NoiseSchedule = EDM) -> None:
-        self.noise = noise
+    def __init__(self, noise: NoiseLevels = EDM) -> None:
+        #: the task's noise levels (σ, t, timesteps): what the module partitions, draws and routes
+        self.noise: NoiseLevels = noise
 
     # ------------------------------------------------------------------ conventions
     def bind(self, net: nn.Module) -> None:  # noqa: B027 - optional hook
@@ -48,7 +50,7 @@ class Task(RecordsInitArgs, ABC):
         declared = getattr(net, "diffusionblocks_outputs", None)
         if not (isinstance(declared, str) and self.reads) or declared == self.reads:
             return
-        readers = sorted({task.__name__ for task in _subclasses(Task) if task.reads == declared})  # type: ignore[type-abstract]
+        readers = sorted({task.__name__ for task in _task_classes() if task.reads == declared})
         call = getattr(self, "expected_call", "")
         how = f": {call}." if call else "."
         fix = f"Train it with {' or '.join(readers)}" if readers else f"Pair it with a task that reads {declared}"
@@ -129,10 +131,14 @@ class Task(RecordsInitArgs, ABC):
         return TypeError(f"{call}() is not offered by the {type(self).__name__} task (it offers: {offered}).")
 
 
-def _subclasses(cls: type[Task]) -> list[type[Task]]:
+def _task_classes() -> list[type[Task]]:
+    """Every subclass of :class:`Task`, however deep."""
     found: list[type[Task]] = []
-    for sub in cls.__subclasses__():
-        found += [sub, *_subclasses(sub)]
+    todo = Task.__subclasses__()
+    while todo:
+        sub = todo.pop()
+        found.append(sub)
+        todo += sub.__subclasses__()
     return found
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from lightning_diffusionblocks.levels import append_dims
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
 from lightning_diffusionblocks.sampling import check_integer, euler_step
@@ -43,6 +44,7 @@ class Classification(Task):
         weighting: Literal["per_sample", "batch_mean", "none"] = "per_sample",
     ) -> None:
         super().__init__(noise)
+        self.noise: NoiseSchedule = noise
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
         if weighting not in ("per_sample", "batch_mean", "none"):
@@ -75,7 +77,7 @@ class Classification(Task):
         inputs, labels = self.split(batch)
         targets = run(mode="embeddings")[labels]
         eps = torch.randn(targets.shape, generator=generator, device=generator.device).to(targets)
-        z = targets + sigma.view(-1, 1).to(targets) * eps
+        z = targets + append_dims(sigma, targets.ndim).to(targets) * eps
         logits = run(inputs, z, sigma, sigma_data=self.noise.sigma_data)
         ce = F.cross_entropy(logits.float(), labels, reduction="none")
         if self.weighting == "per_sample":
@@ -124,7 +126,7 @@ class Classification(Task):
         check_integer(seed, "seed", "predict_proba")
         if steps < 1:
             raise ValueError(f"Prediction needs at least 1 inference step, got steps={steps}.")
-        sigmas = self.noise.inference_sigmas(steps).tolist()
+        sigmas = self.noise.equiprobable_grid(steps).tolist()
         n = inputs.shape[0]
         embeddings = router.at(sigmas[0])(mode="embeddings")
         gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_diffusionblocks.ddpm import DDPM_LINEAR, DDPMPrediction, DDPMSchedule, ddpm_target, eps_and_x0
+from lightning_diffusionblocks.levels import append_dims
 from lightning_diffusionblocks.routing import Router, Runner
 from lightning_diffusionblocks.sampling import classifier_free_guidance, ddim_step
 from lightning_diffusionblocks.tasks.image_generation import ImageGeneration
@@ -64,9 +65,8 @@ class DDPM(ImageGeneration):
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM), got {eta}.")
         if isinstance(loss_bins, bool) or not isinstance(loss_bins, int) or not 0 <= loss_bins <= noise.num_timesteps:
             raise ValueError(f"loss_bins must be an integer in [0, {noise.num_timesteps}], got {loss_bins!r}.")
-        # a DDPMSchedule answers what a task asks of its noise levels (duck-typed like NoiseSchedule), in timesteps
-        super().__init__(label_dropout=label_dropout, noise=noise, null_label=null_label)  # type: ignore[arg-type]
-        self.noise: DDPMSchedule = noise  # type: ignore[assignment]
+        super().__init__(label_dropout=label_dropout, noise=noise, null_label=null_label)
+        self.noise: DDPMSchedule = noise  # levels are timesteps
         self.prediction = prediction
         self.eta = eta
         self.loss_bins = loss_bins
@@ -78,15 +78,14 @@ class DDPM(ImageGeneration):
 
     def denoise(self, run: Runner, z: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         """The clean-image estimate x̂₀ at timesteps k (passed as ``sigma``, the module's name for a level)."""
-        alpha_bar = self.noise.alpha_bar(sigma).float().view((-1,) + (1,) * (z.ndim - 1))
+        alpha_bar = append_dims(self.noise.alpha_bar(sigma).float(), z.ndim)
         return eps_and_x0(self.prediction, self.predict(run, z, sigma, labels), z.float(), alpha_bar)[1]
 
     def per_sample_loss(
         self, run: Runner, images: Tensor, labels: Tensor | None, timesteps: Tensor, eps: Tensor
     ) -> Tensor:
         """w(k)·mean((output − target)²) per sample at timesteps k (N,) with noise ε."""
-        shape = (-1,) + (1,) * (images.ndim - 1)
-        alpha_bar = self.noise.alpha_bar(timesteps).float().view(shape)
+        alpha_bar = append_dims(self.noise.alpha_bar(timesteps).float(), images.ndim)
         z = (alpha_bar.sqrt() * images.float() + (1 - alpha_bar).sqrt() * eps.float()).to(images.dtype)
         out = self.predict(run, z, timesteps, labels)
         target = ddpm_target(self.prediction, images.float(), eps.float(), alpha_bar)

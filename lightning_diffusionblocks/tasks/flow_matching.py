@@ -25,6 +25,7 @@ from lightning_diffusionblocks.flow import (
     interpolate,
     velocity_of,
 )
+from lightning_diffusionblocks.levels import append_dims
 from lightning_diffusionblocks.routing import Router, Runner
 from lightning_diffusionblocks.sampling import classifier_free_guidance, flow_sample
 from lightning_diffusionblocks.tasks.image_generation import ImageGeneration
@@ -83,9 +84,8 @@ class FlowMatching(ImageGeneration):
             raise ValueError(f"time_scale must be positive, got {time_scale}.")
         if isinstance(loss_bins, bool) or not isinstance(loss_bins, int) or loss_bins < 0:
             raise ValueError(f"loss_bins must be a non-negative integer, got {loss_bins!r}.")
-        # a FlowSchedule answers what a task asks of its noise levels (duck-typed like NoiseSchedule), in t
-        super().__init__(label_dropout=label_dropout, noise=noise, null_label=null_label)  # type: ignore[arg-type]
-        self.noise: FlowSchedule = noise  # type: ignore[assignment]
+        super().__init__(label_dropout=label_dropout, noise=noise, null_label=null_label)
+        self.noise: FlowSchedule = noise  # levels are t
         self.prediction = prediction
         self.time_scale = time_scale
         self.reverse_time = reverse_time
@@ -105,18 +105,15 @@ class FlowMatching(ImageGeneration):
 
     def velocity(self, run: Runner, z: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         """dz/dt at (z, t) from the network's prediction (see :func:`~lightning_diffusionblocks.flow.velocity_of`)."""
-        shape = (-1,) + (1,) * (z.ndim - 1)
-        return velocity_of(self.prediction, self.predict(run, z, t, labels), z.float(), t.float().view(shape))
+        return velocity_of(self.prediction, self.predict(run, z, t, labels), z.float(), append_dims(t.float(), z.ndim))
 
     def denoise(self, run: Runner, z: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         """The clean-image estimate at time t (passed as ``sigma``, the module's name for a level): x̂ = z − t·v."""
-        shape = (-1,) + (1,) * (z.ndim - 1)
-        return z.float() - sigma.float().view(shape) * self.velocity(run, z, sigma, labels)
+        return z.float() - append_dims(sigma.float(), z.ndim) * self.velocity(run, z, sigma, labels)
 
     def per_sample_loss(self, run: Runner, images: Tensor, labels: Tensor | None, t: Tensor, eps: Tensor) -> Tensor:
         """w(t)·mean((output − target)²) per sample at times t (N,) with noise ε."""
-        shape = (-1,) + (1,) * (images.ndim - 1)
-        z = interpolate(images, eps, t.view(shape).to(images))
+        z = interpolate(images, eps, append_dims(t, images.ndim).to(images))
         out = self.predict(run, z, t, labels)
         target = flow_target(self.prediction, images.float(), eps.float())
         return self.noise.loss_weight(t) * (out - target).pow(2).flatten(1).mean(1)
@@ -135,7 +132,7 @@ class FlowMatching(ImageGeneration):
         bins = []
         for k in range(self.loss_bins):
             lo, hi = k / self.loss_bins, (k + 1) / self.loss_bins
-            inside = max(lo, self.noise.t_min), min(hi, self.noise.t_max)
+            inside = max(lo, self.noise.level_min), min(hi, self.noise.level_max)
             if inside[0] < inside[1]:  # else a bin outside the trained range of t
                 bins.append((f"loss_t_{lo:g}-{hi:g}", *inside))
         return self.binned_losses(router, batch, batch_idx, bins)

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_diffusionblocks.levels import NoiseLevels, append_dims
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
 from lightning_diffusionblocks.sampling import (
@@ -182,7 +183,7 @@ class ImageGeneration(Task):
     #: how this task calls the network, quoted when the network's signature cannot be served
     expected_call = EXPECTED_CALL
 
-    def __init__(self, label_dropout: float = 0.1, noise: NoiseSchedule = EDM, null_label: int | None = None) -> None:
+    def __init__(self, label_dropout: float = 0.1, noise: NoiseLevels = EDM, null_label: int | None = None) -> None:
         super().__init__(noise)
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}.")
@@ -315,7 +316,7 @@ class ImageGeneration(Task):
         images, labels = self.split(batch)
         gen = torch.Generator(device=images.device).manual_seed(10_007 + batch_idx)
         eps = torch.randn(images.shape, generator=gen, device=images.device).to(images)
-        per_sample_loss = self.per_sample_loss  # type: ignore[attr-defined]  # the formulations that bin define it
+        per_sample_loss = self.per_sample_loss
         metrics = {}
         for name, lo, hi in bins:
             levels = self.noise.sample(images.shape[0], lo, hi, generator=gen, device=images.device)
@@ -328,22 +329,34 @@ class ImageGeneration(Task):
         return metrics
 
     # ------------------------------------------------------------------ formulas
+    @property
+    def edm(self) -> NoiseSchedule:
+        """The EDM schedule this task's denoiser reads (σ_data, preconditioning); other levels are refused."""
+        if not isinstance(self.noise, NoiseSchedule):
+            raise TypeError(
+                f"{type(self).__name__}'s EDM denoiser needs an EDM NoiseSchedule, got {type(self.noise).__name__}."
+                " Use FlowMatching for a FlowSchedule and DDPM for a DDPMSchedule."
+            )
+        return self.noise
+
     def denoise(self, run: Runner, z: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         """EDM denoiser D(z; σ) = c_skip·z + c_out·F(c_in·z, c_noise, labels), in float32."""
-        c_skip, c_out, c_in, c_noise = self.noise.precondition(sigma.float())
-        shape = (-1,) + (1,) * (z.ndim - 1)
-        out = self.convention.call(run, (c_in.view(shape) * z).to(z.dtype), c_noise, labels)
-        return c_skip.view(shape) * z.float() + c_out.view(shape) * out.float()
+        c_skip, c_out, c_in, c_noise = self.edm.precondition(sigma.float())
+        out = self.convention.call(run, (append_dims(c_in, z.ndim) * z).to(z.dtype), c_noise, labels)
+        return append_dims(c_skip, z.ndim) * z.float() + append_dims(c_out, z.ndim) * out.float()
+
+    def per_sample_loss(self, run: Runner, images: Tensor, labels: Tensor | None, sigma: Tensor, eps: Tensor) -> Tensor:
+        """w(σ)·mean((D(x + σε; σ) − x)²) per sample at levels σ (N,) with noise ε."""
+        z = images + append_dims(sigma, images.ndim).to(images) * eps
+        denoised = self.denoise(run, z, sigma, labels)
+        per_sample = (denoised - images.float()).pow(2).flatten(1).mean(1)
+        return self.noise.loss_weight(sigma) * per_sample
 
     def loss(self, run: Runner, batch: Any, sigma: Tensor, generator: torch.Generator) -> Tensor:
         images, labels = self.split(batch)
         labels = self.drop_labels(labels, generator)
         eps = torch.randn(images.shape, generator=generator, device=generator.device).to(images)
-        shape = (-1,) + (1,) * (images.ndim - 1)
-        z = images + sigma.view(shape).to(images) * eps
-        denoised = self.denoise(run, z, sigma, labels)
-        per_sample = (denoised - images.float()).pow(2).flatten(1).mean(1)
-        return self.noise.loss_weight(sigma) * per_sample
+        return self.per_sample_loss(run, images, labels, sigma, eps)
 
     def drop_labels(self, labels: Tensor | None, generator: torch.Generator) -> Tensor | None:
         """Training labels with a share ``label_dropout`` replaced by the null label (for guidance)."""
@@ -383,7 +396,7 @@ class ImageGeneration(Task):
             router, labels, num_samples, guidance, shape, steps=steps, clip=clip, seed=seed
         )
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        sigmas = self.noise.inference_sigmas(steps)
+        sigmas = self.noise.equiprobable_grid(steps)
         z = (torch.randn((num_samples, *shape), generator=gen) * sigmas[0].item()).to(router.device)
 
         def denoise(z: Tensor, sigma_vec: Tensor, sigma: float) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from lightning_diffusionblocks.levels import append_dims
 from lightning_diffusionblocks.masking import LINEAR_MASKING, MaskingSchedule
 from lightning_diffusionblocks.routing import Router, Runner
 from lightning_diffusionblocks.sampling import check_integer
@@ -59,8 +60,8 @@ class MaskedLM(Task):
     progress_metrics = ("bits_per_token",)
 
     def __init__(self, vocab_size: int, noise: MaskingSchedule = LINEAR_MASKING) -> None:
-        super().__init__(noise)  # type: ignore[arg-type]
-        self.noise: MaskingSchedule = noise  # type: ignore[assignment]  # masking times, duck-typed like NoiseSchedule
+        super().__init__(noise)
+        self.noise: MaskingSchedule = noise
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
         self.vocab_size = vocab_size
@@ -80,7 +81,7 @@ class MaskedLM(Task):
     def corrupt(self, tokens: Tensor, t: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(noisy tokens, mask): each token masked independently with probability t of its sequence."""
         u = torch.rand(tokens.shape, generator=generator, device=generator.device).to(tokens.device)
-        masked = u < t.view(-1, 1).to(u)
+        masked = u < append_dims(t, u.ndim).to(u)
         return torch.where(masked, torch.full_like(tokens, self.mask_id), tokens), masked
 
     def elbo_terms(self, run: Runner, tokens: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
@@ -105,7 +106,7 @@ class MaskedLM(Task):
         tokens = token_batch(batch, self.vocab_size)
         n = tokens.shape[0]
         gen = torch.Generator(device=tokens.device).manual_seed(seed)
-        lo = self.noise.sigma_min
+        lo = self.noise.level_min
         total = torch.zeros(n, device=tokens.device)
         for k in range(samples):
             u = torch.rand(n, generator=gen, device=tokens.device)
