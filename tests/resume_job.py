@@ -38,7 +38,7 @@ class Trace(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
         if trainer.is_global_zero:
             with self.path.open("a") as f:
-                micro = getattr(pl_module, "_micro", 0)
+                micro = pl_module.optimisation.micro
                 print(
                     trainer.global_step, micro, trainer.current_epoch, pl_module.group_at(), batch[1].tolist(), file=f
                 )
@@ -54,7 +54,7 @@ class KillAt(Callback):
         self.step, self.micro = step, micro
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
-        if trainer.global_step == self.step and getattr(pl_module, "_micro", 0) == self.micro:
+        if trainer.global_step == self.step and pl_module.optimisation.micro == self.micro:
             os.kill(os.getpid(), signal.SIGKILL)
 
 

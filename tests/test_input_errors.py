@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_diffusionblocks as ldb
-from lightning_diffusionblocks import module as module_file
+from lightning_diffusionblocks import checks
 from lightning_diffusionblocks.models import ConditioningAdapter
 from tests.conftest import tiny_dit, trainer_kwargs
 
@@ -175,7 +175,7 @@ def test_an_empty_training_loader_is_an_error_and_end_to_end_says_so(tmp_path, m
     """Before: Lightning's warning and a fit of 0 steps. The end-to-end baseline (strategy="auto") says in its log
     that it trains every group on the full noise range."""
     said: list[str] = []
-    monkeypatch.setattr(module_file, "rank_zero_info", said.append)
+    monkeypatch.setattr(checks, "rank_zero_info", said.append)
     images, labels = batch()
     with pytest.raises(MisconfigurationException, match=r"training dataloader has no batches.*batch_size"):
         fit(tiny_dit(depth=2), ldb.tasks.ImageGeneration(), images[:0], labels[:0], tmp_path, strategy="auto")

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("noise formulations and samplers", {"levels", "noise", "flow", "ddpm", "masking", "sampling"}),
     ("networks, data and tasks", {"models", "data", "tasks"}),
     ("what a run shows on its loggers", {"dashboard"}),
-    ("the LightningModule", {"module"}),
+    ("the LightningModule", {"optimisation", "checkpoint_record", "checks", "module"}),
     ("strategies and checkpoint tools", {"planning", "strategy", "data_parallel", "block_parallel", "merge"}),
     ("callbacks", {"callbacks"}),
     ("entry points", {"cli", "__main__", ""}),
@@ -31,9 +31,12 @@ LAYERS: list[tuple[str, set[str]]] = [
 
 #: parts that work with any task, network and data set (through the module and ``Task``) and so import none of
 #: them, although they sit below; ``(importer, imported)`` pairs in ``ALLOWED`` are the interfaces they use
-KNOWS_NO_TASK = ("dashboard", "module", "planning", "strategy", "data_parallel", "block_parallel", "callbacks")
+KNOWS_NO_TASK = (
+    "dashboard", "optimisation", "checkpoint_record", "checks", "module", "planning", "strategy", "data_parallel",
+    "block_parallel", "callbacks",
+)  # fmt: skip
 TASKS_NETWORKS_DATA = ("tasks", "models", "data")
-ALLOWED = {("module", "tasks.base")}
+ALLOWED = {("module", "tasks.base"), ("checkpoint_record", "tasks.base"), ("checks", "tasks.base")}
 
 
 def modules(root: Path = ROOT) -> dict[str, tuple[Path, bool]]:
