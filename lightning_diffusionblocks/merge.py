@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,29 +21,29 @@ from typing import Any
 import torch
 
 from lightning_diffusionblocks.checkpoints import CheckpointLoadError, read_checkpoint, unsafe_file_message
+from lightning_diffusionblocks.files import atomic_write
+from lightning_diffusionblocks.partition import Partition
 
 
 class MergeError(ValueError):
     """The checkpoints cannot be merged into one consistent model."""
 
 
-def group_of_key(key: str, info: dict[str, Any]) -> int | None:
-    """The group owning state-dict entry ``key`` (None for entries no group owns)."""
-    block_prefix = re.escape(info["block_path"])
-    for prefix in ("network.", "ema_network."):
-        if not key.startswith(prefix):
-            continue
-        rest = key[len(prefix) :]
-        match = re.match(rf"net\.{block_prefix}\.(\d+)\.", rest)
-        if match:
-            layer = int(match.group(1))
-            return next(g for g, layers in enumerate(info["groups"]) if layer in layers)
-        match = re.match(r"stems\.(\d+)\.", rest)
-        if match:
-            return int(match.group(1)) + 1
-        if rest.startswith("net."):
-            return 0  # the network's own stem/head belongs to group 0 when stems are per group
+#: where the module's state dict keeps its network and the network's EMA copy
+NETWORK_PREFIXES = ("network.", "ema_network.")
+
+
+def _owner(partition: Partition, key: str) -> int | None:
+    for prefix in NETWORK_PREFIXES:
+        if key.startswith(prefix):
+            return partition.owner(key[len(prefix) :])
     return None
+
+
+def group_of_key(key: str, info: dict[str, Any]) -> int | None:
+    """The group owning the module's state-dict entry ``key`` (None for entries no group owns), as the partition
+    recorded in ``info`` (a checkpoint's ``diffusionblocks`` record) assigns it."""
+    return _owner(Partition.from_record(info), key)
 
 
 _RECORD_KEYS = ("groups", "stem", "block_path", "boundaries")
@@ -133,9 +132,13 @@ def merge_checkpoints(paths: Sequence[str | Path], out: str | Path) -> dict[str,
     missing = [g for g in range(len(info["groups"])) if g not in owner]
     if missing:
         raise MergeError(f"No checkpoint trained group(s) {missing}; train them (groups_to_train={missing}) first.")
+    partition = Partition.from_record(info)
     merged = {}
     for key, value in reference.items():
-        key_group = group_of_key(key, info)
+        try:
+            key_group = _owner(partition, key)
+        except ValueError as err:
+            raise MergeError(f"{paths[0]}: {err}") from err
         merged[key] = ckpts[owner[key_group]]["state_dict"][key] if key_group is not None else value
     merged["group_steps"] = torch.stack([ckpts[owner[g]]["state_dict"]["group_steps"][g] for g in range(len(owner))])
     if "lr_horizons" in reference:  # each group's LR horizon from the job that trained it; the shared entry as is
@@ -153,13 +156,9 @@ def merge_checkpoints(paths: Sequence[str | Path], out: str | Path) -> dict[str,
         "pytorch-lightning_version": ckpts[0].get("pytorch-lightning_version"),
     }
     _tensors_and_plain_data(result, "the merged checkpoint")
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        torch.save(result, tmp)
-        tmp.replace(out)  # atomic: a failed write never leaves a half-written merged checkpoint at ``out``
+    try:  # a failed write never leaves a half-written merged checkpoint at ``out``
+        atomic_write(out, lambda tmp: torch.save(result, tmp))
     except (OSError, RuntimeError) as err:
-        tmp.unlink(missing_ok=True)
         raise MergeError(f"Writing {out} failed ({err}); free disk space or choose another path.") from err
     return result
 

@@ -7,8 +7,9 @@ The stack is swapped in place for a :class:`BlockStack` with the same children, 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -104,6 +105,59 @@ def split_layers(num_layers: int, num_groups: int, sizes: Sequence[int] | None =
     return groups
 
 
+@dataclass(frozen=True)
+class Partition:
+    """How a network is cut: the layers of each group, the stem mode and the block stack's dotted path.
+
+    It is what a checkpoint's ``diffusionblocks`` record holds (:meth:`from_record`), and it answers which group
+    alone trains a weight of a :class:`BlockwiseNetwork` (:meth:`owner`), with the network's own layout: blocks at
+    ``net.<block_path>.<layer>.``, the stem/head at ``net.`` (group 0's when stems are per group) and the copies of
+    groups 1… at ``stems.<group - 1>.``.
+    """
+
+    groups: list[list[int]]
+    stem: StemMode
+    block_path: str
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Partition:
+        """The partition a checkpoint's ``diffusionblocks`` record (or any mapping with its keys) describes."""
+        missing = [k for k in ("groups", "stem", "block_path") if k not in record]
+        if missing:
+            raise ValueError(
+                f"The partition record lacks {missing}; pass a checkpoint's 'diffusionblocks' record"
+                " (Partition.from_record(checkpoint['diffusionblocks']))."
+            )
+        return cls([list(layers) for layers in record["groups"]], record["stem"], record["block_path"])
+
+    def owner(self, key: str) -> int | None:
+        """The group that alone trains the :class:`BlockwiseNetwork` state-dict entry ``key``.
+
+        None when no single group does: the stem/head when it is shared by all groups, or an entry that is not one
+        of the network's weights. Raises ValueError for a block layer that no group holds (a record of another
+        network).
+        """
+        if key.startswith("stems."):
+            index, _, rest = key[len("stems.") :].partition(".")
+            return int(index) + 1 if index.isdigit() and rest else None
+        if not key.startswith("net."):
+            return None
+        inner = key[len("net.") :]
+        blocks = self.block_path + "."
+        if inner.startswith(blocks):
+            index, _, rest = inner[len(blocks) :].partition(".")
+            if index.isdigit() and rest:
+                layer = int(index)
+                for group, layers in enumerate(self.groups):
+                    if layer in layers:
+                        return group
+                raise ValueError(
+                    f"{key!r} is a weight of layer {layer}, but the partition's groups {self.groups} do not hold that"
+                    " layer: the partition record is not this network's."
+                )
+        return 0 if self.stem == "per_group" else None  # the network's own stem/head: group 0's, or everyone's
+
+
 def _first_tensor(obj: Any) -> Tensor | None:
     if isinstance(obj, Tensor):
         return obj
@@ -197,6 +251,11 @@ class BlockwiseNetwork(nn.Module):
                 self.stems.append(copy.deepcopy(net, memo={id(self.stack): nn.ModuleList()}))
 
     @property
+    def partition(self) -> Partition:
+        """How this network is cut (what a checkpoint records of it)."""
+        return Partition(self.groups, self.stem_mode, self.block_path)
+
+    @property
     def num_groups(self) -> int:
         return len(self.groups)
 
@@ -265,4 +324,7 @@ def autograd_leaves(output: Tensor) -> set[int]:
     return leaves
 
 
-__all__ = ["KNOWN_STACK_PATHS", "BlockStack", "BlockwiseNetwork", "autograd_leaves", "find_block_stack", "split_layers"]
+__all__ = [
+    "KNOWN_STACK_PATHS", "BlockStack", "BlockwiseNetwork", "Partition", "autograd_leaves", "find_block_stack",
+    "split_layers",
+]  # fmt: skip

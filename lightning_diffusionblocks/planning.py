@@ -24,6 +24,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_diffusionblocks.checkpoints import CheckpointLoadError, read_checkpoint, unsafe_file_message
+from lightning_diffusionblocks.files import atomic_write
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
 
@@ -333,10 +334,11 @@ class GroupPlanning(_StrategyBase):
             record["run"] = self.run_record()
         try:
             if self.is_global_zero and isinstance(filepath, (str, os.PathLike)) and "://" not in str(filepath):
-                path = Path(filepath)
-                tmp = path.with_name(path.name + ".partial")
-                self.checkpoint_io.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
-                os.replace(tmp, path)
+                atomic_write(
+                    filepath,
+                    lambda tmp: self.checkpoint_io.save_checkpoint(checkpoint, tmp, storage_options=storage_options),
+                    suffix="partial",
+                )
             else:
                 super().save_checkpoint(checkpoint, filepath, storage_options)
         finally:

@@ -5,7 +5,13 @@ import timm
 import torch
 from torch import nn
 
-from lightning_diffusionblocks.partition import BlockwiseNetwork, autograd_leaves, find_block_stack, split_layers
+from lightning_diffusionblocks.partition import (
+    BlockwiseNetwork,
+    Partition,
+    autograd_leaves,
+    find_block_stack,
+    split_layers,
+)
 from tests.conftest import tiny_dit
 
 
@@ -152,3 +158,45 @@ def test_width_changing_block_is_refused():
 def test_bad_stem_mode():
     with pytest.raises(ValueError, match="'per_group' or 'shared'"):
         BlockwiseNetwork(tiny_dit(), 3, stem="copied")
+
+
+# ---------------------------------------------------------------------------- who owns a weight
+OWNERS_PER_GROUP = {  # a 4-layer DiT cut 2 + 1 + 1, written out by hand
+    "net.blocks.0.attn.qkv.weight": 0,
+    "net.blocks.1.mlp.2.bias": 0,
+    "net.blocks.2.ada.1.weight": 1,
+    "net.blocks.3.attn.proj.bias": 2,
+    "net.patch_embed.weight": 0,  # the network's own stem and head are group 0's
+    "net.label_embed.weight": 0,
+    "net.final.linear.bias": 0,
+    "stems.0.patch_embed.weight": 1,  # group 1's private copy
+    "stems.1.final.ada.1.weight": 2,
+    "group_steps": None,  # not a network weight
+    "stems": None,
+}
+
+
+@pytest.mark.parametrize("stem", ["per_group", "shared"])
+def test_partition_names_the_group_owning_each_weight(stem):
+    """The owner of every weight matches a hand-written table, and the network's own parameter lists: the group
+    that alone trains it, None for a stem every group shares."""
+    wrapped = BlockwiseNetwork(tiny_dit(depth=4), 3, stem=stem)
+    partition = Partition.from_record({"groups": wrapped.groups, "stem": stem, "block_path": "blocks", "other": 1})
+    assert partition == wrapped.partition == Partition([[0, 1], [2], [3]], stem, "blocks")
+    keys = set(wrapped.state_dict())
+    for key, group in OWNERS_PER_GROUP.items():
+        if key.startswith("stems.") and stem == "shared":
+            continue
+        assert key in keys or group is None, key
+        expected = None if stem == "shared" and key.startswith("net.") and ".blocks." not in key else group
+        assert partition.owner(key) == expected, key
+    names = {id(p): n for n, p in wrapped.named_parameters()}
+    owned = {names[id(p)]: g for g in range(3) for p in wrapped.group_parameters(g)}
+    shared = {names[id(p)] for p in wrapped.shared_parameters()}
+    assert set(owned) | shared == set(names.values())
+    for name in names.values():
+        assert partition.owner(name) == owned.get(name), name
+    with pytest.raises(ValueError, match="layer 4"):  # a record of another network is refused, never guessed
+        partition.owner("net.blocks.4.attn.qkv.weight")
+    with pytest.raises(ValueError, match=r"lacks \['block_path'\]"):
+        Partition.from_record({"groups": [[0]], "stem": stem})

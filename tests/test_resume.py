@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_diffusionblocks as ldb
-from lightning_diffusionblocks.merge import MergeError, merge_checkpoints
+from lightning_diffusionblocks.merge import MergeError, group_of_key, merge_checkpoints
 from tests.conftest import image_loader, tiny_dit, trainer_kwargs
 
 JOB = Path(__file__).with_name("resume_job.py")
@@ -62,13 +62,24 @@ def test_block_parallel_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert a["group_steps"].tolist() == [12, 12, 12]  # every process trained its own group at every step
 
 
-def test_truncated_checkpoint_is_refused_and_kept(tmp_path):
+def test_truncated_checkpoint_is_refused_and_kept(tmp_path, monkeypatch):
     module = ldb.DiffusionBlocksModule(tiny_dit(), ldb.tasks.ImageGeneration(), num_blocks=3)
     trainer = L.Trainer(strategy="diffusionblocks", max_steps=3, **trainer_kwargs(tmp_path))
     trainer.fit(module, image_loader())
     good, bad = tmp_path / "good.ckpt", tmp_path / "bad.ckpt"
     trainer.save_checkpoint(good)
     assert not list(tmp_path.glob("*.partial"))
+
+    def half_then_disk_full(checkpoint, path, storage_options=None):  # noqa: ANN001, ANN202
+        Path(path).write_bytes(good.read_bytes()[:100])
+        raise OSError(28, "No space left on device")
+
+    # a write that fails midway neither replaces the good checkpoint nor leaves its half behind
+    monkeypatch.setattr(trainer.strategy.checkpoint_io, "save_checkpoint", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint(good)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.glob("good.ckpt*")) == ["good.ckpt"]
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     fresh = ldb.DiffusionBlocksModule(tiny_dit(), ldb.tasks.ImageGeneration(), num_blocks=3)
     trainer = L.Trainer(strategy="diffusionblocks", max_steps=5, **trainer_kwargs(tmp_path))
@@ -134,6 +145,18 @@ def test_merge_refuses_overlaps_gaps_and_mismatches(tmp_path):
     with pytest.raises(MergeError, match="different model"):
         merge_checkpoints([a, tmp_path / "wide.ckpt"], tmp_path / "x.ckpt")
     assert merge_checkpoints([a, c], tmp_path / "ok.ckpt")["state_dict"]["group_steps"].tolist()[2] > 0
+
+
+def test_merge_takes_each_weight_from_the_group_the_partition_names():
+    """Keys of the module's network and of its EMA copy go to the group the partition names; the rest to none."""
+    info = {"groups": [[0, 1], [2], [3]], "stem": "per_group", "block_path": "blocks", "boundaries": [0, 1, 2, 3]}
+    assert group_of_key("network.net.blocks.2.attn.qkv.weight", info) == 1
+    assert group_of_key("ema_network.net.blocks.3.mlp.0.bias", info) == 2
+    assert group_of_key("ema_network.stems.0.final.linear.weight", info) == 1
+    assert group_of_key("network.stems.1.patch_embed.weight", info) == 2
+    assert group_of_key("network.net.patch_embed.weight", info) == 0
+    assert group_of_key("group_steps", info) is None
+    assert group_of_key("net.blocks.0.attn.qkv.weight", info) is None  # not under the module's networks
 
 
 def _fit(tmp_path: Path, ckpt: Path | None = None, max_steps: int = 4, allow: tuple[str, ...] = (), **kw):  # noqa: ANN003

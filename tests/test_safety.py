@@ -161,6 +161,23 @@ def test_merge_refuses_files_that_are_data_but_not_checkpoints(content: object, 
         merge_checkpoints([jobs[0], tmp_path / "other.ckpt"], tmp_path / "merged.ckpt")
 
 
+def test_a_merge_whose_write_fails_keeps_the_old_file_and_leaves_nothing_behind(
+    jobs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "merged.ckpt"
+    out.write_bytes(b"the previous merge")
+
+    def half_then_disk_full(obj: object, f: Path, *args: object, **kwargs: object) -> None:
+        Path(f).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_then_disk_full)
+    with pytest.raises(MergeError, match="No space left on device.*free disk space"):
+        merge_checkpoints(jobs, out)
+    assert out.read_bytes() == b"the previous merge"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.ckpt"]
+
+
 # ---------------------------------------------------------------------------- offload files
 class Swap(Callback):
     """At ``step``, group 0 sits on disk (group 1 trains); its file (in the run's own folder) is replaced by

@@ -12,7 +12,6 @@ import hashlib
 import os
 import pickle
 import re
-import secrets
 import shutil
 import socket
 import tempfile
@@ -30,6 +29,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_diffusionblocks.dashboard import is_logging_row, log_metrics
+from lightning_diffusionblocks.files import atomic_write
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.planning import GroupPlanning
 
@@ -268,12 +268,9 @@ class BlockOffload(Callback):
         moved = sum(t.numel() * t.element_size() for t in tensors)
         if self._mode == "disk":
             path = self._file(group)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # never another's name
-            try:
-                torch.save(tensors, tmp)
-                os.replace(tmp, path)
+            try:  # a temporary of its own (never another run's name), renamed over the group file once whole
+                atomic_write(path, lambda tmp: torch.save(tensors, tmp))
             except (OSError, RuntimeError) as err:
-                tmp.unlink(missing_ok=True)
                 raise OffloadError(
                     f"Writing group {group} to {path} failed ({err}). Training stopped; the group is still in memory"
                     " and saved checkpoints are untouched. Free disk space or pass BlockOffload(directory=...)."
