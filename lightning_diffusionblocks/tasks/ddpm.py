@@ -9,7 +9,6 @@ training timestep distribution. Its null label, call convention and sample shape
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -106,28 +105,24 @@ class DDPM(ImageGeneration):
         bins = [(f"loss_k_{first}-{end - 1}", first - 0.5, end - 0.5) for first, end in zip(edges[:-1], edges[1:])]
         return self.binned_losses(router, batch, batch_idx, [b for b in bins if self.noise.mass(b[1], b[2]) > 0])
 
-    @torch.no_grad()
-    def sample(
+    def integrate(
         self,
         router: Router,
-        labels: Tensor | Sequence[int] | None = None,
-        num_samples: int | None = None,
-        steps: int = 50,
-        guidance: float = 1.0,
-        seed: int = 0,
-        shape: Sequence[int] | None = None,
-        clip: bool | tuple[float, float] = False,
+        noise: Tensor,
+        labels: Tensor | None,
+        guidance: float,
+        steps: int,
+        generator: torch.Generator,
+        clip: bool | tuple[float, float],
     ) -> Tensor:
-        """Generate with DDIM over ``steps`` timesteps (1 ≤ steps ≤ T), each call served by the group owning its
-        timestep; the last step returns x̂₀. Arguments as :meth:`ImageGeneration.sample`; ``guidance`` > 1 mixes
-        conditional and null-label outputs, u + g·(c − u). ``clip`` clamps x̂₀ at *every* step, with ε̂ recomputed
-        from the clamped x̂₀ (DDPM's ``clip_denoised``): an ε-prediction's error is multiplied by 1/√ᾱ in x̂₀ at
-        high noise (×156 at the linear schedule's last timestep), and the clamp keeps it from compounding."""
-        labels, num_samples, shape = self.sampling_inputs(
-            router, labels, num_samples, guidance, shape, steps=steps, clip=clip, seed=seed
-        )
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        z = torch.randn((num_samples, *shape), generator=gen).to(router.device)
+        """DDIM over ``steps`` timesteps (1 ≤ steps ≤ T), each call served by the group owning its timestep; the
+        last step returns x̂₀. ``guidance`` > 1 mixes conditional and null-label outputs, u + g·(c − u). ``clip``
+        clamps x̂₀ at *every* step, with ε̂ recomputed from the clamped x̂₀ (DDPM's ``clip_denoised``): an
+        ε-prediction's error is multiplied by 1/√ᾱ in x̂₀ at high noise (×156 at the linear schedule's last
+        timestep), and the clamp keeps it from compounding. Called by :meth:`ImageGeneration.sample`, which holds
+        the arguments and clamps the result once more."""
+        gen, num_samples = generator, noise.shape[0]
+        z = noise.to(router.device)
         timesteps = self.noise.grid(steps).tolist()
         alpha_bar = self.noise.alpha_bar().tolist()
         for i, k in enumerate(timesteps):
@@ -139,6 +134,6 @@ class DDPM(ImageGeneration):
                 x0 = self._clip(x0, clip)
                 eps = (z - math.sqrt(alpha_bar[k]) * x0) / math.sqrt(1 - alpha_bar[k])
             prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
-            noise = torch.randn(z.shape, generator=gen).to(z) if self.eta > 0 and prev < 1.0 else None
-            z = ddim_step(x0, eps, alpha_bar[k], prev, self.eta, noise)
-        return self._clip(z, clip)
+            xi = torch.randn(z.shape, generator=gen).to(z) if self.eta > 0 and prev < 1.0 else None
+            z = ddim_step(x0, eps, alpha_bar[k], prev, self.eta, xi)
+        return z
