@@ -221,3 +221,25 @@ def ddim_step(
             raise ValueError("A stochastic DDIM step (eta > 0) needs `noise`.")
         out = out + s * noise
     return out
+
+
+@torch.no_grad()
+def ddim_sample(
+    eps_and_x0: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]],
+    z: Tensor,
+    timesteps: Sequence[int],
+    alpha_bar: Sequence[float],
+    eta: float,
+    generator: torch.Generator,
+) -> Tensor:
+    """DDIM over the descending ``timesteps`` from ``z`` at the first; ``eps_and_x0(z, k_vec, k)`` gives the
+    predictions (ε̂, x̂₀) at timestep k (the caller routes k to its group, guides and clips). The last step goes to
+    ᾱ = 1 and so returns x̂₀; with ``eta`` > 0 the fresh noise comes from ``generator`` (on the CPU)."""
+    n = z.shape[0]
+    for i, k in enumerate(timesteps):
+        k_vec = torch.full((n,), k, dtype=torch.long, device=z.device)
+        eps, x0 = eps_and_x0(z, k_vec, k)
+        prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
+        xi = torch.randn(z.shape, generator=generator).to(z) if eta > 0 and prev < 1.0 else None
+        z = ddim_step(x0, eps, alpha_bar[k], prev, eta, xi)
+    return z

@@ -18,7 +18,7 @@ from torch import Tensor
 from lightning_diffusionblocks.ddpm import DDPM_LINEAR, DDPMPrediction, DDPMSchedule, ddpm_target, eps_and_x0
 from lightning_diffusionblocks.levels import append_dims
 from lightning_diffusionblocks.routing import Router, Runner
-from lightning_diffusionblocks.sampling import classifier_free_guidance, ddim_step
+from lightning_diffusionblocks.sampling import classifier_free_guidance, ddim_sample
 from lightning_diffusionblocks.tasks.image_generation import ImageGeneration
 
 EXPECTED_CALL = (
@@ -121,19 +121,16 @@ class DDPM(ImageGeneration):
         ε-prediction's error is multiplied by 1/√ᾱ in x̂₀ at high noise (×156 at the linear schedule's last
         timestep), and the clamp keeps it from compounding. Called by :meth:`ImageGeneration.sample`, which holds
         the arguments and clamps the result once more."""
-        gen, num_samples = generator, noise.shape[0]
-        z = noise.to(router.device)
-        timesteps = self.noise.grid(steps).tolist()
         alpha_bar = self.noise.alpha_bar().tolist()
-        for i, k in enumerate(timesteps):
-            k_vec = torch.full((num_samples,), k, dtype=torch.long, device=router.device)
+
+        def eps_x0(z: Tensor, k_vec: Tensor, k: int) -> tuple[Tensor, Tensor]:
             predict = partial(self.predict, router.at(float(k)))
             out = classifier_free_guidance(predict, z, k_vec, labels, self.null_label, guidance)
             eps, x0 = eps_and_x0(self.prediction, out, z, torch.tensor(alpha_bar[k]))
             if clip is not False:
                 x0 = self._clip(x0, clip)
                 eps = (z - math.sqrt(alpha_bar[k]) * x0) / math.sqrt(1 - alpha_bar[k])
-            prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
-            xi = torch.randn(z.shape, generator=gen).to(z) if self.eta > 0 and prev < 1.0 else None
-            z = ddim_step(x0, eps, alpha_bar[k], prev, self.eta, xi)
-        return z
+            return eps, x0
+
+        timesteps = self.noise.grid(steps).tolist()
+        return ddim_sample(eps_x0, noise.to(router.device), timesteps, alpha_bar, self.eta, generator)
