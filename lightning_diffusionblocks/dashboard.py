@@ -14,7 +14,7 @@ text, a CSV file); any other logger gets the metrics through ``log_metrics`` and
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -115,13 +115,44 @@ class GroupLossLog:
     both columns in each row.
     """
 
-    def __init__(self) -> None:
+    #: weight of the newest step in the running loss shown in the progress bar (per group)
+    RUNNING_LOSS_WEIGHT = 0.1
+
+    def __init__(self, running: dict[int, Tensor] | None = None) -> None:
         self._rows: list[int] = []
         self._groups: list[int] = []
         self._values: list[Tensor] = []  # (group step, loss) of each point, left on the device until a flush
         self._defined: set[tuple[int, int]] = set()  # (id of a wandb run, group) with its group-step axis
+        #: each group's running loss (the progress bar's ``loss_g``), carried from one fit to the next
+        self.running: dict[int, Tensor] = {} if running is None else running
 
     check_monitors = staticmethod(check_group_loss_monitors)
+
+    def log_step(
+        self, trainer: pl.Trainer, log: Callable[..., Any], group: int | None, group_steps: Tensor, loss: Tensor
+    ) -> None:
+        """Log one optimizer step: ``train/loss`` (every step's loss, whichever group) through the module's ``log``,
+        and the group's own point (its step counter ``group_steps[group]``) through :meth:`add`, at this step only.
+
+        Through ``log`` the loggers would get ``train/loss_group_{g}`` of every group on every logging row (inactive
+        groups repeating a stale value) and lose the steps between rows, so the loggers' per-group points bypass it.
+        Callbacks still see each group's latest loss: it goes through ``log`` with ``logger=False``, so
+        ``trainer.callback_metrics`` (what ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` read) holds
+        ``train/loss_group_{g}`` of every group trained so far. The progress bar shows the active group (a string:
+        Rich prints numbers as ``2.000``) and its running loss ``loss_g``.
+        """
+        loss = loss.detach()
+        log("train/loss", loss, prog_bar=group is None)
+        if group is None:
+            return
+        self.check_monitors(trainer)  # under block parallel a process has only its own groups' keys
+        log(f"train/loss_group_{group}", loss, logger=False)
+        running = self.running.get(group)
+        running = loss.float() if running is None else torch.lerp(running, loss.float(), self.RUNNING_LOSS_WEIGHT)
+        self.running[group] = running
+        log("loss_g", running, prog_bar=True, logger=False)
+        show_in_progress_bar(trainer, "group", str(group))
+        self.add(trainer, group, group_steps[group], loss)
 
     def add(self, trainer: pl.Trainer, group: int, group_step: Tensor, loss: Tensor) -> None:
         """Record the loss of ``group`` at the current training batch; flush on Lightning's logging rows."""

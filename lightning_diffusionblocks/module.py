@@ -36,7 +36,7 @@ from lightning_diffusionblocks.checks import (
     check_training_kind,
     non_finite_loss,
 )
-from lightning_diffusionblocks.dashboard import GroupLossLog, log_group_summary, log_run_config, show_in_progress_bar
+from lightning_diffusionblocks.dashboard import GroupLossLog, log_group_summary, log_run_config
 from lightning_diffusionblocks.noise import Partition
 from lightning_diffusionblocks.optimisation import SHARED as SHARED  # re-exported from their former home
 from lightning_diffusionblocks.optimisation import GroupOptimisation, OptimizerFactory, check_settings, param_groups
@@ -136,7 +136,6 @@ class DiffusionBlocksModule(L.LightningModule):
         self.optimisation = GroupOptimisation(self)
         #: per-group training-loss points waiting for a logging row, and each group's running loss (progress bar)
         self._loss_log = GroupLossLog()
-        self._running_loss: dict[int, Tensor] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -191,47 +190,31 @@ class DiffusionBlocksModule(L.LightningModule):
             network.train(was_training)
 
     def _infer(self, call: str, *args: Any, **kwargs: Any) -> Any:
+        """The front door of inference: the task's method ``call`` with the sampling network's router, in eval mode
+        without gradients. Its signature and documentation are the task's own (one place)."""
         if call not in self.task.inference:
             raise self.task.unsupported(call)
         with self.evaluating() as router:
             return getattr(self.task, call)(router, *args, **kwargs)
 
-    def sample(
-        self,
-        labels: Tensor | Sequence[int] | None = None,
-        num_samples: int | None = None,
-        steps: int = 50,
-        guidance: float = 1.0,
-        seed: int = 0,
-        shape: Sequence[int] | None = None,
-        clip: bool | tuple[float, float] = False,
-    ) -> Tensor:
-        """Generate images, each σ step served by its group (see :meth:`ImageGeneration.sample`)."""
-        return self._infer(
-            "sample", labels=labels, num_samples=num_samples, steps=steps, guidance=guidance, seed=seed, shape=shape,
-            clip=clip,
-        )  # fmt: skip
+    def sample(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Generate images, each level served by its group: the task's ``sample`` (:meth:`ImageGeneration.sample`)."""
+        return self._infer("sample", *args, **kwargs)
 
-    def predict_proba(self, inputs: Tensor, steps: int | None = None, seed: int = 0) -> Tensor:
-        """Class probabilities; ``steps`` σ steps chosen now, default B (one per group)."""
-        return self._infer("predict_proba", inputs, steps=steps, seed=seed)
+    def predict_proba(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Class probabilities: the task's ``predict_proba`` (:meth:`Classification.predict_proba`)."""
+        return self._infer("predict_proba", *args, **kwargs)
 
-    def generate(self, prompt: Tensor | Sequence[int] | None = None, **kwargs: Any) -> Tensor:
-        """Generate token ids with a language-model task; every diffusion step calls only its group.
+    def generate(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Token ids from a language-model task's ``generate`` (:meth:`AutoregressiveLM.generate`,
+        :meth:`MaskedLM.generate`); every diffusion step calls only its group."""
+        return self._infer("generate", *args, **kwargs)
 
-        Autoregressive: ``generate(prompt, max_new_tokens=32, steps=B, temperature=0.0, seed=0)``. Masked:
-        ``generate(prompt=None, num_samples=1, length=context, steps=4·B, temperature=1.0, seed=0)``.
-        """
-        return self._infer("generate", prompt, **kwargs)
-
-    def evaluate_batch(self, batch: Any, **kwargs: Any) -> dict[str, Tensor]:
-        """Per-sequence language-model metrics of one batch, every noise level routed to its group.
-
-        Masked: ``nelbo``/``bits_per_token`` from ``samples`` masking times (default 2·B). Autoregressive:
-        ``ce_sigma_max``, ``ce_chain`` and ``accuracy_chain`` after ``steps`` σ steps (default B), and
-        ``accuracy_step_{i}`` after each step i of the chain.
-        """
-        return self._infer("evaluate_batch", batch, **{k: v for k, v in kwargs.items() if v is not None})
+    def evaluate_batch(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Per-sequence metrics of one batch from a language-model task's ``evaluate_batch``
+        (:meth:`AutoregressiveLM.evaluate_batch`, :meth:`MaskedLM.evaluate_batch`); a keyword left None is the task's
+        default."""
+        return self._infer("evaluate_batch", *args, **{k: v for k, v in kwargs.items() if v is not None})
 
     # ------------------------------------------------------------------ optimisation (see optimisation.py)
     def param_groups(self) -> list[dict[str, Any]]:
@@ -265,7 +248,7 @@ class DiffusionBlocksModule(L.LightningModule):
             raise ValueError(
                 "gradient_clip_val with precision='16-mixed' is not supported; use precision='bf16-mixed'."
             )
-        self._loss_log = GroupLossLog()  # points a crashed fit left waiting belong to its own rows
+        self._loss_log = GroupLossLog(self._loss_log.running)  # points a crashed fit left waiting: its own rows
         log_run_config(self.trainer, self)  # partition, σ ranges, schedule, task and network: plain data
 
     @override
@@ -318,36 +301,8 @@ class DiffusionBlocksModule(L.LightningModule):
         mean = self.optimisation.accumulate(opt, loss, trained, self._reduce_gradients)
         if mean is None:  # micro-batches of this optimizer step are still to come
             return loss.detach()
-        self._log_training_step(group, mean)
+        self._loss_log.log_step(self.trainer, self.log, group, self.group_steps, mean)
         return mean.detach()
-
-    # ------------------------------------------------------------------ dashboard
-    #: weight of the newest step in the running loss shown in the progress bar (per group)
-    RUNNING_LOSS_WEIGHT = 0.1
-
-    def _log_training_step(self, group: int | None, loss: Tensor) -> None:
-        """Log one optimizer step: ``train/loss`` (every step's loss, whichever group) through ``self.log``, and the
-        group's own point through :class:`~lightning_diffusionblocks.dashboard.GroupLossLog`, at this step only.
-
-        Through ``self.log`` the loggers would get ``train/loss_group_{g}`` of every group on every logging row
-        (inactive groups repeating a stale value) and lose the steps between rows, so the loggers' per-group points
-        bypass it. Callbacks still see each group's latest loss: it goes through ``self.log`` with ``logger=False``,
-        so ``trainer.callback_metrics`` (what ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` read) holds
-        ``train/loss_group_{g}`` of every group trained so far. The progress bar shows the active group (a string:
-        Rich prints numbers as ``2.000``) and its running loss ``loss_g``.
-        """
-        loss = loss.detach()
-        self.log("train/loss", loss, prog_bar=group is None)
-        if group is None:
-            return
-        self._loss_log.check_monitors(self.trainer)  # under block parallel a process has only its own groups' keys
-        self.log(f"train/loss_group_{group}", loss, logger=False)
-        running = self._running_loss.get(group)
-        running = loss.float() if running is None else torch.lerp(running, loss.float(), self.RUNNING_LOSS_WEIGHT)
-        self._running_loss[group] = running
-        self.log("loss_g", running, prog_bar=True, logger=False)
-        show_in_progress_bar(self.trainer, "group", str(group))
-        self._loss_log.add(self.trainer, group, self.group_steps[group], loss)
 
     @override
     def on_train_end(self) -> None:

@@ -1,17 +1,20 @@
 """Group-routed samplers: walk the noise level from high to low and call only the group that owns each level.
 
-EDM Euler in σ, flow-matching Euler/Heun in t, DDIM over DDPM timesteps, and classifier-free guidance.
+EDM Euler in σ, flow-matching Euler/Heun in t, DDIM over DDPM timesteps, the label-embedding Euler chain of the
+discrete-target tasks (classification, autoregressive LM), and classifier-free guidance.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_diffusionblocks.routing import Runner
 
 #: denoise(z, sigma (N,), level) -> estimate of the clean target at noise level ``level``
 Denoiser = Callable[[Tensor, Tensor, float], Tensor]
@@ -139,6 +142,33 @@ def euler_sample(denoise: Denoiser, z: Tensor, sigmas: Tensor) -> Tensor:
     return denoised
 
 
+#: logits_at(run, z, sigma (N,)) -> logits over the embedded classes (classes or vocabulary) at noisy targets z
+LogitsAt = Callable[[Runner, Tensor, Tensor], Tensor]
+
+
+def embedding_chain(
+    runner_at: Callable[[float], Runner],
+    logits_at: LogitsAt,
+    shape: Sequence[int],
+    sigmas: Sequence[float],
+    seed: int,
+    device: torch.device | str,
+) -> Iterator[tuple[float, Tensor]]:
+    """The label-embedding Euler chain of a discrete target: from z ~ N(0, σ₀²) of ``shape`` (N, …, D), at each
+    σ of the descending grid ``sigmas`` the group owning it (``runner_at(σ)``) gives logits, and their expectation
+    softmax(logits)·Ê under its normalised embeddings (``run(mode="embeddings")``) is the denoised estimate for
+    the EDM Euler step to the next σ. Yields (σ, float32 logits) of every step, one at a time (a vocabulary's
+    logits are large); the last is the answer. Run it under ``torch.no_grad()``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = (torch.randn(tuple(shape), generator=gen) * sigmas[0]).to(device)
+    for i, sigma in enumerate(sigmas):
+        run = runner_at(sigma)
+        logits = logits_at(run, z, torch.full((z.shape[0],), sigma, device=device)).float()
+        yield sigma, logits
+        if i + 1 < len(sigmas):
+            z = euler_step(z, logits.softmax(-1) @ run(mode="embeddings").float(), sigma, sigmas[i + 1])
+
+
 # ---------------------------------------------------------------------- flow matching (time t, t = 1 noise)
 #: velocity(z, t (N,), level) -> dz/dt at time ``level``
 Velocity = Callable[[Tensor, Tensor, float], Tensor]
@@ -191,3 +221,25 @@ def ddim_step(
             raise ValueError("A stochastic DDIM step (eta > 0) needs `noise`.")
         out = out + s * noise
     return out
+
+
+@torch.no_grad()
+def ddim_sample(
+    eps_and_x0: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]],
+    z: Tensor,
+    timesteps: Sequence[int],
+    alpha_bar: Sequence[float],
+    eta: float,
+    generator: torch.Generator,
+) -> Tensor:
+    """DDIM over the descending ``timesteps`` from ``z`` at the first; ``eps_and_x0(z, k_vec, k)`` gives the
+    predictions (ε̂, x̂₀) at timestep k (the caller routes k to its group, guides and clips). The last step goes to
+    ᾱ = 1 and so returns x̂₀; with ``eta`` > 0 the fresh noise comes from ``generator`` (on the CPU)."""
+    n = z.shape[0]
+    for i, k in enumerate(timesteps):
+        k_vec = torch.full((n,), k, dtype=torch.long, device=z.device)
+        eps, x0 = eps_and_x0(z, k_vec, k)
+        prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
+        xi = torch.randn(z.shape, generator=generator).to(z) if eta > 0 and prev < 1.0 else None
+        z = ddim_step(x0, eps, alpha_bar[k], prev, eta, xi)
+    return z

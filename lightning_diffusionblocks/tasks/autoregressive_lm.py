@@ -14,7 +14,7 @@ a perplexity: the model defines no likelihood, and the chain's distribution depe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lightning_diffusionblocks.levels import append_dims
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
-from lightning_diffusionblocks.sampling import check_integer, euler_step
+from lightning_diffusionblocks.sampling import LogitsAt, check_integer, embedding_chain
 from lightning_diffusionblocks.tasks.base import Preview, Task
 from lightning_diffusionblocks.tasks.masked_lm import check_language_model, token_batch
 
@@ -73,36 +73,16 @@ class AutoregressiveLM(Task):
         return ce
 
     def _denoise_chain(
-        self,
-        router: Router,
-        call: Any,
-        shape: tuple[int, ...],
-        steps: int,
-        seed: int,
-        each: Callable[[Tensor], None] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Walk the σ grid for noisy targets of ``shape`` (…, D); ``call(run, z, sigma)`` gives logits, and
-        ``each(logits)`` sees every step's. Returns (logits of the first step, logits of the last step)."""
+        self, router: Router, logits_at: LogitsAt, shape: tuple[int, ...], steps: int, seed: int
+    ) -> Iterator[tuple[float, Tensor]]:
+        """The label-embedding chain (:func:`~lightning_diffusionblocks.sampling.embedding_chain`) for noisy
+        targets of ``shape`` (…, D) over ``steps`` σ steps; yields every step's (σ, logits)."""
         check_integer(steps, "steps", "generate")
         check_integer(seed, "seed", "generate")
         if steps < 1:
             raise ValueError(f"Generation needs at least 1 diffusion step per token, got steps={steps}.")
         sigmas = self.noise.equiprobable_grid(steps).tolist()
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        device = router.device
-        z = (torch.randn(shape, generator=gen) * sigmas[0]).to(device)
-        first = logits = None
-        for i, sigma in enumerate(sigmas):
-            run = router.at(sigma)
-            logits = call(run, z, torch.full((shape[0],), sigma, device=device)).float()
-            first = logits if first is None else first
-            if each is not None:
-                each(logits)
-            if i + 1 < len(sigmas):
-                z = euler_step(z, logits.softmax(-1) @ run(mode="embeddings").float(), sigma, sigmas[i + 1])
-        assert first is not None
-        assert logits is not None
-        return first, logits
+        return embedding_chain(router.at, logits_at, shape, sigmas, seed, router.device)
 
     @torch.no_grad()
     def evaluate_batch(self, router: Router, batch: Any, steps: int | None = None, seed: int = 0) -> dict[str, Tensor]:
@@ -119,9 +99,12 @@ class AutoregressiveLM(Task):
             return run(tokens, z, level=sigma, sigma_data=sd)
 
         shape = (*tokens.shape, dim)
-        per_step: list[Tensor] = []
         accuracy = lambda logits: (logits.argmax(-1) == tokens).float().mean(1)  # noqa: E731
-        first, last = self._denoise_chain(router, call, shape, steps, seed, lambda lg: per_step.append(accuracy(lg)))
+        per_step, first, last = [], None, torch.empty(0)
+        for _, last in self._denoise_chain(router, call, shape, steps, seed):
+            first = last if first is None else first
+            per_step.append(accuracy(last))
+        assert first is not None
         ce = lambda logits: F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").mean(1)  # noqa: E731
         metrics = {"ce_sigma_max": ce(first), "ce_chain": ce(last), "accuracy_chain": accuracy(last)}
         return metrics | {f"accuracy_step_{i}": value for i, value in enumerate(per_step)}
@@ -198,7 +181,7 @@ class AutoregressiveLM(Task):
             def call(run: Runner, z: Tensor, sigma: Tensor, context: Tensor = context) -> Tensor:
                 return run(context, z, level=sigma, sigma_data=sd, mode="next")
 
-            _, logits = self._denoise_chain(router, call, (x.shape[0], 1, dim), steps, seed * 1_000_003 + i)
+            *_, (_, logits) = self._denoise_chain(router, call, (x.shape[0], 1, dim), steps, seed * 1_000_003 + i)
             logits = logits[:, 0]
             if temperature == 0:
                 nxt = logits.argmax(-1)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lightning_diffusionblocks.levels import append_dims
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
-from lightning_diffusionblocks.sampling import check_integer, euler_step
+from lightning_diffusionblocks.sampling import check_integer, embedding_chain
 from lightning_diffusionblocks.tasks.base import Preview, Task
 
 
@@ -127,19 +127,14 @@ class Classification(Task):
         if steps < 1:
             raise ValueError(f"Prediction needs at least 1 inference step, got steps={steps}.")
         sigmas = self.noise.equiprobable_grid(steps).tolist()
-        n = inputs.shape[0]
-        embeddings = router.at(sigmas[0])(mode="embeddings")
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        z = (torch.randn(n, embeddings.shape[1], generator=gen) * sigmas[0]).to(inputs.device)
-        chain = []
-        for i, sigma in enumerate(sigmas):
-            run = router.at(sigma)
-            sigma_vec = torch.full((n,), sigma, device=inputs.device)
-            probs = run(inputs, z, sigma_vec, sigma_data=self.noise.sigma_data).float().softmax(-1)
-            chain.append((sigma, probs))
-            if i + 1 < len(sigmas):
-                z = euler_step(z, probs @ run(mode="embeddings").float(), sigma, sigmas[i + 1])
-        return chain
+        dim = router.at(sigmas[0])(mode="embeddings").shape[1]
+        sd = self.noise.sigma_data
+
+        def logits_at(run: Runner, z: Tensor, sigma: Tensor) -> Tensor:
+            return run(inputs, z, sigma, sigma_data=sd)
+
+        chain = embedding_chain(router.at, logits_at, (inputs.shape[0], dim), sigmas, seed, inputs.device)
+        return [(sigma, logits.softmax(-1)) for sigma, logits in chain]
 
     def validation_metrics(self, router: Router, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         inputs, labels = self.split(batch)

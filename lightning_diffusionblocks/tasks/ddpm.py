@@ -9,7 +9,6 @@ training timestep distribution. Its null label, call convention and sample shape
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import Tensor
 from lightning_diffusionblocks.ddpm import DDPM_LINEAR, DDPMPrediction, DDPMSchedule, ddpm_target, eps_and_x0
 from lightning_diffusionblocks.levels import append_dims
 from lightning_diffusionblocks.routing import Router, Runner
-from lightning_diffusionblocks.sampling import classifier_free_guidance, ddim_step
+from lightning_diffusionblocks.sampling import classifier_free_guidance, ddim_sample
 from lightning_diffusionblocks.tasks.image_generation import ImageGeneration
 
 EXPECTED_CALL = (
@@ -106,39 +105,32 @@ class DDPM(ImageGeneration):
         bins = [(f"loss_k_{first}-{end - 1}", first - 0.5, end - 0.5) for first, end in zip(edges[:-1], edges[1:])]
         return self.binned_losses(router, batch, batch_idx, [b for b in bins if self.noise.mass(b[1], b[2]) > 0])
 
-    @torch.no_grad()
-    def sample(
+    def integrate(
         self,
         router: Router,
-        labels: Tensor | Sequence[int] | None = None,
-        num_samples: int | None = None,
-        steps: int = 50,
-        guidance: float = 1.0,
-        seed: int = 0,
-        shape: Sequence[int] | None = None,
-        clip: bool | tuple[float, float] = False,
+        noise: Tensor,
+        labels: Tensor | None,
+        guidance: float,
+        steps: int,
+        generator: torch.Generator,
+        clip: bool | tuple[float, float],
     ) -> Tensor:
-        """Generate with DDIM over ``steps`` timesteps (1 ≤ steps ≤ T), each call served by the group owning its
-        timestep; the last step returns x̂₀. Arguments as :meth:`ImageGeneration.sample`; ``guidance`` > 1 mixes
-        conditional and null-label outputs, u + g·(c − u). ``clip`` clamps x̂₀ at *every* step, with ε̂ recomputed
-        from the clamped x̂₀ (DDPM's ``clip_denoised``): an ε-prediction's error is multiplied by 1/√ᾱ in x̂₀ at
-        high noise (×156 at the linear schedule's last timestep), and the clamp keeps it from compounding."""
-        labels, num_samples, shape = self.sampling_inputs(
-            router, labels, num_samples, guidance, shape, steps=steps, clip=clip, seed=seed
-        )
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        z = torch.randn((num_samples, *shape), generator=gen).to(router.device)
-        timesteps = self.noise.grid(steps).tolist()
+        """DDIM over ``steps`` timesteps (1 ≤ steps ≤ T), each call served by the group owning its timestep; the
+        last step returns x̂₀. ``guidance`` > 1 mixes conditional and null-label outputs, u + g·(c − u). ``clip``
+        clamps x̂₀ at *every* step, with ε̂ recomputed from the clamped x̂₀ (DDPM's ``clip_denoised``): an
+        ε-prediction's error is multiplied by 1/√ᾱ in x̂₀ at high noise (×156 at the linear schedule's last
+        timestep), and the clamp keeps it from compounding. Called by :meth:`ImageGeneration.sample`, which holds
+        the arguments and clamps the result once more."""
         alpha_bar = self.noise.alpha_bar().tolist()
-        for i, k in enumerate(timesteps):
-            k_vec = torch.full((num_samples,), k, dtype=torch.long, device=router.device)
+
+        def eps_x0(z: Tensor, k_vec: Tensor, k: int) -> tuple[Tensor, Tensor]:
             predict = partial(self.predict, router.at(float(k)))
             out = classifier_free_guidance(predict, z, k_vec, labels, self.null_label, guidance)
             eps, x0 = eps_and_x0(self.prediction, out, z, torch.tensor(alpha_bar[k]))
             if clip is not False:
                 x0 = self._clip(x0, clip)
                 eps = (z - math.sqrt(alpha_bar[k]) * x0) / math.sqrt(1 - alpha_bar[k])
-            prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
-            noise = torch.randn(z.shape, generator=gen).to(z) if self.eta > 0 and prev < 1.0 else None
-            z = ddim_step(x0, eps, alpha_bar[k], prev, self.eta, noise)
-        return self._clip(z, clip)
+            return eps, x0
+
+        timesteps = self.noise.grid(steps).tolist()
+        return ddim_sample(eps_x0, noise.to(router.device), timesteps, alpha_bar, self.eta, generator)

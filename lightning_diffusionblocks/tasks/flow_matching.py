@@ -8,7 +8,6 @@ null label, call convention and sample shape are discovered as for :class:`Image
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -137,30 +136,22 @@ class FlowMatching(ImageGeneration):
                 bins.append((f"loss_t_{lo:g}-{hi:g}", *inside))
         return self.binned_losses(router, batch, batch_idx, bins)
 
-    @torch.no_grad()
-    def sample(
+    def integrate(
         self,
         router: Router,
-        labels: Tensor | Sequence[int] | None = None,
-        num_samples: int | None = None,
-        steps: int = 50,
-        guidance: float = 1.0,
-        seed: int = 0,
-        shape: Sequence[int] | None = None,
-        clip: bool | tuple[float, float] = False,
+        noise: Tensor,
+        labels: Tensor | None,
+        guidance: float,
+        steps: int,
+        generator: torch.Generator,
+        clip: bool | tuple[float, float],
     ) -> Tensor:
-        """Generate by integrating the flow from pure noise (t = t_max) to t = 0, every call served by the group
-        owning its t (Euler: ``steps`` calls; Heun: 2·steps − 1). Arguments as :meth:`ImageGeneration.sample`;
-        ``guidance`` > 1 mixes conditional and null-label velocities, v_u + g·(v_c − v_u)."""
-        labels, num_samples, shape = self.sampling_inputs(
-            router, labels, num_samples, guidance, shape, steps=steps, clip=clip, seed=seed
-        )
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        z = torch.randn((num_samples, *shape), generator=gen).to(router.device)
+        """Integrate the flow from pure noise (t = t_max) to t = 0, every call served by the group owning its t
+        (Euler: ``steps`` calls; Heun: 2·steps − 1); ``guidance`` > 1 mixes conditional and null-label velocities,
+        v_u + g·(v_c − v_u). Called by :meth:`ImageGeneration.sample`, which holds the arguments."""
 
         def velocity(z: Tensor, t_vec: Tensor, t: float) -> Tensor:
             predict = partial(self.velocity, router.at(t))
             return classifier_free_guidance(predict, z, t_vec, labels, self.null_label, guidance)
 
-        images = flow_sample(velocity, z, self.noise.grid(steps, self.grid), self.sampler)
-        return self._clip(images, clip)
+        return flow_sample(velocity, noise.to(router.device), self.noise.grid(steps, self.grid), self.sampler)

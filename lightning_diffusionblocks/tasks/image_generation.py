@@ -384,26 +384,44 @@ class ImageGeneration(Task):
         shape: Sequence[int] | None = None,
         clip: bool | tuple[float, float] = False,
     ) -> Tensor:
-        """Generate with group-routed Euler: each σ step calls only the group that owns it.
+        """Generate images, every network call served by the group that owns its noise level (the module's
+        ``sample(...)`` forwards here; one signature for every image formulation).
 
-        ``steps`` is chosen here, independent of B and never stored. ``guidance`` > 1 turns on
-        classifier-free guidance (needs ``labels``). Without labels a class-conditional network gets its null
-        label (unconditional samples). ``shape`` is one sample's shape; by default the one found on the
-        network or seen in training. The raw output of the sampler may leave the data range; ``clip=True``
-        clamps it to the range seen in the training data, ``clip=(lo, hi)`` to a given range.
+        ``labels`` (class ids, one sample each) or ``num_samples`` (unconditional) says what to draw. ``steps`` is
+        chosen here, independent of B and never stored. ``guidance`` > 1 turns on classifier-free guidance (needs
+        ``labels``): u + g·(c − u) of the formulation's output. Without labels a class-conditional network gets its
+        null label (unconditional samples). ``seed`` fixes the noise. ``shape`` is one sample's shape; by default
+        the one found on the network or seen in training. The raw output of the sampler may leave the data range;
+        ``clip=True`` clamps it to the range seen in the training data, ``clip=(lo, hi)`` to a given range. How the
+        levels are walked is the formulation's :meth:`integrate` (EDM here: Euler in σ).
         """
         labels, num_samples, shape = self.sampling_inputs(
             router, labels, num_samples, guidance, shape, steps=steps, clip=clip, seed=seed
         )
         gen = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn((num_samples, *shape), generator=gen)
+        return self._clip(self.integrate(router, noise, labels, guidance, steps, gen, clip), clip)
+
+    def integrate(
+        self,
+        router: Router,
+        noise: Tensor,
+        labels: Tensor | None,
+        guidance: float,
+        steps: int,
+        generator: torch.Generator,
+        clip: bool | tuple[float, float],
+    ) -> Tensor:
+        """This formulation's sampler from unit Gaussian ``noise`` (on the CPU) to images, in ``steps`` steps with
+        classifier-free ``guidance``; :meth:`sample` checked the arguments and clips the result. EDM: Euler in σ over
+        the equal-probability grid, each σ step calling only the group that owns it."""
         sigmas = self.noise.equiprobable_grid(steps)
-        z = (torch.randn((num_samples, *shape), generator=gen) * sigmas[0].item()).to(router.device)
+        z = (noise * sigmas[0].item()).to(router.device)
 
         def denoise(z: Tensor, sigma_vec: Tensor, sigma: float) -> Tensor:
             return self.guided_denoise(router.at(sigma), z, sigma_vec, labels, guidance)
 
-        images = euler_sample(denoise, z, sigmas)
-        return self._clip(images, clip)
+        return euler_sample(denoise, z, sigmas)
 
     def sampling_inputs(
         self,
