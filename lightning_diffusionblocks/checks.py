@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_diffusionblocks.dashboard import check_group_loss_monitors
 from lightning_diffusionblocks.tasks.base import Task
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ def check_training_kind(module: DiffusionBlocksModule, blockwise: bool) -> None:
     module trained one way (block-wise or end to end) being fit the other way: its routing would change."""
     trainer = module.trainer
     strategy = type(trainer.strategy).__name__
+    check_group_loss_monitors(trainer)  # once per fit, not at every step that logs a group's loss
     if not blockwise and trainer.world_size > 1 and module.num_blocks > 1:
         # a multi-process strategy of Lightning's own: every process would train the whole network end to end
         # (with num_blocks=1 that is what block-wise training is, so e.g. an end-to-end DDP baseline may run)

@@ -126,8 +126,6 @@ class GroupLossLog:
         #: each group's running loss (the progress bar's ``loss_g``), carried from one fit to the next
         self.running: dict[int, Tensor] = {} if running is None else running
 
-    check_monitors = staticmethod(check_group_loss_monitors)
-
     def log_step(
         self, trainer: pl.Trainer, log: Callable[..., Any], group: int | None, group_steps: Tensor, loss: Tensor
     ) -> None:
@@ -145,7 +143,6 @@ class GroupLossLog:
         log("train/loss", loss, prog_bar=group is None)
         if group is None:
             return
-        self.check_monitors(trainer)  # under block parallel a process has only its own groups' keys
         log(f"train/loss_group_{group}", loss, logger=False)
         running = self.running.get(group)
         running = loss.float() if running is None else torch.lerp(running, loss.float(), self.RUNNING_LOSS_WEIGHT)
