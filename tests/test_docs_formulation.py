@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import torch
 
+import lightning_diffusionblocks as ldb
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "new_formulation.md"
 FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 FILE = re.compile(r"# file: (\w+\.py)")
@@ -151,3 +153,16 @@ def test_doc_formulas_equal_their_closed_forms(doc):
     assert loss.abs().max().item() < 1e-5
     zero = task.per_sample_loss(lambda z, t_in, labels: torch.zeros_like(z), images, None, t, eps32)
     torch.testing.assert_close(zero, eps32.pow(2).flatten(1).mean(1))
+
+
+def test_a_partition_a_formulation_lacks_is_refused_naming_only_those_it_offers(doc):
+    """The base class offers ``equiprobable`` and ``linear``; a formulation that adds ``uniform_log`` (EDM, flow)
+    says so. A new formulation that adds none must not be told to use ``uniform_log``, which it would refuse too."""
+    cosine = doc["CosineDiffusion"]().noise
+    with pytest.raises(ValueError, match=r"Unknown partition 'uniform_log'; use 'equiprobable' or 'linear'\.$"):
+        cosine.boundaries(3, "uniform_log")
+    assert cosine.boundaries(2, "linear").tolist() == pytest.approx([cosine.t_min, 0.5, cosine.t_max], abs=1e-12)
+    for offers_log in (ldb.EDM, ldb.FlowSchedule()):
+        assert offers_log.boundaries(3, "uniform_log").shape == (4,)
+        with pytest.raises(ValueError, match=r"use 'equiprobable', 'uniform_log' or 'linear'\.$"):
+            offers_log.boundaries(3, "quantile")
