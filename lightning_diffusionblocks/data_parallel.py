@@ -16,7 +16,6 @@ naming the tensors (nothing is silently overwritten).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from typing_extensions import override
 
+from lightning_diffusionblocks.files import tensor_digest as tensor_digest  # re-exported: this was its home
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.planning import GroupPlanning, ScheduleSpec
 
@@ -207,17 +207,6 @@ def broadcast_tensors(tensors: list[Tensor], src: int, device: torch.device, gro
             dist.broadcast(flat, src=src, group=group)
         for t, value in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             t.data.copy_(value)
-
-
-def tensor_digest(t: Tensor) -> str:
-    """A hash of a tensor's shape, dtype and exact bytes (two replicas agree only if they are bit-identical)."""
-    data = t.detach().reshape(-1)
-    if data.dtype == torch.bool:
-        data = data.to(torch.uint8)
-    raw = data.contiguous().view(torch.uint8).cpu().numpy()
-    h = hashlib.blake2b(f"{tuple(t.shape)} {t.dtype}".encode(), digest_size=16)
-    h.update(memoryview(raw))
-    return h.hexdigest()
 
 
 def replica_mismatch_message(when: str, problems: list[tuple[int, int, list[str], int]]) -> str:

@@ -1,19 +1,32 @@
-"""Write a file so that readers see the old file or the whole new one, never half of one.
+"""Files and what they must hold: writes that readers see whole or not at all, and digests of tensors.
 
-The new contents go to a temporary file beside the target (same folder, so the rename stays on one file system) and
-are renamed over it only once written; a failed write removes the temporary and leaves the old file as it was.
-Temporary names carry the process id and random bits, so two processes writing one path never write each other's.
+:func:`atomic_write` makes readers see the old file or the whole new one, never half of one: the new contents go to a
+temporary file beside the target (same folder, so the rename stays on one file system) and are renamed over it only
+once written; a failed write removes the temporary and leaves the old file as it was. Temporary names carry the
+process id and random bits, so two processes writing one path never write each other's.
+
+:func:`tensor_digest` is the one hash of tensor contents in the package: the offloader checks that a group file it
+reads back is what it wrote, and the parallel strategies that replicas hold bit-identical copies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
 
 T = TypeVar("T")
+
+#: bytes hashed as one piece; the pieces of large tensors are hashed on a few threads (hashlib releases the GIL)
+DIGEST_CHUNK = 16 * 2**20
+_hashers: ThreadPoolExecutor | None = None
 
 
 def temporary_name(path: str | os.PathLike[str], suffix: str = "tmp") -> Path:
@@ -55,4 +68,38 @@ def atomic_write(
     return result
 
 
-__all__ = ["atomic_write", "temporary_name"]
+def _pieces(tensors: tuple[Tensor, ...]) -> list[Any]:
+    """Every tensor's exact bytes (on the host), cut into pieces of at most :data:`DIGEST_CHUNK` bytes."""
+    pieces: list[Any] = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        data = (flat.cpu() if flat.device.type != "cpu" else flat).contiguous().view(torch.uint8).numpy()
+        pieces += [data[i : i + DIGEST_CHUNK] for i in range(0, max(len(data), 1), DIGEST_CHUNK)]
+    return pieces
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    """SHA-256 (hex) over the tensors' dtypes and shapes, then the SHA-256 of each piece of their exact bytes.
+
+    Equal digests mean the same dtypes, shapes and bits, in order. SHA-256 for every use, because one of them
+    needs a cryptographic hash: a group file on disk can be replaced by another process (another run sharing
+    the folder), and a file built to collide with what was written must not pass. SHA-256 is also fast where it
+    matters (CPU instructions on current x86 and ARM), and the pieces of a large group are hashed in parallel.
+    """
+    global _hashers
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+    pieces = _pieces(tensors)
+    if len(pieces) > 1:
+        if _hashers is None:
+            _hashers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ldb-digest")
+        hashed = list(_hashers.map(lambda data: hashlib.sha256(data).digest(), pieces))
+    else:
+        hashed = [hashlib.sha256(data).digest() for data in pieces]
+    for piece in hashed:
+        h.update(piece)
+    return h.hexdigest()
+
+
+__all__ = ["DIGEST_CHUNK", "atomic_write", "tensor_digest", "temporary_name"]

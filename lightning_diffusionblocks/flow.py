@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_diffusionblocks.levels import NoiseLevels
+from lightning_diffusionblocks.levels import PARTITIONS, NoiseLevels
 
 TimeDistribution = Literal["logit_normal", "uniform"]
 Prediction = Literal["velocity", "x0", "epsilon"]
@@ -97,6 +97,7 @@ class FlowSchedule(NoiseLevels):
             raise ValueError(f"The shift alpha must be positive (1 = no shift), got {self.shift}.")
 
     level_name = "t"
+    partitions = PARTITIONS
 
     @property
     def level_min(self) -> float:

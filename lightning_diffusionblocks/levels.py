@@ -60,8 +60,8 @@ class NoiseLevels(GroupRouting, ABC):
     level_name: str = "level"
     #: the clean end of a sampler's walk, after the last level the network is called at
     level_end: float = 0.0
-    #: the partitions :meth:`boundaries` accepts
-    partitions: tuple[str, ...] = PARTITIONS
+    #: the partitions :meth:`boundaries` accepts: the two every formulation has, plus any its :meth:`cut_other` adds
+    partitions: tuple[str, ...] = ("equiprobable", "linear")
 
     # ------------------------------------------------------------------ what a formulation supplies
     @property
@@ -103,7 +103,8 @@ class NoiseLevels(GroupRouting, ABC):
         return self.cut_other(frac, partition)
 
     def cut_other(self, frac: Tensor, partition: str) -> Tensor:
-        """A partition beyond ``equiprobable``/``linear`` (EDM and flow: ``uniform_log``); refused by default."""
+        """A partition beyond ``equiprobable``/``linear`` (EDM and flow: ``uniform_log``), named in :attr:`partitions`;
+        refused by default."""
         raise self.unknown_partition(partition)
 
     def unknown_partition(self, partition: str) -> ValueError:

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_diffusionblocks.levels import GroupRouting, NoiseLevels
+from lightning_diffusionblocks.levels import PARTITIONS, GroupRouting, NoiseLevels
 
 Partition = Literal["equiprobable", "uniform_log", "linear"]
 
@@ -49,6 +49,7 @@ class NoiseSchedule(NoiseLevels):
     sigma_data: float = 0.5
 
     level_name = "sigma"
+    partitions = PARTITIONS
 
     def __post_init__(self) -> None:
         if not 0 < self.sigma_min < self.sigma_max:

@@ -8,7 +8,6 @@ random schedule it happens whenever the drawn group changes (the overhead is mea
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -16,7 +15,6 @@ import shutil
 import socket
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +27,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_diffusionblocks.dashboard import is_logging_row, log_metrics
-from lightning_diffusionblocks.files import atomic_write
+from lightning_diffusionblocks.files import atomic_write, tensor_digest
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.planning import GroupPlanning
 
@@ -41,34 +39,6 @@ class OffloadError(RuntimeError):
 
 
 PREFIX, OWNER = "ldb-offload-", "owner"
-
-
-_CHUNK = 16 * 2**20  # bytes hashed as one piece; pieces are hashed in parallel (hashlib releases the GIL)
-_hashers: ThreadPoolExecutor | None = None
-
-
-def _pieces(tensors: list[Tensor]) -> list[Any]:
-    """Every tensor's bytes (on the host), cut into pieces of at most ``_CHUNK`` bytes."""
-    pieces: list[Any] = []
-    for t in tensors:
-        flat = t.detach().reshape(-1)
-        data = (flat.cpu() if flat.device.type != "cpu" else flat).contiguous().view(torch.uint8).numpy()
-        pieces += [data[i : i + _CHUNK] for i in range(0, max(len(data), 1), _CHUNK)]
-    return pieces
-
-
-def digest(tensors: list[Tensor]) -> bytes:
-    """SHA-256 over the tensors' dtypes and shapes and the SHA-256 of each piece of their bytes: what a group's file
-    must hold when it is read back. The pieces are hashed on a few threads (a group can be gigabytes)."""
-    global _hashers
-    if _hashers is None:
-        _hashers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ldb-digest")
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-    for piece in _hashers.map(lambda data: hashlib.sha256(data).digest(), _pieces(tensors)):
-        h.update(piece)
-    return h.digest()
 
 
 def refusal_reason(err: BaseException) -> str:
@@ -156,7 +126,7 @@ class BlockOffload(Callback):
         self._resident: set[int] = set()
         self._lost: dict[int, OffloadError] = {}  # groups whose offloaded copy could not be read back, and why
         self._layout: dict[int, list[tuple[torch.Size, torch.dtype]]] = {}  # what each group's file must hold
-        self._digests: dict[int, bytes] = {}  # SHA-256 of what this run last wrote for each group
+        self._digests: dict[int, str] = {}  # SHA-256 of what this run last wrote for each group
         self._finished = False  # teardown ran: groups are not offloaded again
         self._pinned: dict[int, dict[int, Tensor]] = {}  # cpu target: group -> {tensor slot -> pinned buffer}
         self._prefetched: dict[int, dict[int, Tensor]] = {}
@@ -276,7 +246,7 @@ class BlockOffload(Callback):
                     " and saved checkpoints are untouched. Free disk space or pass BlockOffload(directory=...)."
                 ) from err
             self._layout[group] = [(t.shape, t.dtype) for t in tensors]
-            self._digests[group] = digest(tensors)
+            self._digests[group] = tensor_digest(*tensors)
             for slot, t in zip(slots, tensors):
                 self._set(slot, torch.empty(0, dtype=t.dtype, device=t.device))
         else:
@@ -362,7 +332,7 @@ class BlockOffload(Callback):
     def _check_digest(self, group: int, path: Path, tensors: list[Tensor]) -> None:
         """Refuse a file whose tensors are not the bytes this run wrote (right shapes, other values)."""
         expected = self._digests.get(group)
-        if expected is None or digest(tensors) != expected:
+        if expected is None or tensor_digest(*tensors) != expected:
             raise OffloadError(
                 f"The offloaded copy of group {group} at {path} changed since this run wrote it (its SHA-256 differs"
                 " from the one kept in memory), so it was refused and not loaded. Only this process writes to its"
