@@ -229,3 +229,29 @@ def test_sample_logger_decodes_latents_and_scores_fid_from_the_ema_weights(tmp_p
     assert abs(fid_by_hand(features, x, live) - samples.fid_history[-1][1]) > 1e-6
     with pytest.raises(ValueError, match="explicit feature extractor"):
         FID(features="resnet", reference=x)  # type: ignore[arg-type]
+
+
+def test_mnist_datamodule_trains_on_cached_latents(mnist_dir, tmp_path, monkeypatch):
+    vae = tiny_vae()
+    counter = Counting(vae, monkeypatch)
+    space = LatentSpace(vae)
+    dm = ldb.data.MNISTDataModule(mnist_dir, batch_size=8, val_size=20, latents=space, latent_dir=tmp_path / "z")
+    dm.prepare_data()  # encodes train and validation once
+    assert sorted(p.name for p in (tmp_path / "z").iterdir()) == [
+        "mnistdatamodule-train-latents.safetensors", "mnistdatamodule-val-latents.safetensors"
+    ]  # fmt: skip
+    encoded = counter.calls
+    assert encoded > 0
+    dm.setup("fit")
+    z, labels = next(iter(dm.train_dataloader()))
+    assert z.shape == (8, 4, 14, 14)
+    assert labels.dtype == torch.int64
+    pixels = ldb.data.MNISTDataModule(mnist_dir, val_size=20)
+    pixels.setup("fit")
+    assert torch.allclose(dm.val_set.tensors[0], space.encode(pixels.val_set.tensors[0]), atol=1e-6)
+    later = ldb.data.MNISTDataModule(mnist_dir, val_size=20, latents=space, latent_dir=tmp_path / "z")
+    later.prepare_data()
+    later.setup("fit")
+    assert counter.calls == encoded + 1  # the check above; the second data module read both files
+    with pytest.raises(ValueError, match="latent_dir="):
+        ldb.data.MNISTDataModule(mnist_dir, latents=space)
