@@ -204,6 +204,8 @@ class SentenceEncoder:
         """Token states, mask and mean-pooled vector of each text, padded to the longest text."""
         if isinstance(texts, str):
             raise TypeError(f"encode takes a list of texts, got the string {texts!r}; pass [{texts!r}].")
+        if not texts:
+            raise ValueError("encode needs at least one text; pass e.g. [''] for the empty prompt.")
         model, tokenizer = self._load()
         ids = [e.ids for e in tokenizer.encode_batch(list(texts))]
         length = max((len(i) for i in ids), default=0)
