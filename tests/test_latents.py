@@ -4,6 +4,8 @@ SampleLogger decoding latents before it logs them and scoring FID at each valida
 
 from __future__ import annotations
 
+import importlib.util
+
 import lightning as L
 import pytest
 import torch
@@ -229,6 +231,9 @@ def test_sample_logger_decodes_latents_and_scores_fid_from_the_ema_weights(tmp_p
     assert abs(fid_by_hand(features, x, live) - samples.fid_history[-1][1]) > 1e-6
     with pytest.raises(ValueError, match="explicit feature extractor"):
         FID(features="resnet", reference=x)  # type: ignore[arg-type]
+    if importlib.util.find_spec("torch_fidelity") is None:  # the online-only option says what it needs
+        with pytest.raises(ModuleNotFoundError, match="torch-fidelity.*online only"):
+            FID(features="inception", reference=x)
 
 
 def test_mnist_datamodule_trains_on_cached_latents(mnist_dir, tmp_path, monkeypatch):

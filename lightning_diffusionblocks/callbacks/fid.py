@@ -9,6 +9,7 @@ score then encodes only the samples.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from typing import Literal
 
@@ -54,6 +55,12 @@ class FID:
                 "FID needs an explicit feature extractor: a module mapping images to features (offline; e.g. a small"
                 " classifier trained on your data) or features='inception' (downloads InceptionV3 weights; online"
                 f" only); got {features!r}."
+            )
+        if features == "inception" and importlib.util.find_spec("torch_fidelity") is None:
+            raise ModuleNotFoundError(
+                "features='inception' is torchmetrics' InceptionV3, which needs `pip install torch-fidelity` and"
+                " downloads its weights on first use (online only). Offline, pass a feature module, e.g. the body of"
+                " a small classifier trained on your data."
             )
         self.features, self.reference = features, reference
         self.value_range, self.batch_size = value_range, batch_size

@@ -196,7 +196,15 @@ class SentenceEncoder:
             tokenizer.no_truncation()
             tokenizer.enable_truncation(max_length=self.max_length)
             self._tokenizer = tokenizer
-            self._model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True).eval()
+            from transformers.utils import logging as hf_logging
+
+            shown = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # a progress bar per load is noise in a training log
+            try:
+                self._model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True).eval()
+            finally:
+                if shown:
+                    hf_logging.enable_progress_bar()
         return self._model, self._tokenizer
 
     @torch.no_grad()
