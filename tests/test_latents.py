@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -229,6 +230,18 @@ def test_sample_logger_decodes_latents_and_scores_fid_from_the_ema_weights(tmp_p
     live = space.decode(module.sample(labels=labels, steps=2, seed=1))
     module.ema_network = kept
     assert abs(fid_by_hand(features, x, live) - samples.fid_history[-1][1]) > 1e-6
+    # predictions are written decoded too
+    writer = ldb.callbacks.PredictionWriter(tmp_path / "pred", scale=1, decode_latents=space)
+    predict = L.Trainer(**trainer_kwargs(tmp_path, callbacks=[writer]))
+    (predicted,) = predict.predict(module, DataLoader(TensorDataset(torch.tensor([0, 1, 1])), batch_size=3))
+    assert predicted.shape == (3, 4, 14, 14)  # the module returns latents; the file holds images
+    from PIL import Image
+
+    from lightning_diffusionblocks.visualize import image_grid
+
+    rows = module.task.prediction_preview(predicted, torch.tensor([0, 1, 1])).rows
+    written = np.array(Image.open(writer.files[0]))
+    assert np.array_equal(written, image_grid(space.decode(predicted), rows))
     with pytest.raises(ValueError, match="explicit feature extractor"):
         FID(features="resnet", reference=x)  # type: ignore[arg-type]
     if importlib.util.find_spec("torch_fidelity") is None:  # the online-only option says what it needs

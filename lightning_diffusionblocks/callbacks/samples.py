@@ -192,11 +192,7 @@ class SampleLogger(Callback):
                 rank_zero_warn(f"{type(pl_module.task).__name__} offers no preview; SampleLogger logs nothing.")
                 self._warned = True
             return None
-        if self.decode_latents is not None and preview.images is not None:
-            images = self.decode_latents(preview.images).detach().float().cpu()
-            value_range = getattr(self.decode_latents, "value_range", self.image_range)
-            preview = dataclasses.replace(preview, images=images, value_range=tuple(value_range))
-        return preview
+        return decoded_preview(preview, self.decode_latents, self.image_range)
 
     def render(self, trainer: pl.Trainer, preview: Preview) -> list[Path]:
         """Send each part of ``preview`` to every logger (files where a logger takes no images or text)."""
@@ -231,6 +227,17 @@ class SampleLogger(Callback):
         if callable(decode):
             return decode
         return lambda ids: " ".join(str(i) for i in ids)
+
+
+def decoded_preview(
+    preview: Preview, decode_latents: DecodeLatents | None, image_range: tuple[float, float] = (-1.0, 1.0)
+) -> Preview:
+    """``preview`` with its images decoded from latents (in the decoder's ``value_range``, else ``image_range``)."""
+    if decode_latents is None or preview.images is None:
+        return preview
+    images = decode_latents(preview.images).detach().float().cpu()
+    lo, hi = getattr(decode_latents, "value_range", image_range)
+    return dataclasses.replace(preview, images=images, value_range=(float(lo), float(hi)))
 
 
 def _to_cpu(batch: Any) -> Any:
