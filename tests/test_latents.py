@@ -211,7 +211,8 @@ def test_sample_logger_decodes_latents_and_scores_fid_from_the_ema_weights(tmp_p
     )  # fmt: skip
     loader = DataLoader(data, batch_size=8)
     kwargs = trainer_kwargs(tmp_path, callbacks=[samples], limit_val_batches=1)
-    L.Trainer(strategy="diffusionblocks", max_steps=4, **kwargs).fit(module, loader, loader)
+    trainer = L.Trainer(strategy="diffusionblocks", max_steps=4, **kwargs)
+    trainer.fit(module, loader, loader)
 
     assert samples.last is not None
     assert samples.last.images is not None
@@ -223,6 +224,7 @@ def test_sample_logger_decodes_latents_and_scores_fid_from_the_ema_weights(tmp_p
 
     assert [step for step, _ in samples.fid_history] == [2, 4]  # one score per validation (2 epochs of 2 steps)
     assert fid.reference_count == 16  # the reference statistics were computed once, not at each validation
+    assert float(trainer.callback_metrics["samples/fid"]) == pytest.approx(samples.fid_history[-1][1], rel=1e-6)
     labels = torch.tensor([0] * 4 + [1] * 4)
     ema = space.decode(module.sample(labels=labels, steps=2, seed=1))
     assert samples.fid_history[-1][1] == pytest.approx(fid_by_hand(features, x, ema), rel=1e-4, abs=1e-6)

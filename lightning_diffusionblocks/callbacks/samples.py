@@ -62,7 +62,8 @@ class SampleLogger(Callback):
         fid: an :class:`~lightning_diffusionblocks.callbacks.fid.FID` scored at the end of each validation (not
             the sanity check) on a preview made with ``fid_options`` (e.g. ``{"per_row": 50}``: 50 samples per
             class in the batch), from the sampling weights (the EMA copy when the module keeps one), decoded first;
-            logged as ``<key>/fid``. The reference statistics are computed once, at the first validation.
+            logged as ``<key>/fid`` with ``pl_module.log`` (a metric ``ModelCheckpoint``/``EarlyStopping`` can
+            monitor). The reference statistics are computed once, at the first validation.
         fid_options: passed to the task's ``preview`` for the FID samples (default: ``options``).
         options, **kwargs: passed to the task's ``preview`` (e.g. ``steps=50, guidance=2.0, per_row=10`` for images,
             ``num_samples=8, max_new_tokens=64`` for language models, ``steps=`` for classification); ``options``
@@ -143,11 +144,17 @@ class SampleLogger(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.fid is not None and not trainer.sanity_checking and self._batch is not None:
-            self.score(trainer, pl_module)
+        if self.fid is None or trainer.sanity_checking or self._batch is None:
+            return
+        value = self.score(trainer, pl_module, log=False)
+        if trainer.world_size > 1:
+            value = trainer.strategy.broadcast(value, src=0)
+        if value is not None:  # on every process, so ModelCheckpoint(monitor="samples/fid") can use it
+            pl_module.log(f"{self.key}/fid", value)
 
-    def score(self, trainer: pl.Trainer, pl_module: Any) -> float | None:
-        """The FID of a preview's samples now (see ``fid``), logged as ``<key>/fid`` (call it on every process)."""
+    def score(self, trainer: pl.Trainer, pl_module: Any, log: bool = True) -> float | None:
+        """The FID of a preview's samples now (see ``fid``; call it on every process; rank 0 returns it), logged
+        as ``<key>/fid`` (after validation, through ``pl_module.log`` instead, so that callbacks can monitor it)."""
         assert self.fid is not None
         options = self.options if self.fid_options is None else self.fid_options
         preview = self._preview(trainer, pl_module, options)
@@ -155,7 +162,8 @@ class SampleLogger(Callback):
             return None
         value = self.fid.score(preview.images)
         self.fid_history.append((trainer.global_step, value))
-        log_metrics(trainer, {f"{self.key}/fid": value}, logging_step(trainer))
+        if log:
+            log_metrics(trainer, {f"{self.key}/fid": value}, logging_step(trainer))
         return value
 
     def show(self, trainer: pl.Trainer, pl_module: Any) -> Preview | None:
