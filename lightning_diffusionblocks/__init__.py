@@ -12,6 +12,7 @@ from lightning_diffusionblocks.block_parallel import BlockParallelStrategy
 from lightning_diffusionblocks.data_parallel import DiffusionBlocksDDPStrategy
 from lightning_diffusionblocks.ddpm import DDPMSchedule
 from lightning_diffusionblocks.flow import FlowSchedule
+from lightning_diffusionblocks.latents import LatentDataset, LatentSpace, cache_latents
 from lightning_diffusionblocks.module import DiffusionBlocksModule, NonFiniteLossError
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.partition import BlockStack, BlockwiseNetwork, find_block_stack, split_layers
@@ -30,6 +31,8 @@ __all__ = [
     "DDPMSchedule",
     "EDM",
     "FlowSchedule",
+    "LatentDataset",
+    "LatentSpace",
     "BlockStack",
     "BlockwiseNetwork",
     "DiffusionBlocksModule",
@@ -39,6 +42,7 @@ __all__ = [
     "RandomSchedule",
     "Schedule",
     "SequentialSchedule",
+    "cache_latents",
     "callbacks",
     "data",
     "find_block_stack",

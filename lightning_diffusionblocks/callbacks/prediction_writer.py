@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_diffusionblocks.callbacks.samples import DecodeLatents, decoded_preview
 from lightning_diffusionblocks.dashboard import write_csv
 from lightning_diffusionblocks.visualize import image_grid
 
@@ -35,14 +36,29 @@ class PredictionWriter(BasePredictionWriter):
         output_dir: where the files go; default ``<default_root_dir>/predictions``.
         decode: token ids → text; default the datamodule's ``tokenizer.decode`` if it has one, else the ids.
         scale: each image pixel becomes ``scale`` × ``scale`` pixels in the PNG, so small images stay visible.
+        decode_latents: for a model trained on latents, latents → images before they are written (a
+            :class:`~lightning_diffusionblocks.latents.LatentSpace`, or a callable returning images in
+            ``image_range``).
     """
 
-    def __init__(self, output_dir: str | os.PathLike | None = None, decode: Decode | None = None, scale: int = 3):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike | None = None,
+        decode: Decode | None = None,
+        scale: int = 3,
+        decode_latents: DecodeLatents | None = None,
+        image_range: tuple[float, float] = (-1.0, 1.0),
+    ):
         super().__init__(write_interval="batch")
         if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
             raise ValueError(f"scale must be a positive integer, got {scale!r}.")
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.decode, self.scale = decode, scale
+        if decode_latents is not None and not callable(decode_latents):
+            raise ValueError(
+                f"decode_latents must map latents to images (a LatentSpace or a callable); got {decode_latents!r}."
+            )
+        self.decode_latents, self.image_range = decode_latents, image_range
         #: every file written so far (for scripts and tests)
         self.files: list[Path] = []
 
@@ -72,6 +88,7 @@ class PredictionWriter(BasePredictionWriter):
         preview = pl_module.task.prediction_preview(prediction, batch)  # type: ignore[union-attr, operator]
         if preview is None:
             return
+        preview = decoded_preview(preview, self.decode_latents, self.image_range)
         assert self.output_dir is not None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         stem = f"predictions_{dataloader_idx}_{batch_idx:05d}"

