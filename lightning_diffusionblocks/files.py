@@ -6,7 +6,10 @@ once written; a failed write removes the temporary and leaves the old file as it
 process id and random bits, so two processes writing one path never write each other's.
 
 :func:`tensor_digest` is the one hash of tensor contents in the package: the offloader checks that a group file it
-reads back is what it wrote, and the parallel strategies that replicas hold bit-identical copies.
+reads back is what it wrote, and the parallel strategies that replicas hold bit-identical copies. :class:`Digest`
+builds the same hash incrementally from names, strings and tensors, to key a cache (caption embeddings, encoded
+latents) to the weights and data that made it, so a changed encoder or data set rebuilds the cache instead of
+silently reusing stale values.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 T = TypeVar("T")
 
@@ -102,4 +105,39 @@ def tensor_digest(*tensors: Tensor) -> str:
     return h.hexdigest()
 
 
-__all__ = ["DIGEST_CHUNK", "atomic_write", "tensor_digest", "temporary_name"]
+class Digest:
+    """An incremental SHA-256 of strings and tensors (dtype, shape and exact bytes), for cache keys."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def text(self, value: str) -> Digest:
+        data = value.encode()
+        self._h.update(len(data).to_bytes(8, "little") + data)  # length-prefixed: ("ab","c") != ("a","bc")
+        return self
+
+    def bytes(self, data: bytes | memoryview) -> Digest:
+        """Raw bytes, fed in pieces (a file read in chunks digests like the whole file)."""
+        self._h.update(data)
+        return self
+
+    def tensor(self, t: Tensor) -> Digest:
+        self._h.update(tensor_digest(t).encode())
+        return self
+
+    def tensors(self, named: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> Digest:
+        items = named.items() if isinstance(named, Mapping) else named
+        for name, t in items:
+            self.text(name).tensor(t)
+        return self
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def module_digest(module: nn.Module) -> str:
+    """The digest of a module's class name and every entry of its ``state_dict`` (weights and buffers)."""
+    return Digest().text(type(module).__qualname__).tensors(module.state_dict()).hexdigest()
+
+
+__all__ = ["DIGEST_CHUNK", "Digest", "atomic_write", "module_digest", "tensor_digest", "temporary_name"]

@@ -25,8 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_diffusionblocks.digests import Digest, module_digest
-from lightning_diffusionblocks.files import atomic_write
+from lightning_diffusionblocks.files import Digest, atomic_write, module_digest
 
 __all__ = ["LatentDataset", "LatentSpace", "StaleCacheError", "cache_latents"]
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 #: subpackage's name covers its files, ``""`` is the package's own ``__init__``.
 LAYERS: list[tuple[str, set[str]]] = [
     ("plain data and helpers", {"records", "checkpoints", "files", "memory", "previews", "visualize", "text_metrics",
-                                "digests", "latents"}),
+                                "latents"}),
     ("how a network is cut and run", {"partition", "routing", "schedules"}),
     ("noise formulations and samplers", {"levels", "noise", "flow", "ddpm", "masking", "sampling"}),
     ("networks, data and tasks", {"models", "data", "tasks"}),

@@ -33,8 +33,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_diffusionblocks.data.loaders import make_loader
 from lightning_diffusionblocks.data.mnist import MNISTDataModule
-from lightning_diffusionblocks.digests import Digest
-from lightning_diffusionblocks.files import atomic_write
+from lightning_diffusionblocks.files import Digest, atomic_write
 
 __all__ = [
     "DIGIT_NAMES",
