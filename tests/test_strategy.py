@@ -83,7 +83,7 @@ def test_schedules_are_pure_functions_of_step():
     ("stem", "schedule", "weight_decay"),
     [("per_group", "random", 0.1), ("shared", "random", 0.1), ("per_group", "sequential", 0.0)],
 )
-def test_only_the_active_group_changes(tmp_path, stem, schedule, weight_decay):
+def test_each_schedule_changes_only_the_active_group(tmp_path, stem, schedule, weight_decay):
     module = make_module(stem=stem, weight_decay=weight_decay)
     recorder = StepRecorder()
     strategy = ldb.DiffusionBlocksStrategy(schedule=schedule, steps_per_phase=3)
