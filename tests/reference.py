@@ -16,11 +16,7 @@ import torch
 from torch import Tensor
 
 P_MEAN, P_STD, SIGMA_MIN, SIGMA_MAX, SIGMA_DATA = -1.2, 1.2, 0.002, 80.0, 0.5
-
-
 T_MIN = 1e-4  # MaskingSchedule's default lower end of t (keeps the 1/t weight finite)
-
-
 NORMAL = NormalDist()
 
 
