@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_diffusionblocks as ldb
@@ -45,6 +49,28 @@ def trainer_kwargs(tmp_path: Path, **overrides) -> dict:  # noqa: ANN003
     }
     kwargs.update(overrides)
     return kwargs
+
+
+def make_module(depth: int = 3, **kwargs: Any) -> ldb.DiffusionBlocksModule:
+    """The tiny DiT of ``depth`` blocks under ImageGeneration, in ``num_blocks=3`` groups unless given."""
+    kwargs.setdefault("num_blocks", 3)
+    return ldb.DiffusionBlocksModule(tiny_dit(depth=depth), ldb.tasks.ImageGeneration(), **kwargs)
+
+
+def fit(
+    module: L.LightningModule,
+    root: Path,
+    steps: int = 3,
+    strategy: object = "diffusionblocks",
+    callbacks: Iterable[Callback] = (),
+    loader: DataLoader | None = None,
+    **trainer: Any,
+) -> L.Trainer:
+    """Train ``module`` for ``steps`` optimizer steps under ``strategy`` on ``loader`` (default: the synthetic images),
+    with the fast CPU Trainer defaults of :func:`trainer_kwargs` (``trainer`` overrides them)."""
+    fitted = L.Trainer(strategy=strategy, max_steps=steps, callbacks=list(callbacks), **trainer_kwargs(root, **trainer))
+    fitted.fit(module, image_loader() if loader is None else loader)
+    return fitted
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.data import make_loader
 from lightning_diffusionblocks.tasks import ImageGeneration
-from tests.conftest import image_loader, tiny_dit, trainer_kwargs
+from tests.conftest import fit, image_loader, tiny_dit, trainer_kwargs
 
 
 class PerSampleGeneration(ImageGeneration):
@@ -36,18 +36,16 @@ def make(**kwargs: Any) -> ldb.DiffusionBlocksModule:
     return ldb.DiffusionBlocksModule(tiny_dit(), PerSampleGeneration(label_dropout=0.0), **kwargs)
 
 
-def fit(module: ldb.DiffusionBlocksModule, tmp_path, batch_size: int, steps: int, **kw: Any) -> L.Trainer:  # noqa: ANN001
-    strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=2)
-    trainer = L.Trainer(strategy=strategy, max_steps=steps, **trainer_kwargs(tmp_path, **kw))
-    trainer.fit(module, image_loader(n=96, batch_size=batch_size))
-    return trainer
+def in_pairs() -> ldb.DiffusionBlocksStrategy:
+    """The groups in order, two optimizer steps each."""
+    return ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=2)
 
 
 def test_accumulating_two_micro_batches_equals_one_batch_twice_as_large(tmp_path):
     """4 + 4 accumulated = one batch of 8: same weights, EMA, step counts, LR schedule (in optimizer steps)."""
     large, accumulated = make(), make(accumulate_grad_batches=2)
-    t_large = fit(large, tmp_path / "a", batch_size=8, steps=6)
-    t_acc = fit(accumulated, tmp_path / "b", batch_size=4, steps=6)
+    t_large = fit(large, tmp_path / "a", steps=6, strategy=in_pairs(), loader=image_loader(n=96, batch_size=8))
+    t_acc = fit(accumulated, tmp_path / "b", steps=6, strategy=in_pairs(), loader=image_loader(n=96, batch_size=4))
     assert t_large.global_step == t_acc.global_step == 6  # max_steps counts optimizer steps
     assert accumulated.group_steps.tolist() == large.group_steps.tolist() == [2, 2, 2]
     assert int(accumulated.step_count) == 6
@@ -57,7 +55,7 @@ def test_accumulating_two_micro_batches_equals_one_batch_twice_as_large(tmp_path
     assert [pg["lr"] for pg in t_acc.optimizers[0].param_groups] == pytest.approx(lr)
     # and it is not the same as not accumulating (batches of 4, one step each)
     plain = make()
-    fit(plain, tmp_path / "c", batch_size=4, steps=6)
+    fit(plain, tmp_path / "c", steps=6, strategy=in_pairs(), loader=image_loader(n=96, batch_size=4))
     assert any(not torch.allclose(a, b) for a, b in zip(plain.network.parameters(), accumulated.network.parameters()))
 
 

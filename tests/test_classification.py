@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import pytest
 import timm
 import torch
-from torch import nn
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.data import FashionMNISTDataModule, find_fashion_mnist_dir
 from lightning_diffusionblocks.models import ConditioningAdapter
 from lightning_diffusionblocks.partition import autograd_leaves
+from lightning_diffusionblocks.tasks import Classification
 from tests.conftest import trainer_kwargs
+from tests.fakes import FACTORS, Recorder, Scale
+from tests.reference import SIGMA_MAX, close, cross_entropy, edm_boundaries, edm_grid, gen, owner, weight
 
 
 def tiny_vit(name: str = "vit_tiny_patch16_224", depth: int = 6) -> nn.Module:
@@ -47,7 +53,7 @@ def loader(n: int = 48, num_classes: int = 4) -> DataLoader:
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_small_patch16_224"])
-def test_untrained_adapter_leaves_the_backbone_unchanged(name):
+def test_untrained_conditioning_adapter_leaves_the_vit_unchanged(name):
     vit = tiny_vit(name)
     x = torch.randn(2, 1, 16, 16)
     before = vit.forward_features(x)
@@ -185,3 +191,175 @@ def test_classification_weightings(weighting):
         assert torch.allclose(ratio, torch.log(torch.tensor(4.0)).expand(6), rtol=1e-4)
     with pytest.raises(ValueError, match="weighting must be"):
         ldb.tasks.Classification(4, weighting="mean")
+
+
+# ------------------------------------------- the Classification task against the paper's equations (tests/reference.py)
+
+
+@pytest.mark.parametrize("weighting", ["per_sample", "batch_mean", "none"])
+def test_classification_loss(weighting: str) -> None:
+    """Classification (App. C): y = Ê[label] (normalised rows), z = y + σε, CE weighted by λ(σ) / mean λ / 1."""
+    n, dim, num_classes = 6, 5, 4
+    table = F.normalize(torch.randn(num_classes, dim, generator=gen(0)), dim=-1)
+    labels = torch.tensor([0, 3, 1, 2, 2, 0])
+    inputs = torch.randn(n, 3, generator=gen(1))
+    sigma = torch.tensor([0.002, 0.05, 0.3, 1.0, 7.0, 80.0])
+    logits = torch.randn(n, num_classes, generator=gen(2)) * 3
+    run = Recorder(logits, table)
+    loss = Classification(num_classes, weighting=weighting).loss(run, (inputs, labels), sigma, gen(9))
+    eps = torch.randn(n, dim, generator=gen(9)).double()
+    assert len(run.calls) == 1
+    args, kwargs = run.calls[0]
+    assert torch.equal(args[0], inputs)
+    close(args[1], table[labels].double() + sigma.double().view(-1, 1) * eps, rtol=1e-5, atol=1e-6)
+    close(args[2], sigma, rtol=0.0, atol=0.0)
+    ce = cross_entropy(logits, labels)
+    scale = {"per_sample": weight(sigma), "batch_mean": weight(sigma).mean(), "none": torch.tensor(1.0)}[weighting]
+    close(loss, scale * ce, rtol=1e-5)
+
+
+class FakeClassifier(nn.Module):
+    """logits = s_g·z·W + x·P; ``mode="embeddings"`` gives the normalised table Ê."""
+
+    def __init__(self, num_classes: int = 5, dim: int = 6, in_dim: int = 3) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Scale(f) for f in FACTORS)
+        self.table = F.normalize(torch.randn(num_classes, dim, generator=gen(0)), dim=-1)
+        self.w = torch.randn(dim, num_classes, generator=gen(1)) * 2
+        self.p = torch.randn(in_dim, num_classes, generator=gen(2))
+        self.calls: list[dict[str, Tensor]] = []
+
+    def forward(
+        self, inputs: Tensor | None = None, z: Tensor | None = None, sigma: Tensor | None = None,
+        sigma_data: float = 0.5, mode: str = "logits",
+    ) -> Tensor:  # fmt: skip
+        if mode == "embeddings":
+            return self.table.clone()
+        assert inputs is not None
+        assert z is not None
+        assert sigma is not None
+        self.calls.append({"z": z.clone(), "sigma": sigma.clone()})
+        h = z
+        for block in self.blocks:
+            h = block(h)
+        return h @ self.w + inputs @ self.p
+
+
+@pytest.mark.parametrize("steps", [None, 6])
+def test_classification_bridge(steps: int | None) -> None:
+    """Classification inference (App. C/H): D̂ = softmax(logits)·Ê (the same Ê), Euler step; last softmax returned."""
+    net = FakeClassifier()
+    module = ldb.DiffusionBlocksModule(net, Classification(5), num_blocks=3)
+    inputs = torch.randn(16, 3, generator=gen(4))
+    probs = module.predict_proba(inputs, steps=steps, seed=1)
+    sigmas = edm_grid(steps or 3)  # default: B steps
+    assert len(net.calls) == len(sigmas)
+    z = net.calls[0]["z"].double()
+    assert 0.75 * SIGMA_MAX < float(z.std()) < 1.25 * SIGMA_MAX  # z_0 ~ N(0, σ_max²)
+    table, bounds, p = net.table.double(), edm_boundaries(3), None
+    for i, (call, s) in enumerate(zip(net.calls, sigmas)):
+        close(call["z"], z, rtol=1e-4, atol=1e-5)
+        close(call["sigma"], torch.full((16,), s), rtol=1e-6, atol=0.0)
+        logits = FACTORS[owner(s, bounds)] * z @ net.w.double() + inputs.double() @ net.p.double()
+        p = logits.softmax(-1)
+        if i + 1 < len(sigmas):
+            z = z + (sigmas[i + 1] - s) * (z - p @ table) / s
+    assert p is not None
+    close(probs, p, rtol=1e-4, atol=1e-6)
+
+
+def bridge_probs(net: FakeClassifier, inputs: Tensor, z0: Tensor, sigmas: list[float]) -> Tensor:
+    """The classification bridge (App. C/H) from z_0: routed logits, D̂ = softmax·Ê, Euler; the last softmax."""
+    z, table, bounds, p = z0.double(), net.table.double(), edm_boundaries(3), None
+    for i, s in enumerate(sigmas):
+        p = (FACTORS[owner(s, bounds)] * z @ net.w.double() + inputs.double() @ net.p.double()).softmax(-1)
+        if i + 1 < len(sigmas):
+            z = z + (sigmas[i + 1] - s) * (z - p @ table) / s
+    assert p is not None
+    return p
+
+
+def test_classification_accuracy_and_prediction_use_the_batch_index_as_seed() -> None:
+    """Validation accuracy = mean(argmax of the bridge's last softmax == label), its noise seeded by the batch
+    index; predict_step returns the same probabilities for `inputs`, `(inputs,)` and `(inputs, labels)` batches."""
+    net = FakeClassifier()
+    module = ldb.DiffusionBlocksModule(net, Classification(5), num_blocks=3)
+    task, router = module.task, module.router()
+    n = 8
+    inputs = torch.randn(n, 3, generator=gen(4))
+    task.predict_proba(router, inputs, seed=3)
+    reference_z0 = net.calls[0]["z"].clone()
+    predicted = bridge_probs(net, inputs, reference_z0, edm_grid(3)).argmax(-1)
+    labels = predicted.clone()
+    labels[:2] = (labels[:2] + 1) % 5  # 6 of 8 right
+    net.calls.clear()
+    acc = task.validation_metrics(router, (inputs, labels), 3)["acc"]
+    close(net.calls[0]["z"], reference_z0, rtol=0.0, atol=0.0)  # the noise of seed = batch index
+    assert float(acc) == pytest.approx(0.75)
+    for batch in (inputs, (inputs,), (inputs, labels)):
+        net.calls.clear()
+        probs = task.predict_step(router, batch, 3)
+        close(net.calls[0]["z"], reference_z0, rtol=0.0, atol=0.0)
+        close(probs, bridge_probs(net, inputs, reference_z0, edm_grid(3)), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="takes batches of `inputs` or `\\(inputs, labels\\)`"):
+        task.predict_step(router, (inputs, labels, labels), 0)
+
+
+class Table(nn.Module):
+    """``net(mode="embeddings")`` returns ``table``, or fails when there is none."""
+
+    def __init__(self, table: Tensor | None) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, mode: str = "logits") -> Tensor:
+        if self.table is None:
+            raise RuntimeError("no table")
+        return self.table
+
+
+def test_classification_checks_its_batches_and_network() -> None:
+    """Classification batches are (inputs, 1-D integer labels in [0, C)); its network must give a (C, dim) table;
+    predict batches hold inputs, not labels."""
+    task = Classification(3)
+    inputs = torch.zeros(4, 2)
+    assert task.batch_size((inputs, torch.tensor([0, 1, 2, 0]))) == 4
+    with pytest.raises(ValueError, match=r"^Classification expects batches of `\(inputs, labels\)`\.$"):
+        task.batch_size((inputs, torch.zeros(4, dtype=torch.long), inputs))
+    with pytest.raises(
+        ValueError, match=r"^Labels must be a 1-D integer tensor, got torch\.float32 of shape \(4,\)\.$"
+    ):
+        task.batch_size((inputs, torch.zeros(4)))
+    with pytest.raises(
+        ValueError,
+        match=r"^Labels must be in \[0, 3\); got \[3, 3, 3, 3, 3\]\. Check num_classes or the data set's label"
+        r" mapping\.$",
+    ):
+        task.batch_size((torch.zeros(6, 2), torch.full((6,), 3)))
+    with pytest.raises(
+        ValueError,
+        match=r"^Classification needs a network .*; Table does not \(RuntimeError: no table\)\. Wrap a plain"
+        r" backbone: ConditioningAdapter\(backbone, num_classes=3\)\. An image denoiser \(e\.g\. DiT\) belongs"
+        r" to ImageGeneration\.$",
+    ):
+        task.bind(Table(None))
+    with pytest.raises(ValueError, match=r"^Table\(mode='embeddings'\) must return a \(classes, dim\) tensor\.$"):
+        task.bind(Table(torch.zeros(3)))
+    with pytest.raises(
+        ValueError,
+        match=r"^The network embeds 4 classes but Classification\(num_classes=3\)\. Build both with the data set's"
+        r" number of classes\.$",
+    ):
+        task.bind(Table(torch.zeros(4, 2)))
+    task.bind(Table(torch.zeros(3, 2)))
+    router: Any = None  # refused before any network call
+    with pytest.raises(
+        ValueError, match=r"^Classification's predict_step takes batches of `inputs` or `\(inputs, labels\)`\.$"
+    ):
+        task.predict_step(router, [1, 2], 0)
+    with pytest.raises(
+        ValueError,
+        match=r"^Classification's predict_step got an integer tensor of shape \(4,\): a predict batch holds the"
+        r" inputs to classify \(e\.g\. images\), not labels\.$",
+    ):
+        task.predict_step(router, torch.zeros(4, dtype=torch.long), 0)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_diffusionblocks as ldb
-from tests.conftest import image_loader, tiny_dit, trainer_kwargs
+from tests.conftest import fit, image_loader, tiny_dit, trainer_kwargs
 from tests.test_adapter import build as build_backbone
 from tests.test_language import needs_hf, token_loader
 
@@ -148,11 +148,12 @@ def module_for(case: Case, num_blocks: int = 3, **kwargs: Any) -> ldb.DiffusionB
     return ldb.DiffusionBlocksModule(net, task, num_blocks=num_blocks, lr=1e-2, **case.module_kwargs, **kwargs)
 
 
-def fit(module: ldb.DiffusionBlocksModule, case: Case, tmp_path: Path, steps: int = 3, **strategy: Any) -> L.Trainer:
+def fit_case(
+    module: ldb.DiffusionBlocksModule, case: Case, tmp_path: Path, steps: int = 3, **strategy: Any
+) -> L.Trainer:
+    """Train on the case's data under ``strategy=`` or a DiffusionBlocksStrategy built from the other keywords."""
     chosen = strategy.pop("strategy", None) or ldb.DiffusionBlocksStrategy(**strategy)
-    trainer = L.Trainer(strategy=chosen, max_steps=steps, **trainer_kwargs(tmp_path))
-    trainer.fit(module, case.loader())
-    return trainer
+    return fit(module, tmp_path, steps=steps, strategy=chosen, loader=case.loader())
 
 
 def flat(params: list[nn.Parameter]) -> Tensor:
@@ -183,7 +184,7 @@ def test_only_the_active_group_changes(case: Case, tmp_path: Path) -> None:
     before = [flat(module.network.group_parameters(g)) for g in range(3)]
     # a shared stem is refused with a subset of groups (it would move a finished group's input): random over all
     shared = case.module_kwargs.get("stem") == "shared"
-    fit(module, case, tmp_path, steps=2, **({} if shared else {"groups_to_train": [1]}))
+    fit_case(module, case, tmp_path, steps=2, **({} if shared else {"groups_to_train": [1]}))
     after = [flat(module.network.group_parameters(g)) for g in range(3)]
     trained = [s > 0 for s in module.group_steps.tolist()]
     assert [not torch.equal(b, a) for b, a in zip(before, after)] == trained
@@ -212,7 +213,7 @@ def test_each_level_is_served_by_its_owning_group_only(case: Case, steps: int) -
 @pytest.mark.parametrize("case", PARAMS)
 def test_checkpoint_round_trip_gives_identical_outputs(case: Case, tmp_path: Path) -> None:
     module = module_for(case, ema_decay=0.9)
-    trainer = fit(module, case, tmp_path)
+    trainer = fit_case(module, case, tmp_path)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     restored = ldb.DiffusionBlocksModule.load_from_checkpoint(path, **case.reload())
@@ -230,7 +231,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(case: Case, tmp_path: Pat
 @pytest.mark.parametrize("case", PARAMS)
 def test_plain_trainer_validation_equals_strategy_validation(case: Case, tmp_path: Path) -> None:
     module = module_for(case)
-    fit(module, case, tmp_path, steps=3)
+    fit_case(module, case, tmp_path, steps=3)
     plain = L.Trainer(**trainer_kwargs(tmp_path)).validate(module, case.loader(), verbose=False)
     strategy = L.Trainer(strategy="diffusionblocks", **trainer_kwargs(tmp_path)).validate(
         module, case.loader(), verbose=False
@@ -242,8 +243,8 @@ def test_plain_trainer_validation_equals_strategy_validation(case: Case, tmp_pat
 @pytest.mark.parametrize("case", PARAMS)
 def test_one_group_blockwise_equals_end_to_end(case: Case, tmp_path: Path) -> None:
     blockwise, end_to_end = module_for(case, num_blocks=1), module_for(case, num_blocks=1)
-    fit(blockwise, case, tmp_path, steps=3)
-    fit(end_to_end, case, tmp_path, steps=3, strategy="auto")
+    fit_case(blockwise, case, tmp_path, steps=3)
+    fit_case(end_to_end, case, tmp_path, steps=3, strategy="auto")
     assert blockwise.blockwise
     assert not end_to_end.blockwise
     for (key, a), b in zip(blockwise.state_dict().items(), end_to_end.state_dict().values()):

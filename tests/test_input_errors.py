@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks import checks
 from lightning_diffusionblocks.models import ConditioningAdapter
-from tests.conftest import tiny_dit, trainer_kwargs
+from tests.conftest import fit, tiny_dit, trainer_kwargs
 
 IMAGE_TASKS = (ldb.tasks.ImageGeneration, ldb.tasks.FlowMatching, ldb.tasks.DDPM)
 
@@ -29,12 +29,11 @@ def batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.arange(n) % 10
 
 
-def fit(net: nn.Module, task: ldb.tasks.Task, images: torch.Tensor, labels: torch.Tensor, tmp_path: Path,
-        max_steps: int = 1, **trainer: Any) -> ldb.DiffusionBlocksModule:  # noqa: ANN401  # fmt: skip
+def fit_on(net: nn.Module, task: ldb.tasks.Task, images: torch.Tensor, labels: torch.Tensor, tmp_path: Path,
+           max_steps: int = 1, **trainer: Any) -> ldb.DiffusionBlocksModule:  # noqa: ANN401  # fmt: skip
+    """A two-group module of ``net`` and ``task`` trained on a user's own ``(images, labels)`` tensors."""
     module = ldb.DiffusionBlocksModule(net, task, num_blocks=2)
-    loader = DataLoader(TensorDataset(images, labels), batch_size=16)
-    trainer.setdefault("strategy", "diffusionblocks")
-    L.Trainer(max_steps=max_steps, **trainer_kwargs(tmp_path, **trainer)).fit(module, loader)
+    fit(module, tmp_path, steps=max_steps, loader=DataLoader(TensorDataset(images, labels), batch_size=16), **trainer)
     return module
 
 
@@ -73,13 +72,13 @@ def test_image_tasks_refuse_training_data_they_would_misread(tmp_path, task_clas
     _, convert, message = case
     images, labels = convert(*batch())
     with pytest.raises(ValueError, match=message):
-        fit(tiny_dit(depth=2), task_class(), images, labels, tmp_path)
+        fit_on(tiny_dit(depth=2), task_class(), images, labels, tmp_path)
 
 
 def test_unscaled_float_images_are_warned_about(tmp_path):
     images, labels = batch()
     with pytest.warns(UserWarning, match=r"range over \[.*255.*images / 127\.5 - 1"):
-        fit(tiny_dit(depth=2), ldb.tasks.ImageGeneration(), (images + 1) * 127.5, labels, tmp_path)
+        fit_on(tiny_dit(depth=2), ldb.tasks.ImageGeneration(), (images + 1) * 127.5, labels, tmp_path)
 
 
 def test_classification_names_argmax_for_one_hot_labels():
@@ -107,8 +106,8 @@ def test_a_real_class_equal_to_the_guessed_null_label_is_refused(tmp_path):
     with pytest.raises(
         ValueError, match=r"include 9.*guessed as the last row of the label embedding `label`.*null_label"
     ):
-        fit(LabelNet(10), ldb.tasks.FlowMatching(), images, labels, tmp_path)
-    module = fit(LabelNet(10), ldb.tasks.FlowMatching(), images, labels % 9, tmp_path)
+        fit_on(LabelNet(10), ldb.tasks.FlowMatching(), images, labels, tmp_path)
+    module = fit_on(LabelNet(10), ldb.tasks.FlowMatching(), images, labels % 9, tmp_path)
     assert (module.task.null_label, int(module.step_count)) == (9, 1)
 
 
@@ -178,7 +177,7 @@ def test_an_empty_training_loader_is_an_error_and_end_to_end_says_so(tmp_path, m
     monkeypatch.setattr(checks, "rank_zero_info", said.append)
     images, labels = batch()
     with pytest.raises(MisconfigurationException, match=r"training dataloader has no batches.*batch_size"):
-        fit(tiny_dit(depth=2), ldb.tasks.ImageGeneration(), images[:0], labels[:0], tmp_path, strategy="auto")
+        fit_on(tiny_dit(depth=2), ldb.tasks.ImageGeneration(), images[:0], labels[:0], tmp_path, strategy="auto")
     assert any("training end to end" in s and "strategy='diffusionblocks'" in s for s in said)
 
 
@@ -220,6 +219,6 @@ def test_a_spawned_ddp_run_stops_in_every_process(tmp_path):
     word; now every process stops at fit start naming strategy="diffusionblocks", devices=2."""
     strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", find_unused_parameters=True)
     images, labels = batch()
-    run = partial(fit, tiny_dit(depth=2), ldb.tasks.ImageGeneration(), images, labels, tmp_path)
+    run = partial(fit_on, tiny_dit(depth=2), ldb.tasks.ImageGeneration(), images, labels, tmp_path)
     with pytest.raises(Exception, match=MULTI_PROCESS_REFUSAL):
         run(strategy=strategy, devices=2)

@@ -1,4 +1,5 @@
-"""Language models: masking schedule, clean‖noisy layout, backbones (ours, GPT-2, Llama), both tasks."""
+"""Language models: clean‖noisy layout, backbones (ours, GPT-2, Llama), both tasks, and the autoregressive bridge's
+formulas (the masking schedule and MaskedLM's formulas are in test_masking.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import lightning_diffusionblocks as ldb
@@ -22,6 +23,8 @@ from lightning_diffusionblocks.models.diffusion_lm import autoregressive_mask
 from lightning_diffusionblocks.routing import Router
 from lightning_diffusionblocks.tasks import AutoregressiveLM, MaskedLM
 from tests.conftest import trainer_kwargs
+from tests.fakes import FACTORS, Declares, FakeMaskedLM, Recorder, Scale
+from tests.reference import SIGMA_MAX, close, cross_entropy, edm_boundaries, edm_grid, gen, owner, weight
 
 V, DIM = 12, 32
 try:
@@ -74,29 +77,7 @@ def task_for(objective: str) -> ldb.tasks.Task:
     return MaskedLM(V) if objective == "masked" else AutoregressiveLM(V)
 
 
-# ---------------------------------------------------------------------------- masking schedule
-def test_masking_boundaries_are_equal_alpha_drops() -> None:
-    s = MaskingSchedule()
-    b = s.boundaries(3)
-    assert b[1:].tolist() == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert s.group_range(b, 0) == pytest.approx((2 / 3, 1.0))  # group 0 = most masked
-    lo, hi = s.group_range(b, 1, gamma=0.05)
-    assert (lo, hi) == pytest.approx((1 / 3 - 0.05 / 3, 2 / 3 + 0.05 / 3))
-    assert s.group_of(torch.tensor([0.9, 2 / 3, 0.5, 0.01], dtype=torch.float64), b).tolist() == [0, 1, 1, 2]
-    with pytest.raises(ValueError, match="equal drops of alpha"):
-        s.boundaries(3, "uniform_log")
-
-
-def test_masking_sample_is_stratified_inside_range() -> None:
-    s = MaskingSchedule()
-    t = s.sample(300, 0.2, 0.5, generator=torch.Generator().manual_seed(0))
-    assert float(t.min()) >= 0.2
-    assert float(t.max()) <= 0.5
-    counts = torch.histc(t, bins=3, min=0.2, max=0.5)
-    assert counts.tolist() == [100, 100, 100]
-    assert s.grid(4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
-
-
+# ---------------------------------------------------------------------------- attention layout
 def test_autoregressive_mask_layout() -> None:
     m = autoregressive_mask(3)
     clean, noisy = m[:3], m[3:]
@@ -163,7 +144,7 @@ def test_masked_objective_is_bidirectional_and_conditioned_on_t(name: str) -> No
 
 
 @pytest.mark.parametrize("name", params("gpt2", "llama"))
-def test_untrained_adapter_leaves_the_backbone_unchanged(name: str) -> None:
+def test_untrained_decoder_adapter_leaves_the_hf_backbone_unchanged(name: str) -> None:
     torch.manual_seed(0)
     adapter = BACKBONES[name]("autoregressive")
     backbone = adapter.backbone
@@ -463,3 +444,177 @@ def test_ema_copy_of_an_adapter_uses_its_own_weights(tmp_path: Path) -> None:
     ema = module.ema_network(tokens, z, level=sigma, group=2)
     assert not torch.allclose(live, ema)
     assert module.generate([1, 2], max_new_tokens=2).shape == (1, 4)
+
+
+# -------------- the AutoregressiveLM bridge against the paper's equations (tests/reference.py), and both language tasks
+
+
+def test_autoregressive_lm_loss() -> None:
+    """AR (§5.4, App. B): targets Ê[x_i] (normalised rows), z = Ê[x] + σε, λ(σ)·mean_i CE_i per sequence."""
+    vocab, dim, n, length = 7, 4, 5, 6
+    table = F.normalize(torch.randn(vocab, dim, generator=gen(0)), dim=-1)
+    tokens = torch.randint(0, vocab, (n, length), generator=gen(1))
+    sigma = torch.tensor([0.002, 0.1, 0.6, 4.0, 80.0])
+    logits = torch.randn(n, length, vocab, generator=gen(2)) * 2
+    run = Recorder(logits, table)
+    loss = AutoregressiveLM(vocab).loss(run, tokens, sigma, gen(11))
+    eps = torch.randn(n, length, dim, generator=gen(11)).double()
+    args, kwargs = run.calls[0]
+    assert torch.equal(args[0], tokens)
+    close(args[1], table[tokens].double() + sigma.double().view(-1, 1, 1) * eps, rtol=1e-5, atol=1e-6)
+    close(kwargs["level"], sigma, rtol=0.0, atol=0.0)
+    expected = weight(sigma) * cross_entropy(logits, tokens).mean(1)
+    close(loss, expected, rtol=1e-5)
+
+
+KAPPA = 4.0
+
+
+class FakeARLM(nn.Module):
+    """logits = κ·s_g·z·Êᵀ (+ bias[last context token] when generating); ``mode="embeddings"`` gives Ê."""
+
+    def __init__(self, vocab: int = 7, dim: int = 5, context_length: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Scale(f) for f in FACTORS)
+        self.context_length = context_length
+        self.table = F.normalize(torch.randn(vocab, dim, generator=gen(0)), dim=-1)
+        self.bias = torch.randn(vocab, vocab, generator=gen(1)) * 2
+        self.calls: list[dict[str, Any]] = []
+
+    def forward(
+        self, tokens: Tensor | None = None, z: Tensor | None = None, level: Tensor | None = None,
+        sigma_data: float = 0.5, mode: str = "train",
+    ) -> Tensor:  # fmt: skip
+        if mode == "embeddings":
+            return self.table.clone()
+        assert tokens is not None
+        assert z is not None
+        assert level is not None
+        self.calls.append({"tokens": tokens.clone(), "z": z.clone(), "level": level.clone(), "mode": mode})
+        h = z
+        for block in self.blocks:
+            h = block(h)
+        logits = KAPPA * h @ self.table.T
+        return logits + self.bias[tokens[:, -1]][:, None, :] if mode == "next" else logits
+
+
+def ar_logits(net: FakeARLM, z: Tensor, sigma: float, last: Tensor | None) -> Tensor:
+    logits = KAPPA * FACTORS[owner(sigma, edm_boundaries(3))] * z @ net.table.double().T
+    return logits if last is None else logits + net.bias.double()[last][:, None, :]
+
+
+@pytest.mark.parametrize("steps", [None, 5])
+def test_autoregressive_generation_chain(steps: int | None) -> None:
+    """AR generation (§5.4): per token z_0 ~ N(0, σ_max²), routed Euler toward softmax(logits)·Ê, greedy last logits."""
+    net = FakeARLM()
+    module = ldb.DiffusionBlocksModule(net, AutoregressiveLM(7), num_blocks=3)
+    prompt = torch.tensor([[1, 4], [2, 2], [6, 0]])
+    new = 4
+    out = module.generate(prompt, steps=steps, max_new_tokens=new, seed=5)
+    sigmas = edm_grid(steps or 3)  # default: B steps
+    assert len(net.calls) == new * len(sigmas)
+    x, table, starts = prompt.clone(), net.table.double(), []
+    for i in range(new):
+        chain = net.calls[i * len(sigmas) : (i + 1) * len(sigmas)]
+        z = chain[0]["z"].double()
+        starts.append(z)
+        logits = None
+        for k, (call, s) in enumerate(zip(chain, sigmas)):
+            assert call["mode"] == "next"
+            assert torch.equal(call["tokens"], x)
+            close(call["z"], z, rtol=1e-4, atol=1e-5)
+            close(call["level"], torch.full((3,), s), rtol=1e-6, atol=0.0)
+            logits = ar_logits(net, z, s, x[:, -1])
+            if k + 1 < len(sigmas):
+                z = z + (sigmas[k + 1] - s) * (z - logits.softmax(-1) @ table) / s
+        assert logits is not None
+        x = torch.cat([x, logits[:, 0].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, x)
+    spread = float(torch.cat(starts).std())
+    assert 0.7 * SIGMA_MAX < spread < 1.3 * SIGMA_MAX
+
+
+def test_autoregressive_evaluation_chain() -> None:
+    """AR evaluation: teacher-forced CE of the σ_max logits and of the chain's last logits (routed Euler), and the
+    greedy accuracy after every step of the chain."""
+    net = FakeARLM()
+    module = ldb.DiffusionBlocksModule(net, AutoregressiveLM(7), num_blocks=3)
+    tokens = torch.randint(0, 7, (4, 6), generator=gen(2))
+    metrics = module.evaluate_batch(tokens, steps=3, seed=0)
+    sigmas, table = edm_grid(3), net.table.double()
+    assert len(net.calls) == 3
+    assert sorted(k for k in metrics if k.startswith("accuracy_step_")) == [f"accuracy_step_{k}" for k in range(3)]
+    z = net.calls[0]["z"].double()
+    first = last = None
+    for k, (call, s) in enumerate(zip(net.calls, sigmas)):
+        close(call["z"], z, rtol=1e-4, atol=1e-5)
+        last = ar_logits(net, z, s, None)
+        first = last if first is None else first
+        close(metrics[f"accuracy_step_{k}"], (last.argmax(-1) == tokens).double().mean(1), rtol=0.0, atol=1e-6)
+        if k + 1 < len(sigmas):
+            z = z + (sigmas[k + 1] - s) * (z - last.softmax(-1) @ table) / s
+    assert first is not None
+    assert last is not None
+    close(metrics["ce_sigma_max"], cross_entropy(first, tokens).mean(1), rtol=1e-4)
+    close(metrics["ce_chain"], cross_entropy(last, tokens).mean(1), rtol=1e-4)
+    close(metrics["accuracy_chain"], (last.argmax(-1) == tokens).double().mean(1), rtol=0.0, atol=1e-6)
+
+
+def test_language_validation_and_prediction_use_the_batch_index_as_seed() -> None:
+    """MaskedLM and AutoregressiveLM: validation metrics are the batch means of evaluate_batch(seed=batch index),
+    predict_step its per-sequence values; a 1-tuple or (tokens, extra) batch reads the tokens."""
+    vocab, num_groups = 6, 3
+    tokens = torch.randint(0, vocab, (4, 12), generator=gen(1))
+    masked = ldb.DiffusionBlocksModule(
+        FakeMaskedLM(vocab, num_groups, torch.randn(num_groups, vocab, generator=gen(0)) * 2),
+        MaskedLM(vocab),
+        num_blocks=num_groups,
+    )
+    ar = ldb.DiffusionBlocksModule(FakeARLM(vocab), AutoregressiveLM(vocab), num_blocks=3)
+    for module in (masked, ar):
+        task, router = module.task, module.router()
+        reference = task.evaluate_batch(router, tokens, seed=5)
+        assert any(not torch.equal(v, task.evaluate_batch(router, tokens, seed=0)[k]) for k, v in reference.items())
+        for batch in (tokens, (tokens,), (tokens, torch.zeros(4))):
+            metrics = task.validation_metrics(router, batch, 5)
+            assert set(metrics) == set(reference)
+            for name, value in metrics.items():
+                close(value, reference[name].mean(), rtol=1e-6, atol=1e-7)
+            for name, value in task.predict_step(router, batch, 5).items():
+                close(value, reference[name], rtol=1e-6, atol=1e-7)
+
+
+def test_language_tasks_check_the_network_they_bind() -> None:
+    """MaskedLM and AutoregressiveLM refuse a network of the other objective or another vocabulary, and read its
+    context length (None when it declares none)."""
+    cases = ((MaskedLM(5), "masked", "autoregressive"), (AutoregressiveLM(5), "autoregressive", "masked"))
+    for task, objective, other in cases:
+        wrong = rf"^The network was built with objective='{other}' but the task trains objective='{objective}';"
+        with pytest.raises(ValueError, match=wrong + rf" build it with objective='{objective}'\.$"):
+            task.bind(Declares(objective=other))
+        with pytest.raises(
+            ValueError, match=r"^The network reads out 6 tokens but the task has vocab_size=5; use one\.$"
+        ):
+            task.bind(Declares(vocab_size=6))
+        task.bind(Declares(objective=objective, vocab_size=5, context_length=9))
+        assert task.context_length == 9
+        task.bind(Declares())
+        assert task.context_length is None
+
+
+def test_token_batches_are_checked() -> None:
+    """Language-model batches are (N, L) int64/int32 ids in [0, vocab_size); anything else is refused, by shape."""
+    task = MaskedLM(5)
+    assert task.batch_size(torch.zeros(3, 4, dtype=torch.int32)) == 3
+    cases = ((torch.zeros(3, 4), r"\(3, 4\)"), (torch.zeros(4, dtype=torch.long), r"\(4,\)"), ([[1, 2]], "list"))
+    for bad, shown in cases:
+        with pytest.raises(
+            ValueError, match=rf"^Language-model batches must be \(N, L\) integer token ids, got {shown}\.$"
+        ):
+            task.batch_size(bad)
+    with pytest.raises(
+        ValueError,
+        match=r"^Token ids must be in \[0, 5\); the batch has ids in \[0, 5\]\. Build the task and the model with"
+        r" the tokenizer's vocab_size\.$",
+    ):
+        task.batch_size(torch.tensor([[0, 5]]))

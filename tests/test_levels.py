@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.ddpm import DDPMSchedule
 from lightning_diffusionblocks.flow import FlowSchedule
 from lightning_diffusionblocks.levels import NoiseLevels, append_dims
@@ -25,6 +26,7 @@ from lightning_diffusionblocks.tasks import (
     ImageGeneration,
     MaskedLM,
 )
+from tests.reference import SIGMA_MAX, SIGMA_MIN, T_MIN
 
 NORMAL = NormalDist()
 
@@ -237,3 +239,40 @@ def test_append_dims_and_tasks_typed_against_the_interface() -> None:
     assert all(isinstance(task.noise, NoiseLevels) for task in tasks)
     with pytest.raises(TypeError, match="needs an EDM NoiseSchedule, got FlowSchedule.*Use FlowMatching"):
         _ = ImageGeneration(noise=FlowSchedule()).edm
+
+
+# -------------------------------------------------------------------- argument checks and draws shared by the schedules
+
+
+def test_schedule_arguments_are_checked() -> None:
+    """Schedules refuse σ_min ≤ 0, σ_min ≥ σ_max, P_std ≤ 0, σ_data ≤ 0, t_min ∉ (0, 1) and groups outside [0, B)."""
+    for bad in ({"sigma_min": 0.0}, {"sigma_min": 1.0, "sigma_max": 1.0}):
+        with pytest.raises(ValueError, match="Need 0 < sigma_min < sigma_max"):
+            NoiseSchedule(**bad)
+    for bad in ({"p_std": 0.0}, {"sigma_data": 0.0}):
+        with pytest.raises(ValueError, match="p_std and sigma_data must be positive"):
+            NoiseSchedule(**bad)
+    assert NoiseSchedule(p_std=0.8, sigma_data=0.3).p_std == 0.8  # any positive P_std and σ_data are fine
+    for t_min in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"t_min must be in \(0, 1\)"):
+            MaskingSchedule(t_min=t_min)
+    for schedule in (ldb.EDM, MaskingSchedule()):
+        bounds = schedule.boundaries(3)
+        with pytest.raises(ValueError, match=r"group must be in \[0, 3\), got 3"):
+            schedule.group_range(bounds, 3)
+        with pytest.raises(ValueError, match="Overlap gamma must be >= 0"):
+            schedule.group_range(bounds, 0, -0.1)
+    with pytest.raises(ValueError, match="Need lo < hi"):
+        MaskingSchedule().sample(4, 0.5, 0.5)
+
+
+def test_sigma_and_t_draws_without_a_generator() -> None:
+    """Both schedules draw from the global generator when none is given: n float32 levels inside the range."""
+    torch.manual_seed(0)
+    sigma = ldb.EDM.sample(64)
+    t = MaskingSchedule().sample(64)
+    for levels, lo, hi in ((sigma, SIGMA_MIN, SIGMA_MAX), (t, T_MIN, 1.0)):
+        assert levels.shape == (64,)
+        assert levels.dtype == torch.float32
+        assert bool((levels >= lo * (1 - 1e-6)).all())
+        assert bool((levels <= hi * (1 + 1e-6)).all())

@@ -15,20 +15,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.callbacks import BlockMemoryMonitor, BlockOffload, OffloadError
 from lightning_diffusionblocks.memory import SavedTensorMeter, parameter_bytes
-from tests.conftest import image_loader, tiny_dit, trainer_kwargs
+from tests.conftest import fit, image_loader, make_module
 
-
-def make_module(**kwargs) -> ldb.DiffusionBlocksModule:  # noqa: ANN003
-    kwargs.setdefault("num_blocks", 3)
-    kwargs.setdefault("weight_decay", 0.05)
-    return ldb.DiffusionBlocksModule(tiny_dit(), ldb.tasks.ImageGeneration(), **kwargs)
-
-
-def fit(tmp_path, module, callbacks=(), steps=9, **kw):  # noqa: ANN001, ANN003, ANN201
-    strategy = kw.pop("strategy", "diffusionblocks")
-    trainer = L.Trainer(strategy=strategy, max_steps=steps, callbacks=list(callbacks), **trainer_kwargs(tmp_path, **kw))
-    trainer.fit(module, image_loader(n=96))
-    return trainer
+MEMORY_MODULE = {"depth": 6, "weight_decay": 0.05}  # the tiny DiT of six blocks in three groups, with weight decay
 
 
 class ResidentCheck(Callback):
@@ -47,11 +36,24 @@ class ResidentCheck(Callback):
 
 @pytest.mark.parametrize("schedule", ["random", "sequential"])
 def test_disk_offload_trains_bit_identically(tmp_path, schedule):
-    reference = make_module(ema_decay=0.9)
-    fit(tmp_path / "a", reference, strategy=ldb.DiffusionBlocksStrategy(schedule=schedule))
-    offloaded = make_module(ema_decay=0.9)
+    reference = make_module(**MEMORY_MODULE, ema_decay=0.9)
+    fit(
+        reference,
+        tmp_path / "a",
+        steps=9,
+        strategy=ldb.DiffusionBlocksStrategy(schedule=schedule),
+        loader=image_loader(n=96),
+    )
+    offloaded = make_module(**MEMORY_MODULE, ema_decay=0.9)
     offload, check = BlockOffload(directory=tmp_path / "off"), ResidentCheck()
-    fit(tmp_path / "b", offloaded, [offload, check], strategy=ldb.DiffusionBlocksStrategy(schedule=schedule))
+    fit(
+        offloaded,
+        tmp_path / "b",
+        steps=9,
+        strategy=ldb.DiffusionBlocksStrategy(schedule=schedule),
+        callbacks=[offload, check],
+        loader=image_loader(n=96),
+    )
     assert check.checked == 9
     for (name, a), b in zip(reference.state_dict().items(), offloaded.state_dict().values()):
         assert torch.equal(a, b), name
@@ -61,16 +63,25 @@ def test_disk_offload_trains_bit_identically(tmp_path, schedule):
 
 
 def test_offload_checkpoint_holds_every_group(tmp_path):
-    module = make_module()
-    trainer = fit(tmp_path, module, [BlockOffload(directory=tmp_path / "off")], steps=4)
+    module = make_module(**MEMORY_MODULE)
+    trainer = fit(
+        module, tmp_path, steps=4, callbacks=[BlockOffload(directory=tmp_path / "off")], loader=image_loader(n=96)
+    )
     trainer.save_checkpoint(tmp_path / "end.ckpt")
     state = torch.load(tmp_path / "end.ckpt", weights_only=False)
     for name, value in module.state_dict().items():
         assert torch.equal(state["state_dict"][name], value), name
     # mid-training checkpoints too: every parameter full-size, and optimizer state for trained groups
-    mid = make_module()
+    mid = make_module(**MEMORY_MODULE)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, save_top_k=-1)
-    fit(tmp_path / "m", mid, [BlockOffload(directory=tmp_path / "off2"), ckpt], steps=6, enable_checkpointing=True)
+    fit(
+        mid,
+        tmp_path / "m",
+        steps=6,
+        callbacks=[BlockOffload(directory=tmp_path / "off2"), ckpt],
+        loader=image_loader(n=96),
+        enable_checkpointing=True,
+    )
     state = torch.load(tmp_path / "ck" / "epoch=0-step=3.ckpt", weights_only=False)
     assert all(v.numel() > 0 for v in state["state_dict"].values())
     opt_state = state["optimizer_states"][0]["state"]
@@ -82,15 +93,28 @@ def test_offload_refuses_unwritable_directory_and_end_to_end(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     with pytest.raises(MisconfigurationException, match="cannot write to"):
-        fit(tmp_path, make_module(), [BlockOffload(directory=blocker / "sub")], steps=2)
+        fit(
+            make_module(**MEMORY_MODULE),
+            tmp_path,
+            steps=2,
+            callbacks=[BlockOffload(directory=blocker / "sub")],
+            loader=image_loader(n=96),
+        )
     with pytest.raises(MisconfigurationException, match="strategy='diffusionblocks'"):
-        fit(tmp_path, make_module(), [BlockOffload(directory=tmp_path / "o")], steps=2, strategy="auto")
+        fit(
+            make_module(**MEMORY_MODULE),
+            tmp_path,
+            steps=2,
+            strategy="auto",
+            callbacks=[BlockOffload(directory=tmp_path / "o")],
+            loader=image_loader(n=96),
+        )
     with pytest.raises(ValueError, match="'auto', 'cpu' or 'disk'"):
         BlockOffload(target="nvme")
 
 
 def test_disk_full_stops_cleanly_without_losing_the_group(tmp_path, monkeypatch):
-    module = make_module()
+    module = make_module(**MEMORY_MODULE)
     real_save = torch.save
     calls = {"n": 0}
 
@@ -102,7 +126,7 @@ def test_disk_full_stops_cleanly_without_losing_the_group(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OffloadError, match="No space left on device.*still in memory"):
-        fit(tmp_path, module, [BlockOffload(directory=tmp_path / "off")], steps=30)
+        fit(module, tmp_path, steps=30, callbacks=[BlockOffload(directory=tmp_path / "off")], loader=image_loader(n=96))
     monkeypatch.setattr(torch, "save", real_save)
     # teardown brought every group back: the model is whole and finite
     for g in range(3):
@@ -122,12 +146,13 @@ def test_saved_tensor_meter_counts_activations_not_parameters():
 def test_memory_monitor_logs_per_group_and_prints_table(tmp_path, capsys):
     monitor = BlockMemoryMonitor()
     logger = CSVLogger(tmp_path, name="csv")
-    module = make_module()
+    module = make_module(**MEMORY_MODULE)
     fit(
-        tmp_path,
         module,
-        [BlockOffload(directory=tmp_path / "off"), monitor],
+        tmp_path,
         steps=12,
+        callbacks=[BlockOffload(directory=tmp_path / "off"), monitor],
+        loader=image_loader(n=96),
         logger=logger,
         log_every_n_steps=1,
     )
@@ -152,8 +177,8 @@ def test_memory_monitor_logs_per_group_and_prints_table(tmp_path, capsys):
 
 def test_memory_monitor_end_to_end_row(tmp_path):
     monitor = BlockMemoryMonitor(log=False)
-    module = make_module()
-    fit(tmp_path, module, [monitor], steps=3, strategy="auto")
+    module = make_module(**MEMORY_MODULE)
+    fit(module, tmp_path, steps=3, strategy="auto", callbacks=[monitor], loader=image_loader(n=96))
     assert set(monitor.groups) == {"all"}
     assert monitor.groups["all"].params == parameter_bytes(module.parameters())
 
@@ -166,7 +191,15 @@ def test_memory_monitor_logs_to_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="ldb-test")
     try:
-        fit(tmp_path, make_module(), [BlockMemoryMonitor()], steps=3, logger=logger, log_every_n_steps=1)
+        fit(
+            make_module(**MEMORY_MODULE),
+            tmp_path,
+            steps=3,
+            callbacks=[BlockMemoryMonitor()],
+            loader=image_loader(n=96),
+            logger=logger,
+            log_every_n_steps=1,
+        )
         summary = dict(logger.experiment.summary)
     finally:
         import wandb
@@ -180,7 +213,7 @@ def test_after_training_offloaded_optimizer_state_comes_back_to_the_host(tmp_pat
     """At the end of fit every group's weights return to the compute device, but the optimizer state of offloaded
     groups goes to host memory: a model trained block-wise because its training state does not fit the device
     would run out of memory there (the H100 headline did), and Lightning's teardown moves that state to the host."""
-    module = make_module()
+    module = make_module(**MEMORY_MODULE)
     opt = torch.optim.AdamW(module.network.parameters())
     for p in module.network.parameters():
         p.grad = torch.ones_like(p)
@@ -218,14 +251,30 @@ def test_memory_is_logged_only_for_the_groups_trained_since_the_previous_row(tmp
     row after its own steps, holding the peak of those steps; without ``log`` the monitor logs nothing."""
     sequential = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=2)
     monitor = BlockMemoryMonitor()
-    fit(tmp_path, make_module(), [monitor], steps=6, strategy=sequential, logger=CSVLogger(tmp_path, name="csv"),
-        log_every_n_steps=2)  # fmt: skip
+    fit(
+        make_module(**MEMORY_MODULE),
+        tmp_path,
+        steps=6,
+        strategy=sequential,
+        callbacks=[monitor],
+        loader=image_loader(n=96),
+        logger=CSVLogger(tmp_path, name="csv"),
+        log_every_n_steps=2,
+    )
     rows = memory_rows(tmp_path / "csv" / "version_0")
     assert [int(r["step"]) for r in rows] == [1, 3, 5]
     for g, row in enumerate(rows):
         assert {k.split("/")[1] for k, v in row.items() if k.startswith("memory/") and v} == {f"group_{g}"}
         assert float(row[f"memory/group_{g}/total_mib"]) == pytest.approx(monitor.groups[str(g)].total / 2**20)
     quiet = BlockMemoryMonitor(log=False)
-    fit(tmp_path, make_module(), [quiet], steps=2, logger=CSVLogger(tmp_path, name="quiet"), log_every_n_steps=1)
+    fit(
+        make_module(**MEMORY_MODULE),
+        tmp_path,
+        steps=2,
+        callbacks=[quiet],
+        loader=image_loader(n=96),
+        logger=CSVLogger(tmp_path, name="quiet"),
+        log_every_n_steps=1,
+    )
     assert memory_rows(tmp_path / "quiet" / "version_0") == []
     assert quiet.groups  # still measured, and printed at the end

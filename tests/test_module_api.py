@@ -16,18 +16,7 @@ import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.checkpoints import CheckpointLoadError
 from lightning_diffusionblocks.schedules import RandomSchedule
 from lightning_diffusionblocks.tasks.image_generation import CallConvention, discover_null_label
-from tests.conftest import image_loader, tiny_dit, trainer_kwargs
-
-
-def make_module(**kwargs) -> ldb.DiffusionBlocksModule:  # noqa: ANN003
-    return ldb.DiffusionBlocksModule(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=3, **kwargs)
-
-
-def fit(module: ldb.DiffusionBlocksModule, tmp_path: Path, steps: int = 3, strategy: object = "diffusionblocks",
-        **kwargs) -> L.Trainer:  # noqa: ANN003  # fmt: skip
-    trainer = L.Trainer(strategy=strategy, max_steps=steps, **trainer_kwargs(tmp_path, **kwargs))
-    trainer.fit(module, image_loader())
-    return trainer
+from tests.conftest import fit, image_loader, make_module, tiny_dit, trainer_kwargs
 
 
 # ---------------------------------------------------------------------------- optimizer groups by name

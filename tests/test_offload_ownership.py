@@ -6,27 +6,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.callbacks.offload import PREFIX, BlockOffload, OffloadError
-from tests.conftest import image_loader, tiny_dit, trainer_kwargs
+from tests.conftest import fit, make_module, tiny_dit
 
 STEPS = 8  # the random schedule (seed 0) trains groups 1 2 0 2 2 1 0 2: groups 0 and 1 leave the device twice
 
 
-def make_module() -> ldb.DiffusionBlocksModule:
-    return ldb.DiffusionBlocksModule(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=3)
-
-
-def fit(module: ldb.DiffusionBlocksModule, root: Path, callbacks: list, steps: int = STEPS,
-        strategy: object = None) -> None:  # fmt: skip
-    strategy = strategy or ldb.DiffusionBlocksStrategy(schedule="random")
-    trainer = L.Trainer(strategy=strategy, max_steps=steps, callbacks=callbacks, **trainer_kwargs(root))
-    trainer.fit(module, image_loader())
+def random_order() -> ldb.DiffusionBlocksStrategy:
+    """The random schedule of groups (seed 0: the order STEPS describes)."""
+    return ldb.DiffusionBlocksStrategy(schedule="random")
 
 
 def assert_same(a: ldb.DiffusionBlocksModule, b: ldb.DiffusionBlocksModule) -> None:
@@ -39,7 +32,7 @@ def test_two_runs_on_one_directory_each_end_as_if_alone(tmp_path: Path) -> None:
     (each after one step). B's files of the same names hold those groups after two steps, same shapes: read by A,
     they would silently replace A's groups."""
     reference = make_module()
-    fit(reference, tmp_path / "alone", [])
+    fit(reference, tmp_path / "alone", steps=STEPS, strategy=random_order())
     shared = tmp_path / "shared"
     first, second = make_module(), make_module()
     offload_a, offload_b = BlockOffload(directory=shared), BlockOffload(directory=shared)
@@ -49,9 +42,10 @@ def test_two_runs_on_one_directory_each_end_as_if_alone(tmp_path: Path) -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
             if trainer.global_step == 4:
                 seen["folder"] = offload_a.directory
-                fit(second, tmp_path / "b", [offload_b])  # a whole run, while A is alive
+                # a whole run, while A is alive
+                fit(second, tmp_path / "b", steps=STEPS, strategy=random_order(), callbacks=[offload_b])
 
-    fit(first, tmp_path / "a", [offload_a, SecondRun()])
+    fit(first, tmp_path / "a", steps=STEPS, strategy=random_order(), callbacks=[offload_a, SecondRun()])
     assert_same(first, reference)
     assert_same(second, reference)
     folder = seen["folder"]
@@ -86,7 +80,7 @@ def test_a_group_file_changed_since_it_was_written_is_refused(
     module = make_module()
     sequential = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=2)
     with pytest.raises(OffloadError, match=r"group\(s\) \[0\].*changed since this run wrote it"):
-        fit(module, tmp_path, [offload, Change()], steps=4, strategy=sequential)
+        fit(module, tmp_path, steps=4, strategy=sequential, callbacks=[offload, Change()])
     assert offload.missing_groups() == [0]
     assert all(p.numel() == 0 for p in module.network.group_parameters(0))  # nothing of the file was loaded
     with pytest.raises(OffloadError, match="changed since this run wrote it"):  # asked again: refused again
@@ -101,7 +95,7 @@ def test_two_runs_at_once_on_one_directory_in_lockstep(tmp_path: Path) -> None:
     alone = [ldb.DiffusionBlocksModule(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=3, seed=s)
              for s in (0, 1)]  # fmt: skip
     for i, module in enumerate(alone):
-        fit(module, tmp_path / f"alone{i}", [])
+        fit(module, tmp_path / f"alone{i}", steps=STEPS, strategy=random_order())
     together = [ldb.DiffusionBlocksModule(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=3, seed=s)
                 for s in (0, 1)]  # fmt: skip
     barrier, errors = threading.Barrier(2, timeout=60), []
@@ -112,7 +106,13 @@ def test_two_runs_at_once_on_one_directory_in_lockstep(tmp_path: Path) -> None:
 
     def run(i: int) -> None:
         try:
-            fit(together[i], tmp_path / f"run{i}", [BlockOffload(directory=tmp_path / "shared"), Lockstep()])
+            fit(
+                together[i],
+                tmp_path / f"run{i}",
+                steps=STEPS,
+                strategy=random_order(),
+                callbacks=[BlockOffload(directory=tmp_path / "shared"), Lockstep()],
+            )
         except BaseException as err:  # noqa: BLE001  # reported below, in the test's thread
             errors.append(err)
             barrier.abort()

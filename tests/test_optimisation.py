@@ -10,14 +10,9 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks import module as module_file
 from lightning_diffusionblocks.optimisation import SHARED, lr_factor, param_group_owners, param_groups, warmup_cosine
-from tests.conftest import tiny_dit
-
-
-def make_module(**kwargs) -> ldb.DiffusionBlocksModule:  # noqa: ANN003
-    return ldb.DiffusionBlocksModule(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=3, **kwargs)
+from tests.conftest import make_module
 
 
 def test_warmup_cosine_and_lr_factor_follow_the_formula():

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.callbacks.offload import PREFIX, BlockOffload, OffloadError
 from lightning_diffusionblocks.merge import MergeError, main, merge_checkpoints
-from tests.conftest import image_loader, tiny_dit, trainer_kwargs
+from tests.conftest import fit, make_module
 
 
 class Payload:
@@ -71,17 +71,6 @@ def assert_payload_is_live(craft: object, tmp_path: Path) -> None:
     control = tmp_path / "control-marker"
     torch.load(craft(tmp_path / "control.pt", control), weights_only=False)
     assert control.read_text() == "ran"
-
-
-def make_module() -> ldb.DiffusionBlocksModule:
-    return ldb.DiffusionBlocksModule(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=3)
-
-
-def fit(module: ldb.DiffusionBlocksModule, root: Path, steps: int, strategy: object = "diffusionblocks",
-        callbacks: list | None = None, **kwargs) -> L.Trainer:  # noqa: ANN003  # fmt: skip
-    trainer = L.Trainer(strategy=strategy, max_steps=steps, callbacks=callbacks or [], **trainer_kwargs(root, **kwargs))
-    trainer.fit(module, image_loader())
-    return trainer
 
 
 def sequential() -> ldb.DiffusionBlocksStrategy:

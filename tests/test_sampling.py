@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
+import math
+from typing import Any
+
 import lightning as L
 import pytest
 import torch
+from torch import Tensor
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.sampling import euler_sample
+from lightning_diffusionblocks.tasks import ImageGeneration
 from tests.conftest import image_loader, tiny_dit, trainer_kwargs
+from tests.fakes import COND, FACTORS, FakeDenoiser, label_term
+from tests.reference import SIGMA_MAX, close, coefficients, edm_boundaries, edm_grid, gen, owner
 
 
 def test_euler_recovers_gaussian_data_with_exact_denoiser():
@@ -81,18 +89,6 @@ def test_guidance_doubles_the_batch_and_mixes():
         module.sample(labels=[1], steps=0)
 
 
-def test_guidance_formula():
-    task = ldb.tasks.ImageGeneration()
-
-    def run(x, c_noise, labels):  # noqa: ANN001, ANN202
-        # conditional output +1, unconditional −1 (before preconditioning)
-        return torch.where(labels.view(-1, 1, 1, 1) >= 0, 1.0, -1.0).expand_as(x)
-
-    z, sigma = torch.zeros(2, 1, 2, 2), torch.full((2,), 1.0)
-    cond = task.denoise(run, z, sigma, torch.tensor([0, 0]))
-    uncond = task.denoise(run, z, sigma, torch.tensor([-1, -1]))
-    guided = task.guided_denoise(run, z, sigma, torch.tensor([0, 0]), guidance=3.0)
-    assert torch.allclose(guided, uncond + 3.0 * (cond - uncond))
 
 
 def test_steps_are_not_stored_and_end_to_end_models_sample_whole(tmp_path):
@@ -119,3 +115,88 @@ def test_sample_is_deterministic_per_seed():
     c = module.sample(labels=[3, 4], steps=6, seed=6)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+# ------------------------------------------------ the sampling loops against the paper's equations (tests/reference.py)
+
+
+def test_euler_sampler_trajectory() -> None:
+    """Euler step of the probability-flow ODE (EDM form; the paper's printed Eq. 3–5 has the sign flipped)."""
+    sigmas = torch.tensor([10.0, 4.0, 1.5, 0.3, 0.01], dtype=torch.float64)
+    z0 = torch.randn(3, 2, generator=gen(0)) * 10
+    seen: list[Tensor] = []
+
+    def denoise(z: Tensor, sigma: Tensor, *_: Any) -> Tensor:
+        seen.append(z.clone())
+        return 0.3 * z + sigma.view(-1, 1) * 0.1
+
+    routed = "route" in inspect.signature(euler_sample).parameters  # older signature took a router
+    out = euler_sample(denoise, z0, sigmas, lambda s: None) if routed else euler_sample(denoise, z0, sigmas)
+    z = z0.double()
+    for i, s in enumerate(sigmas.tolist()):
+        close(seen[i], z, rtol=1e-5, atol=1e-5)
+        d = 0.3 * z + s * 0.1
+        if i + 1 < len(sigmas):
+            z = z + (float(sigmas[i + 1]) - s) * (z - d) / s
+    close(out, d, rtol=1e-5, atol=1e-5)
+
+
+def test_euler_grid_must_be_strictly_decreasing_and_one_dimensional() -> None:
+    """The Euler sampler walks a non-empty, strictly decreasing 1-D σ grid; anything else is refused."""
+    z = torch.zeros(2, 3)
+
+    def denoise(z: Tensor, *_: Any) -> Tensor:
+        return z
+
+    for bad in (torch.tensor([3.0, 2.0, 2.0]), torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match=r"^sigmas must be strictly decreasing \(from high noise to low\)\.$"):
+            euler_sample(denoise, z, bad)
+    for bad in (torch.tensor([[3.0], [2.0], [1.0]]), torch.tensor([])):
+        with pytest.raises(ValueError, match=r"^sigmas must be a non-empty 1-D grid\.$"):
+            euler_sample(denoise, z, bad)
+    close(euler_sample(denoise, z, torch.tensor([5.0])), z)  # one point: a plain evaluation
+
+
+def expected_image(z0: Tensor, labels: Tensor | None, steps: int, guidance: float) -> tuple[Tensor, list[Tensor]]:
+    """The EDM Euler trajectory (z ← z + (σ_next − σ)(z − D)/σ) with CFG D_u + g(D_c − D_u); returns (D_last, zs)."""
+    bounds, sigmas = edm_boundaries(3), edm_grid(steps)
+    z, zs, denoised = z0.double(), [], z0.double()
+    cond = COND * label_term(labels, 4).view(-1, 1, 1, 1)
+    for i, s in enumerate(sigmas):
+        c_skip, c_out, c_in, _ = coefficients(s)
+        zs.append(z)
+        f_uncond = FACTORS[owner(s, bounds)] * c_in * z
+        d_cond = c_skip * z + c_out * (f_uncond + cond)
+        d_uncond = c_skip * z + c_out * f_uncond
+        denoised = d_cond if guidance == 1.0 else d_uncond + guidance * (d_cond - d_uncond)
+        if i + 1 < len(sigmas):
+            z = z + (sigmas[i + 1] - s) * (z - denoised) / s
+    return denoised, zs
+
+
+@pytest.mark.parametrize(("guidance", "steps"), [(1.0, 6), (2.5, 6), (1.0, 1)])
+def test_image_sampling_is_routed_euler_with_guidance(guidance: float, steps: int) -> None:
+    """Sampling (App. H + CFG): z_0 ~ N(0, σ_max²), routed Euler over the equi-probable grid, D_u + g(D_c − D_u)."""
+    net = FakeDenoiser()
+    module = ldb.DiffusionBlocksModule(net, ImageGeneration(), num_blocks=3)  # never trained: still block-wise
+    labels = torch.tensor([0, 1, 2, 3, 1, 0, 3, 2])
+    n = len(labels)
+    out = module.sample(labels=labels, steps=steps, guidance=guidance, seed=3, shape=(1, 4, 4))
+    first = net.calls[0]["x"][:n].double()
+    z0 = first / coefficients(SIGMA_MAX)[2]  # undo c_in(σ_max)
+    assert 0.8 * SIGMA_MAX < float(z0.std()) < 1.2 * SIGMA_MAX
+    expected, zs = expected_image(z0, labels, steps, guidance)
+    sigmas = edm_grid(steps)
+    assert len(net.calls) == steps
+    for call, z, s in zip(net.calls, zs, sigmas):
+        close(call["x"][:n], coefficients(s)[2] * z, rtol=1e-4, atol=1e-4)  # network input c_in·z
+        close(call["c_noise"].view(-1), torch.full((call["x"].shape[0],), math.log(s) / 4), rtol=1e-6, atol=1e-7)
+        assert torch.equal(call["labels"][:n], labels)
+        if guidance != 1.0:  # the unconditional half carries the null label
+            uncond = call["labels"][n:]
+            assert uncond.shape == labels.shape
+            assert len(uncond.unique()) == 1
+            assert not 0 <= int(uncond[0]) < net.num_classes
+            documented = getattr(module.task, "null_label", None)
+            assert documented is None or int(uncond[0]) == documented
+    close(out, expected, rtol=1e-4, atol=1e-4)

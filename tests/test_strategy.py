@@ -15,12 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.schedules import RandomSchedule, SequentialSchedule
-from tests.conftest import image_loader, tiny_dit, trainer_kwargs
-
-
-def make_module(**kwargs) -> ldb.DiffusionBlocksModule:  # noqa: ANN003
-    kwargs.setdefault("num_blocks", 3)
-    return ldb.DiffusionBlocksModule(tiny_dit(), ldb.tasks.ImageGeneration(), **kwargs)
+from tests.conftest import image_loader, make_module, tiny_dit, trainer_kwargs
 
 
 def snapshot(module: ldb.DiffusionBlocksModule) -> dict[int, list[torch.Tensor]]:
@@ -83,8 +78,8 @@ def test_schedules_are_pure_functions_of_step():
     ("stem", "schedule", "weight_decay"),
     [("per_group", "random", 0.1), ("shared", "random", 0.1), ("per_group", "sequential", 0.0)],
 )
-def test_only_the_active_group_changes(tmp_path, stem, schedule, weight_decay):
-    module = make_module(stem=stem, weight_decay=weight_decay)
+def test_each_schedule_changes_only_the_active_group(tmp_path, stem, schedule, weight_decay):
+    module = make_module(depth=6, stem=stem, weight_decay=weight_decay)
     recorder = StepRecorder()
     strategy = ldb.DiffusionBlocksStrategy(schedule=schedule, steps_per_phase=3)
     trainer = L.Trainer(strategy=strategy, max_steps=9, callbacks=[recorder], **trainer_kwargs(tmp_path))
@@ -99,7 +94,7 @@ def test_only_the_active_group_changes(tmp_path, stem, schedule, weight_decay):
 
 
 def test_end_to_end_with_auto_trains_every_group(tmp_path):
-    module = make_module()
+    module = make_module(depth=6)
     trainer = L.Trainer(strategy="auto", max_steps=4, **trainer_kwargs(tmp_path))
     before = snapshot(module)
     trainer.fit(module, image_loader())
@@ -137,17 +132,17 @@ def test_each_step_draws_sigma_from_its_group_range(tmp_path):
 def test_shared_stem_with_phases_is_refused(tmp_path):
     trainer = L.Trainer(strategy="diffusionblocks_sequential", max_steps=6, **trainer_kwargs(tmp_path))
     with pytest.raises(MisconfigurationException, match="stem='per_group'"):
-        trainer.fit(make_module(stem="shared"), image_loader())
+        trainer.fit(make_module(depth=6, stem="shared"), image_loader())
     strategy = ldb.DiffusionBlocksStrategy(groups_to_train=[0])
     trainer = L.Trainer(strategy=strategy, max_steps=6, **trainer_kwargs(tmp_path))
     with pytest.raises(MisconfigurationException, match="stem='per_group'"):
-        trainer.fit(make_module(stem="shared"), image_loader())
+        trainer.fit(make_module(depth=6, stem="shared"), image_loader())
 
 
 def test_sequential_without_phase_length_is_refused(tmp_path):
     trainer = L.Trainer(strategy="diffusionblocks_sequential", max_epochs=1, **trainer_kwargs(tmp_path))
     with pytest.raises(MisconfigurationException, match="steps_per_phase"):
-        trainer.fit(make_module(), image_loader())
+        trainer.fit(make_module(depth=6), image_loader())
 
 
 def test_strategy_refuses_a_plain_lightning_module(tmp_path):
@@ -158,11 +153,11 @@ def test_strategy_refuses_a_plain_lightning_module(tmp_path):
 
 def test_module_argument_errors():
     with pytest.raises(ValueError, match="larger than the network's 6 layers"):
-        make_module(num_blocks=7)
+        make_module(depth=6, num_blocks=7)
     with pytest.raises(ValueError, match="num_blocks must be >= 1"):
-        make_module(num_blocks=0)
+        make_module(depth=6, num_blocks=0)
     with pytest.raises(ValueError, match="sum to 5"):
-        make_module(group_sizes=[1, 2, 2])
+        make_module(depth=6, group_sizes=[1, 2, 2])
     with pytest.raises(TypeError, match="Task"):
         ldb.DiffusionBlocksModule(tiny_dit(), task="image")
 
@@ -179,7 +174,7 @@ class PoisonAt(Callback):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    module = make_module()
+    module = make_module(depth=6)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
     kwargs = trainer_kwargs(tmp_path, enable_checkpointing=True)
     trainer = L.Trainer(strategy="diffusionblocks", max_steps=10, callbacks=[ckpt, PoisonAt(4)], **kwargs)
@@ -193,17 +188,17 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
 
 
 def test_checkpoint_with_another_partition_is_refused(tmp_path):
-    module = make_module()
+    module = make_module(depth=6)
     trainer = L.Trainer(strategy="diffusionblocks", max_steps=2, **trainer_kwargs(tmp_path))
     trainer.fit(module, image_loader())
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
-    other = make_module(num_blocks=2)
+    other = make_module(depth=6, num_blocks=2)
     trainer = L.Trainer(strategy="diffusionblocks", max_steps=4, **trainer_kwargs(tmp_path))
     with pytest.raises(ValueError, match="num_blocks=3"):
         trainer.fit(other, image_loader(), ckpt_path=path)
     # the same partition resumes
-    again = make_module()
+    again = make_module(depth=6)
     trainer = L.Trainer(strategy="diffusionblocks", max_steps=4, **trainer_kwargs(tmp_path))
     trainer.fit(again, image_loader(), ckpt_path=path)
     assert trainer.global_step == 4
@@ -211,7 +206,7 @@ def test_checkpoint_with_another_partition_is_refused(tmp_path):
 
 
 def test_learning_rate_schedule_counts_each_group_own_steps(tmp_path):
-    module = make_module(lr=1e-2, warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.1)
+    module = make_module(depth=6, lr=1e-2, warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.1)
     seen: dict[int, list[float]] = {0: [], 1: [], 2: []}
 
     class LRSpy(Callback):

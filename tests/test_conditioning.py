@@ -1,0 +1,98 @@
+"""Class conditioning of image tasks: labels reach the network, label dropout to the null label (App. E.2), the
+null label for unlabelled samples, and how the noise level and labels are passed to a network's forward."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lightning_diffusionblocks as ldb
+from lightning_diffusionblocks.tasks import ImageGeneration
+from lightning_diffusionblocks.tasks.image_generation import CallConvention
+from tests.fakes import FakeDenoiser, Recorder, labels_in_call
+from tests.reference import close, coefficient_tensors, gen
+
+
+def test_image_generation_label_dropout_uses_the_null_label() -> None:
+    """CFG training (App. E.2): a share p of labels is replaced by the null label, the rest left unchanged."""
+    n, p, num_classes = 4000, 0.3, 10
+    labels = torch.arange(n) % num_classes
+    task = ImageGeneration(label_dropout=p)
+    run = Recorder(torch.zeros(n, 1, 1, 1))
+    task.loss(run, (torch.zeros(n, 1, 1, 1), labels), torch.ones(n), gen(0))
+    seen = labels_in_call(*run.calls[0])
+    assert seen is not None
+    dropped = seen != labels
+    frac = float(dropped.float().mean())
+    assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n)
+    nulls = seen[dropped].unique().tolist()
+    assert len(nulls) == 1  # one null label
+    documented = getattr(task, "null_label", None)
+    assert nulls[0] == documented if documented is not None else not 0 <= nulls[0] < num_classes
+
+
+def test_label_dropout_keeps_a_label_whose_draw_equals_p() -> None:
+    """CFG training, exactly: a label becomes the null label iff its uniform draw u < p (Bernoulli(p) by inverse
+    CDF, P(dropped) = p), so a label whose draw equals p is kept."""
+    n = 64
+    labels = torch.arange(n) % 4
+    u = torch.rand(n, generator=gen(2))  # the dropout draws: the generator's first
+    p = float(u[10])
+    task = ImageGeneration(label_dropout=p)
+    run = Recorder(torch.zeros(n, 1, 1, 1))
+    task.loss(run, (torch.zeros(n, 1, 1, 1), labels), torch.ones(n), gen(2))
+    seen = labels_in_call(*run.calls[0])
+    assert seen is not None
+    assert torch.equal(seen, torch.where(u < p, torch.full_like(labels, task.null_label), labels))
+    assert int(seen[10]) == int(labels[10])
+    assert 0 < int((seen != labels).sum()) < n
+
+
+def test_image_generation_without_label_dropout_keeps_labels_and_draws_only_eps() -> None:
+    """label_dropout = 0: labels reach the network unchanged and ε is the generator's first draw."""
+    n, shape = 5, (1, 2, 2)
+    images = torch.rand(n, *shape, generator=gen(0)) * 2 - 1
+    labels = torch.tensor([3, 0, 1, 2, 1])
+    sigma = torch.tensor([0.01, 0.2, 1.0, 5.0, 40.0])
+    run = Recorder(torch.zeros(n, *shape))
+    ImageGeneration(label_dropout=0.0).loss(run, (images, labels), sigma, gen(42))
+    args, kwargs = run.calls[0]
+    seen = labels_in_call(args, kwargs)
+    assert seen is not None
+    assert torch.equal(seen, labels)
+    eps = torch.randn(images.shape, generator=gen(42)).double()
+    c_in = coefficient_tensors(sigma)[2].view(-1, 1, 1, 1)
+    close(args[0], c_in * (images.double() + sigma.double().view(-1, 1, 1, 1) * eps), rtol=1e-5, atol=1e-7)
+
+
+def test_unlabelled_sampling_of_a_conditional_network_feeds_the_null_label() -> None:
+    """sample(num_samples=n) on a class-conditional network conditions every call on the null label."""
+    net = FakeDenoiser()
+    module = ldb.DiffusionBlocksModule(net, ImageGeneration(), num_blocks=3)
+    module.sample(num_samples=3, steps=2, seed=0, shape=(1, 2, 2))
+    assert len(net.calls) == 2
+    for call in net.calls:
+        assert call["labels"] is not None
+        assert call["labels"].tolist() == [module.task.null_label] * 3
+        assert not 0 <= module.task.null_label < net.num_classes
+
+
+def test_call_convention_passes_the_noise_level_and_labels() -> None:
+    """CallConvention.call passes the network input, then c_noise and the labels positionally or by the keywords the
+    network's forward names; a network without labels gets none, and labelled batches are refused for it."""
+    x, c_noise, labels = torch.zeros(2, 1), torch.ones(2), torch.tensor([1, 0])
+    run = Recorder(torch.zeros(2, 1))
+    CallConvention(takes_labels=False).call(run, x, c_noise, None)
+    CallConvention("sigma", "y").call(run, x, c_noise, labels)
+    (plain, plain_kw), (keyed, keyed_kw) = run.calls
+    assert (len(plain), plain_kw, len(keyed), sorted(keyed_kw)) == (2, {}, 1, ["sigma", "y"])
+    assert keyed_kw["sigma"] is c_noise
+    assert keyed_kw["y"] is labels
+    with pytest.raises(
+        ValueError,
+        match=r"^The batches carry labels but the network's forward takes none; use an unconditional data set or give"
+        r" the network a labels argument \(forward\(x, c_noise, labels=None\)\)\.$",
+    ):
+        CallConvention(takes_labels=False).call(run, x, c_noise, labels)

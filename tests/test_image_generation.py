@@ -1,0 +1,176 @@
+"""The ImageGeneration task: the EDM denoiser loss (Eq. 6), dtypes, the clean-image estimate its subclasses
+inherit, prediction, and what it refuses. Expected values come from ``tests/reference.py``, never from the package."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import lightning_diffusionblocks as ldb
+from lightning_diffusionblocks.ddpm import DDPMSchedule
+from lightning_diffusionblocks.tasks import DDPM, FlowMatching, ImageGeneration
+from lightning_diffusionblocks.tasks.flow_matching import EXPECTED_CALL as FLOW_CALL
+from lightning_diffusionblocks.tasks.image_generation import EXPECTED_CALL
+from tests.fakes import FakeDenoiser, FakeNet, Recorder, bound
+from tests.reference import close, coefficient_tensors, gen, linear_alpha_bar, weight
+
+
+def test_image_generation_loss() -> None:
+    """EDM denoiser loss (Eq. 6, L2): F(c_in·z, c_noise), D = c_skip·z + c_out·F, λ(σ)·mean((D − y)²) per sample."""
+    n, shape = 7, (1, 2, 3)
+    images = torch.rand(n, *shape, generator=gen(0)) * 2 - 1
+    sigma = torch.tensor([0.002, 0.02, 0.15, 0.5, 1.3, 9.0, 80.0])
+    net_out = torch.randn(n, *shape, generator=gen(1))
+    run = Recorder(net_out)
+    loss = ImageGeneration(label_dropout=0.0).loss(run, images, sigma, gen(42))
+    eps = torch.randn(images.shape, generator=gen(42)).double()  # no labels: the only draw is ε
+    c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in coefficient_tensors(sigma))
+    z = images.double() + sigma.double().view(-1, 1, 1, 1) * eps
+    assert len(run.calls) == 1
+    args, _ = run.calls[0]
+    close(args[0], c_in * z, rtol=1e-5, atol=1e-7)  # the network sees c_in·z
+    close(args[1].view(-1), c_noise.view(-1), rtol=1e-6)  # and c_noise = ¼ ln σ
+    denoised = c_skip * z + c_out * net_out.double()
+    expected = weight(sigma) * (denoised - images.double()).pow(2).flatten(1).mean(1)
+    assert loss.shape == (n,)
+    close(loss, expected, rtol=1e-3, atol=0.0)
+
+
+def test_image_generation_keeps_the_data_dtype() -> None:
+    """The network sees c_in·z in the data's dtype (bf16 data stays bf16: z = y + σε is formed in it)."""
+    n = 3
+    images = (torch.rand(n, 1, 2, 2, generator=gen(0)) * 2 - 1).to(torch.bfloat16)
+    run = Recorder(torch.zeros(n, 1, 2, 2))
+    ImageGeneration(label_dropout=0.0).loss(run, images, torch.tensor([0.1, 1.0, 10.0]), gen(1))
+    assert run.calls[0][0][0].dtype == torch.bfloat16
+
+
+def test_flow_and_ddpm_denoise_is_the_clean_image_estimate() -> None:
+    """The inherited ``denoise``/``guided_denoise`` give x̂₀: flow z − t·v; DDPM (z − √(1−ᾱ)ε̂)/√ᾱ."""
+    net = FakeNet(lambda x, t, y: 0.5 * x + 1.0)
+    z, level = torch.randn(2, 1, 2, 2, generator=gen(0)), torch.tensor([0.3, 0.8])
+    flow = bound(FlowMatching(), net)
+    close(flow.guided_denoise(net, z, level, None), z - level.view(-1, 1, 1, 1) * (0.5 * z + 1))
+    ddpm = bound(DDPM(DDPMSchedule(num_timesteps=10)), net)
+    k = torch.tensor([2.0, 9.0])
+    a = torch.tensor([linear_alpha_bar(10)[2], linear_alpha_bar(10)[9]]).view(-1, 1, 1, 1)
+    close(ddpm.denoise(net, z, k, None), (z - (1 - a).sqrt() * (0.5 * z + 1)) / a.sqrt(), rtol=1e-4)
+
+
+def test_image_prediction_samples_one_image_per_label_seeded_by_the_batch_index() -> None:
+    """ImageGeneration's predict_step is sample(labels=batch, seed=batch index) for a 1-D label tensor (or a
+    1-tuple of one); anything else is refused and described."""
+    module = ldb.DiffusionBlocksModule(FakeDenoiser(), ImageGeneration(), num_blocks=3)
+    task, router = module.task, module.router()
+    task.sample_shape = [1, 2, 2]
+    labels = torch.tensor([0, 3, 1])
+    expected = task.sample(router, labels=labels, steps=50, seed=4)
+    assert not torch.equal(expected, task.sample(router, labels=labels, steps=50, seed=0))
+    for batch in (labels, (labels,), [labels]):
+        close(task.predict_step(router, batch, 4), expected, rtol=0.0, atol=0.0)
+    described = (
+        (torch.zeros(3, 1, 2, 2), r"a torch\.float32 tensor of shape \(3, 1, 2, 2\)"),
+        (labels.float(), r"a torch\.float32 tensor of shape \(3,\)"),
+        ((labels, labels), "a tuple of 2 items"),
+        ("abc", "str"),
+    )
+    for batch, description in described:
+        with pytest.raises(
+            ValueError,
+            match=r"^ImageGeneration's predict_step draws one sample per label, so a predict batch must be a 1-D"
+            r" tensor of class ids \(e\.g\. DataLoader\(TensorDataset\(labels\)\)\)\. This batch holds something"
+            rf" else \({description}\); images in a predict batch would be ignored, so they are refused\.$",
+        ):
+            task.predict_step(router, batch, 0)
+
+
+class NoNoiseLevel(nn.Module):
+    """forward(x) only: no slot for the noise level."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class Unconditional(nn.Module):
+    """forward(x, c_noise): no labels."""
+
+    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        return x
+
+
+class NoPositional(nn.Module):
+    """forward(*, x): no positional slot for the noisy input."""
+
+    def forward(self, *, x: Tensor) -> Tensor:
+        return x
+
+
+class NeedsMore(nn.Module):
+    """forward(x, c_noise, labels, scale): a fourth argument without a default."""
+
+    def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor, scale: float) -> Tensor:
+        return x
+
+
+def test_image_generation_refuses_what_it_cannot_train_or_sample() -> None:
+    """ImageGeneration's batches are `images` or `(images, labels)`; sample() needs labels or a count, labels only for
+    a conditional network, labels for guidance, a known shape and, for clip=True, a seen data range; a network
+    without a noise-level slot is refused quoting the task's own call (FlowMatching's for FlowMatching)."""
+    task = ImageGeneration()
+    images = torch.zeros(5, 1, 2, 2)
+    assert task.batch_size(images) == task.batch_size((images, torch.zeros(5, dtype=torch.long))) == 5
+    for batch, shown in (((images, images, images), "tuple of length 3"), (3.5, r"float of length \?")):
+        with pytest.raises(
+            ValueError, match=rf"^ImageGeneration expects batches of `images` or `\(images, labels\)`, got {shown}\.$"
+        ):
+            task.split(batch)
+    module = ldb.DiffusionBlocksModule(FakeDenoiser(), task, num_blocks=3)
+    router = module.router()
+    labels, count, shape = task.sampling_inputs(router, [1, 2], None, 1.0, (1, 2, 2))
+    assert labels is not None
+    assert (labels.dtype, labels.tolist(), count, list(shape)) == (torch.long, [1, 2], 2, [1, 2, 2])
+    int32 = task.sampling_inputs(router, torch.tensor([3, 0], dtype=torch.int32), None, 1.0, (1, 2, 2))[0]
+    assert int32 is not None
+    assert int32.dtype == torch.long
+    refusals = (
+        (([1, 2], None, 1.0, None), r"The sample shape is unknown: the network has no `channels`/`image_size`-style"
+         r" attributes and no training batch was seen\. Pass shape=\(C, H, W\)\."),
+        ((None, None, 1.0, (1, 2, 2)), r"Pass `labels` or `num_samples` to sample\(\)\."),
+        ((None, 3, 2.0, (1, 2, 2)), r"Classifier-free guidance needs `labels`; pass labels or guidance=1\.0\."),
+    )  # fmt: skip
+    for arguments, message in refusals:
+        with pytest.raises(ValueError, match=rf"^{message}$"):
+            task.sampling_inputs(router, *arguments)
+    unconditional = ImageGeneration()
+    unconditional.bind(Unconditional())
+    with pytest.raises(
+        ValueError, match=r"^The network takes no labels; call sample\(num_samples=\.\.\.\) without labels\.$"
+    ):
+        unconditional.sampling_inputs(router, [1], None, 1.0, (1, 2, 2))
+    x = torch.linspace(-2.0, 2.0, 9)
+    assert task._clip(x, False) is x
+    with pytest.raises(
+        ValueError,
+        match=r"^clip=True clamps to the training data's range, but none was seen; pass clip=\(lo, hi\)$",
+    ):
+        task._clip(x, True)
+    task.data_range = [-0.5, 1.0]
+    close(task._clip(x, True), x.clamp(-0.5, 1.0), rtol=0.0, atol=0.0)
+    close(task._clip(x, (-1.0, 0.25)), x.clamp(-1.0, 0.25), rtol=0.0, atol=0.0)
+    for refusing, call in ((ImageGeneration(), EXPECTED_CALL), (FlowMatching(), FLOW_CALL)):
+        with pytest.raises(ValueError, match=rf"takes no noise level\. {re.escape(call)}; the noise level and the"):
+            refusing.bind(NoNoiseLevel())
+    refused = (
+        (NoPositional, r"takes no positional input for the noisy image"),
+        (NeedsMore, r"requires further arguments \['scale'\]"),
+    )
+    for network, why in refused:
+        with pytest.raises(
+            ValueError,
+            match=rf"^{network.__name__}\.forward\(.* {why}\. {re.escape(EXPECTED_CALL)}; the noise level and the"
+            r" labels may also be keyword-only arguments\.$",
+        ):
+            ImageGeneration().bind(network())
