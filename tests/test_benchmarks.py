@@ -240,15 +240,14 @@ def test_parity_merge_pairs_seeds_across_files(tmp_path):
     assert "--merge only summarises generation files" in bad.stderr
 
 
-def test_run_examples_starts_the_next_job_before_scoring(tmp_path, monkeypatch):
+def test_run_jobs_starts_the_next_job_before_scoring(tmp_path):
     """A finished run is scored only after its slot went to the next job, so scoring overlaps training."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import parity
+    import parity_run
 
-    def command(script: str, *args: str) -> list[str]:  # each job leaves a file as it starts
-        return [sys.executable, "-c", f"open({str(tmp_path / script)!r}, 'w').close()"]
+    def command(name: str) -> tuple[str, list[str]]:  # each job leaves a file as it starts
+        return name, [sys.executable, "-c", f"open({str(tmp_path / name)!r}, 'w').close()"]
 
-    monkeypatch.setattr(parity, "example_command", command)
     seen: list[tuple[int, bool]] = []
 
     def done(i: int) -> None:
@@ -257,5 +256,5 @@ def test_run_examples_starts_the_next_job_before_scoring(tmp_path, monkeypatch):
             time.sleep(0.05)
         seen.append((i, (tmp_path / "second").exists()))
 
-    parity.run_examples([("first", []), ("second", [])], parallel=1, done=done)
+    parity_run.run_jobs([command("first"), command("second")], parallel=1, done=done)
     assert seen == [(0, True), (1, True)]
