@@ -105,7 +105,6 @@ def classification(args: argparse.Namespace) -> dict:
     return json.loads(out.read_text())
 
 
-
 def text(args: argparse.Namespace, objective: str) -> dict:
     """Character-level LM on the King James Bible: end-to-end vs DiffusionBlocks at equal layer evaluations."""
     script = "text_mdm.py" if objective == "masked" else "text_ar.py"
@@ -120,7 +119,6 @@ def text(args: argparse.Namespace, objective: str) -> dict:
         settings |= QUICK_TEXT[objective]
     run_example(script, settings)
     return json.loads(out.read_text())
-
 
 
 def ablation(args: argparse.Namespace) -> dict:
