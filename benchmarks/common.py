@@ -38,8 +38,8 @@ def build_module(args: argparse.Namespace, num_blocks: int) -> ldb.DiffusionBloc
     torch.manual_seed(0)
     model = getattr(args, "model", "dit")
     if model == "dit":
-        net = ldb.models.DiT(image_size=args.image_size, channels=3, patch=args.patch, dim=args.dim,
-                             depth=args.depth, heads=args.heads, num_classes=10)  # fmt: skip
+        net = ldb.presets.demo_dit(image_size=args.image_size, channels=3, patch=args.patch, dim=args.dim,
+                                   depth=args.depth, heads=args.heads)  # fmt: skip
         task: ldb.tasks.Task = ldb.tasks.ImageGeneration()
     else:
         if model == "lm":

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from parity import load_generator, mnist_tensors  # noqa: E402
+from parity_score import load_generator, mnist_tensors  # noqa: E402
 
 import lightning_diffusionblocks as ldb  # noqa: E402
 

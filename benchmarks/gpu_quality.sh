@@ -27,7 +27,7 @@ else
   GEN=(--gen-steps 6000)
   CLS=(--steps 4690 --curve-every 469)  # 10 epochs of the plain ViT; DiffusionBlocks: B× the steps of depth/B layers
   TXT=()
-  AR=(--seq-len 64 --depth 8 --num-blocks 4 --new-chars 120)  # benchmarks/parity.py's CPU settings, then 3 seeds
+  AR=(--seq-len 64 --depth 8 --num-blocks 4 --new-chars 120)  # benchmarks/parity_run.py's CPU settings (TEXT_SETTINGS), then 3 seeds
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"

@@ -45,8 +45,8 @@ def plan(args: argparse.Namespace) -> dict:
 
 def build(cfg: dict, blocks: int) -> ldb.DiffusionBlocksModule:
     torch.manual_seed(0)
-    net = ldb.models.DiT(image_size=32, channels=3, patch=2, dim=cfg["dim"], depth=cfg["depth"],
-                         heads=cfg["dim"] // 128, num_classes=10)  # fmt: skip
+    net = ldb.presets.demo_dit(image_size=32, channels=3, patch=2, dim=cfg["dim"], depth=cfg["depth"],
+                               heads=cfg["dim"] // 128)  # fmt: skip
     return ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=blocks, lr=1e-4)
 
 

@@ -142,7 +142,7 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, args.threads // args.world))
     blocks = 1 if args.mode == "e2e" else args.blocks
-    net = ldb.models.DiT(image_size=16, channels=1, patch=2, dim=args.dim, depth=args.depth, heads=4, num_classes=10)
+    net = ldb.presets.demo_dit(image_size=16, patch=2, dim=args.dim, depth=args.depth)
     module = ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=blocks)
     backend = {"process_group_backend": "gloo"} if args.accelerator == "cpu" else {}
     strategy = {"e2e": lambda: CountingDDP(**backend), "dp": lambda: ldb.DiffusionBlocksDDPStrategy(**backend),

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parity import figure, spread  # noqa: E402
+from parity_summary import figure, spread  # noqa: E402
 
 
 def seeds_of(directory: Path, pattern: str) -> dict[int, dict]:

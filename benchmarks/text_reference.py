@@ -24,7 +24,7 @@ import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.text_metrics import CharNGramJudge, vocabulary, word_validity
 
 ROOT = Path(__file__).resolve().parents[1]
-#: end-to-end steps, window and batch of the parity text rows (benchmarks/parity.py's TEXT_SETTINGS)
+#: end-to-end steps, window and batch of the parity text rows (benchmarks/parity_run.py's TEXT_SETTINGS)
 RUNS = {"masked": {"steps": 600, "seq_len": 128, "batch_size": 32},
         "autoregressive": {"steps": 400, "seq_len": 64, "batch_size": 32}}  # fmt: skip
 

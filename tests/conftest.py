@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 
 def tiny_dit(depth: int = 6, dim: int = 32, num_classes: int = 10) -> ldb.models.DiT:
     torch.manual_seed(0)
-    return ldb.models.DiT(image_size=8, channels=1, patch=4, dim=dim, depth=depth, heads=2, num_classes=num_classes)
+    return ldb.presets.tiny_dit(depth=depth, dim=dim, num_classes=num_classes)
 
 
 def image_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:

@@ -240,15 +240,40 @@ def test_parity_merge_pairs_seeds_across_files(tmp_path):
     assert "--merge only summarises generation files" in bad.stderr
 
 
-def test_run_examples_starts_the_next_job_before_scoring(tmp_path, monkeypatch):
+def test_parity_trains_the_demo_from_a_settings_file(tmp_path):
+    """A generation job is the demo's settings as data: its file reads back to the same ``MNISTDemo``, --quick
+    shrinks only the sizes, and ablation variants keep the folder names and labels earlier runs were stored under."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import argparse
+
+    import parity_run
+
+    import lightning_diffusionblocks as ldb
+
+    args = argparse.Namespace(formulation="ddpm", prediction="v", beta_schedule="cosine", accelerator="cpu", quick=True)
+    demo = parity_run.generation_demo(args, tmp_path, parity_run.QUICK_GENERATION, steps=5, strategy="auto", seed=2)
+    expected = ldb.presets.MNISTDemo(strategy="auto", formulation="ddpm", prediction="v", beta_schedule="cosine",
+                                     steps=5, dim=32, depth=3, heads=2, batch_size=16, sample_steps=4, per_class=1,
+                                     data_dir=str(tmp_path), seed=2)  # fmt: skip
+    assert demo == expected
+    name, cmd = parity_run.demo_job(demo, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / parity_run.SETTINGS_FILE).read_text())
+    assert ldb.presets.MNISTDemo.from_dict(saved["demo"]) == demo
+    assert cmd[-2:] == [str(ROOT / "benchmarks" / "parity_run.py"), str(tmp_path / "run" / parity_run.SETTINGS_FILE)]
+    keys = [(parity_run.variant_key(v), parity_run.variant_label(v)) for v in parity_run.ABLATIONS["gamma"]]
+    assert keys == [("gamma-0_num-blocks-3_partition-equiprobable", "--gamma 0"),
+                    ("gamma-0.05_num-blocks-3_partition-equiprobable", "--gamma 0.05"),
+                    ("gamma-0.1_num-blocks-3_partition-equiprobable", "--gamma 0.1")]  # fmt: skip
+
+
+def test_run_jobs_starts_the_next_job_before_scoring(tmp_path):
     """A finished run is scored only after its slot went to the next job, so scoring overlaps training."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import parity
+    import parity_run
 
-    def command(script: str, *args: str) -> list[str]:  # each job leaves a file as it starts
-        return [sys.executable, "-c", f"open({str(tmp_path / script)!r}, 'w').close()"]
+    def command(name: str) -> tuple[str, list[str]]:  # each job leaves a file as it starts
+        return name, [sys.executable, "-c", f"open({str(tmp_path / name)!r}, 'w').close()"]
 
-    monkeypatch.setattr(parity, "example_command", command)
     seen: list[tuple[int, bool]] = []
 
     def done(i: int) -> None:
@@ -257,5 +282,5 @@ def test_run_examples_starts_the_next_job_before_scoring(tmp_path, monkeypatch):
             time.sleep(0.05)
         seen.append((i, (tmp_path / "second").exists()))
 
-    parity.run_examples([("first", []), ("second", [])], parallel=1, done=done)
+    parity_run.run_jobs([command("first"), command("second")], parallel=1, done=done)
     assert seen == [(0, True), (1, True)]

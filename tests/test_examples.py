@@ -353,6 +353,31 @@ def test_mnist_example_builds_the_ddpm_options_and_refuses_them_elsewhere() -> N
             make_task("flow", *options)
 
 
+def test_mnist_example_settings_are_the_package_preset() -> None:
+    """The demo's command line is ``ldb.presets.MNISTDemo`` (the settings benchmarks/parity.py trains with): its
+    defaults are the preset's, and the preset builds the DiT the demo always built (28×28, width 128, 6 layers)."""
+    example = runpy.run_path(str(ROOT / "examples" / "mnist_generation.py"), run_name="example")
+    demo, options = example["parse_args"]([])
+    assert demo == ldb.presets.MNISTDemo()
+    assert options == example["RunOptions"]()
+    assert (demo.total_steps, demo.guidance_scale, demo.layer_evaluations) == (4000, 3.0, 8000)
+    auto, _ = example["parse_args"](["--strategy", "auto", "--formulation", "ddpm", "--dim", "64", "--gamma", "0"])
+    assert (auto.total_steps, auto.guidance_scale, auto.dit.noise_scale) == (1333, 2.0, 0.1)
+    assert (auto.dim, auto.gamma) == (64, 0.0)
+    assert auto.layer_evaluations == 1333 * 6  # end to end: every layer each step
+    torch.manual_seed(0)
+    built = demo.dit.build()
+    torch.manual_seed(0)
+    explicit = ldb.models.DiT(image_size=28, channels=1, patch=4, dim=128, depth=6, heads=4, num_classes=10,
+                              noise_scale=100.0)  # fmt: skip
+    assert built.init_args == explicit.init_args
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), explicit.state_dict().values()))
+    with pytest.raises(ValueError, match="unknown MNISTDemo settings \\['depthh'\\]"):
+        ldb.presets.MNISTDemo.from_dict({"depthh": 3})
+    with pytest.raises(ValueError, match="generation_task\\('ddpm', 'v', 'linear'\\)"):
+        ldb.presets.generation_task("flow", "v")
+
+
 def test_mnist_example_fills_a_wandb_dashboard(tmp_path: Path, mnist_dir: Path) -> None:
     """The demo with --logger wandb (offline), read back: per-group curves, memory, partition, table, samples."""
     pytest.importorskip("wandb")

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("the LightningModule", {"optimisation", "checkpoint_record", "checks", "module"}),
     ("strategies and checkpoint tools", {"planning", "strategy", "data_parallel", "block_parallel", "merge"}),
     ("callbacks", {"callbacks"}),
+    ("ready-made settings of the demo and the tests", {"presets"}),
     ("entry points", {"cli", "__main__", ""}),
 ]
 
