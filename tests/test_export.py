@@ -1,0 +1,357 @@
+"""Export to stock diffusers pipelines: every step of DiTPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline and
+FluxPipeline runs exactly one group, the one owning its timestep, after a save → fresh ``from_pretrained``; the group
+edges on each pipeline's timestep scale are pinned from the formulas; the reverse import reads the folders back."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+diffusers = pytest.importorskip("diffusers")
+
+import lightning_diffusionblocks as ldb  # noqa: E402
+from lightning_diffusionblocks.export import (  # noqa: E402
+    TimestepRoutedTransformer,
+    load_diffusers,
+    pipeline_edges,
+    routed_transformer,
+    to_diffusers,
+)
+
+TB, STB = "transformer_blocks", "single_transformer_blocks"
+VAE_KW: dict[str, Any] = {
+    "in_channels": 1, "out_channels": 1, "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2, "block_out_channels": (8, 16), "layers_per_block": 1,
+    "latent_channels": 4, "norm_num_groups": 4, "sample_size": 32,
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- formulas of the edges
+def _phi(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def _phi_inv(q: float) -> float:
+    lo, hi = -10.0, 10.0
+    for _ in range(200):  # bisection: independent of torch's ndtri
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _phi(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def edm_median(p_mean: float, p_std: float = 1.2, lo: float = 0.002, hi: float = 80.0) -> float:
+    """The B=2 boundary of EDM: the median of the log-normal σ truncated to [lo, hi] (paper eq. of the partition)."""
+    a, b = _phi((math.log(lo) - p_mean) / p_std), _phi((math.log(hi) - p_mean) / p_std)
+    return math.exp(p_mean + p_std * _phi_inv((a + b) / 2))
+
+
+def ddpm_sigmas(beta_start: float = 1e-4, beta_end: float = 0.02, steps: int = 1000) -> np.ndarray:
+    """σ_k = √((1 − ᾱ_k)/ᾱ_k) of DDPM's linear β schedule (Ho et al. 2020), computed with numpy."""
+    alpha_bar = np.cumprod(1 - np.linspace(beta_start, beta_end, steps, dtype=np.float64))
+    return np.sqrt((1 - alpha_bar) / alpha_bar)
+
+
+def sigma_to_discrete_edge(sigma: float) -> float:
+    """Timestep k goes to the lower-noise group iff σ_k ≤ σ_b: the edge sits half a step above the last such k."""
+    return float((ddpm_sigmas() <= sigma).sum()) - 0.5
+
+
+def test_edges_on_each_pipeline_scale_follow_the_formulas():
+    edm, flow, ddpm = ldb.NoiseSchedule(), ldb.FlowSchedule(), ldb.DDPMSchedule()
+    # DDPM → discrete: the timestep boundary itself (uniform timesteps, B=4: 250 per group)
+    assert pipeline_edges(ddpm, ddpm.boundaries(4), "discrete") == [249.5, 499.5, 749.5]
+    # flow → flow: 1000·t_b; the logit-normal (0, 1) truncated symmetrically has its median at t = 0.5
+    assert pipeline_edges(flow, flow.boundaries(2), "flow") == pytest.approx([500.0], abs=1e-9)
+    # EDM → flow: s = σ/(1 + σ) so that x/(1 − s) = x₀ + σε
+    sigma = edm_median(-1.2)
+    assert pipeline_edges(edm, edm.boundaries(2), "flow") == pytest.approx([1000 * sigma / (1 + sigma)], rel=1e-9)
+    # EDM → discrete, through ᾱ of the scheduler's linear β; flow → discrete through σ = t/(1 − t)
+    assert pipeline_edges(edm, edm.boundaries(2), "discrete") == [sigma_to_discrete_edge(sigma)]
+    a = _phi(math.log(1e-3 / (1 - 1e-3)))  # the logit-normal (0, 1) truncated to [1e-3, 1 − 1e-3]; B=4's top edge
+    t_b = 1 / (1 + math.exp(-_phi_inv(a + 0.75 * (1 - 2 * a))))
+    assert pipeline_edges(flow, flow.boundaries(4), "discrete")[2] == sigma_to_discrete_edge(t_b / (1 - t_b))
+    # another β schedule moves the edge: scaled_linear (√β linear), as a scheduler config gives it
+    scaled = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    ab = np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)
+    expected = float((np.sqrt((1 - ab) / ab) <= sigma).sum()) - 0.5
+    assert pipeline_edges(edm, edm.boundaries(2), "discrete", scheduler=scaled) == [expected]
+    assert expected != sigma_to_discrete_edge(sigma)
+    # the pipeline's own ᾱ table agrees with the formula the edges use
+    scheduler = diffusers.DDPMScheduler()
+    assert np.allclose(scheduler.alphas_cumprod.double().numpy(), np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+
+
+def test_bad_input_is_refused_with_the_fix():
+    ddpm, edm = ldb.DDPMSchedule(), ldb.NoiseSchedule()
+    with pytest.raises(ValueError, match="strictly ascending"):
+        pipeline_edges(edm, [0.002, 1.0, 0.5, 80.0], "flow")
+    with pytest.raises(ValueError, match="pipeline_time='discrete'"):
+        pipeline_edges(ddpm, ddpm.boundaries(2), "flow")
+    with pytest.raises(ValueError, match="num_train_timesteps=1000"):
+        pipeline_edges(ddpm, ddpm.boundaries(2), "discrete", scheduler={"num_train_timesteps": 500})
+    with pytest.raises(TypeError, match="diffusers transformers"):
+        routed_transformer(nn.Linear(2, 2), [{TB: [0, 1]}], [0.002, 80.0], edm)
+    dit = _dit()
+    with pytest.raises(ValueError, match="in no group"):
+        routed_transformer(dit, [{TB: [0, 1]}, {TB: [1, 3]}], edm.boundaries(2), edm, pipeline_time="flow")
+    with pytest.raises(ValueError, match="groups must not overlap"):
+        routed_transformer(dit, [{TB: [0, 3]}, {TB: [2, 4]}], edm.boundaries(2), edm, pipeline_time="flow")
+    with pytest.raises(ValueError, match="pipeline_time='discrete'"):
+        routed_transformer(_Unknown(), [{}], [0.0, 1.0], edm)
+    with pytest.raises(TypeError, match="holds no diffusers model"):
+        to_diffusers(ldb.DiffusionBlocksModule(_plain_net(), ldb.tasks.ImageGeneration(), num_blocks=2), "unused")
+    with pytest.raises(FileNotFoundError, match="snapshot_download"):
+        load_diffusers("no/such/folder")
+    routed = routed_transformer(dit, [{TB: [0, 2]}, {TB: [2, 4]}], ddpm.boundaries(2), ddpm)
+    with pytest.raises(ValueError, match="one group per call"):
+        routed.group_of(torch.tensor([900, 100]))
+
+
+class _Unknown(diffusers.ModelMixin):
+    """A diffusers model whose pipeline timestep scale the export cannot know."""
+
+
+def _plain_net() -> nn.Module:
+    torch.manual_seed(0)
+    return ldb.models.DiT(image_size=8, channels=1, patch=4, dim=16, depth=2, heads=2, num_classes=10)
+
+
+# ------------------------------------------------------------------------------------------- the four families
+def _dit() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=1000,
+    )  # fmt: skip
+
+
+def _pixart() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4,
+        cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=2,
+    )  # fmt: skip
+
+
+def _sd3() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24,
+        pos_embed_max_size=16,
+    )  # fmt: skip
+
+
+def _flux() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+
+
+def _text(*shape: int, seed: int) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class Family:
+    """A diffusers family: its tiny model, how it was trained, its stock pipeline and that pipeline's unchanged call."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    noise: Any
+    edge: float  # the expected edge on the pipeline's 0–1000 scale, from the formulas above
+    pipeline: Callable[[], type]
+    components: Callable[[], dict[str, Any]]
+    call: Callable[[], dict[str, Any]]
+    forward_kwargs: Callable[[], dict[str, Any]]
+    hidden: tuple[int, ...]
+    timestep_mult: float = 1.0
+    groups: tuple[dict[str, list[int]], ...] = ({TB: [0, 2]}, {TB: [2, 4]})
+    #: what from_pretrained must be given again (parts the pipeline folder does not hold)
+    missing: tuple[str, ...] = ()
+
+
+def _vae(shift: float | None = None, scale: float = 0.18215) -> nn.Module:
+    torch.manual_seed(1)
+    return diffusers.AutoencoderKL(**VAE_KW, shift_factor=shift, scaling_factor=scale)
+
+
+SD3_MISSING = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+FAMILIES = [
+    Family(
+        "dit", _dit, ldb.DDPMSchedule(), 499.5, lambda: diffusers.DiTPipeline,
+        lambda: {"vae": _vae(), "scheduler": diffusers.DDPMScheduler()},
+        lambda: {"class_labels": [3, 7], "num_inference_steps": 3, "output_type": "np"},
+        lambda: {"class_labels": torch.tensor([3, 7])}, (2, 4, 8, 8),
+    ),
+    Family(
+        "pixart", _pixart, ldb.NoiseSchedule(p_mean=0.5), sigma_to_discrete_edge(edm_median(0.5)),
+        lambda: diffusers.PixArtAlphaPipeline,
+        lambda: {"vae": _vae(), "scheduler": diffusers.DPMSolverMultistepScheduler(), "tokenizer": None,
+                 "text_encoder": None},
+        lambda: {"prompt_embeds": _text(1, 6, 32, seed=1), "prompt_attention_mask": torch.ones(1, 6),
+                 "negative_prompt": None, "negative_prompt_embeds": _text(1, 6, 32, seed=2),
+                 "negative_prompt_attention_mask": torch.ones(1, 6), "use_resolution_binning": False,
+                 "num_inference_steps": 3, "output_type": "np", "height": 16, "width": 16},
+        lambda: {"encoder_hidden_states": _text(2, 6, 32, seed=3), "encoder_attention_mask": torch.ones(2, 6),
+                 "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}, (2, 4, 8, 8),
+    ),  # fmt: skip
+    Family(
+        "sd3", _sd3, ldb.NoiseSchedule(), 1000 * edm_median(-1.2) / (1 + edm_median(-1.2)),
+        lambda: diffusers.StableDiffusion3Pipeline,
+        lambda: {"vae": _vae(0.0609, 1.5305), "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                 **dict.fromkeys(SD3_MISSING)},
+        lambda: {"prompt_embeds": _text(1, 6, 32, seed=1), "pooled_prompt_embeds": _text(1, 24, seed=2),
+                 "negative_prompt_embeds": _text(1, 6, 32, seed=3),
+                 "negative_pooled_prompt_embeds": _text(1, 24, seed=4), "height": 16, "width": 16,
+                 "num_inference_steps": 3, "output_type": "np"},
+        lambda: {"encoder_hidden_states": _text(2, 6, 32, seed=5), "pooled_projections": _text(2, 24, seed=6)},
+        (2, 4, 8, 8), missing=SD3_MISSING,
+    ),  # fmt: skip
+    Family(
+        "flux", _flux, ldb.FlowSchedule(), 500.0, lambda: diffusers.FluxPipeline,
+        lambda: {"vae": _vae(0.1159, 0.3611),
+                 "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+                 **dict.fromkeys(SD3_MISSING[:4])},
+        lambda: {"prompt_embeds": _text(1, 6, 32, seed=1), "pooled_prompt_embeds": _text(1, 24, seed=2),
+                 "height": 16, "width": 16, "num_inference_steps": 3, "output_type": "np"},
+        lambda: {"encoder_hidden_states": _text(2, 6, 32, seed=5), "pooled_projections": _text(2, 24, seed=6),
+                 "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(6, 3)},
+        (2, 16, 16), timestep_mult=1000.0, groups=({TB: [0, 2], STB: [0, 1]}, {STB: [1, 2]}),
+        missing=SD3_MISSING[:4],
+    ),  # fmt: skip
+]
+
+
+def _perturbed(model: nn.Module, seed: int) -> nn.Module:
+    """A copy with every weight moved: stands for the stem and head another group trained."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return out
+
+
+def _module(family: Family) -> ldb.DiffusionBlocksModule:
+    """A block-wise module over the family's diffusers model with per-group stems that differ (as after training)."""
+    ddpm = isinstance(family.noise, ldb.DDPMSchedule)
+    task = ldb.tasks.DDPM() if ddpm else ldb.tasks.ImageGeneration(noise=family.noise)
+    module = ldb.DiffusionBlocksModule(family.build(), task, num_blocks=2, block_path=TB)
+    stem = module.network.stems[0]
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        for p in stem.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for p in module.network.net.parameters():  # the blocks and group 0's stem: away from their initialisation
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def _spy(model: TimestepRoutedTransformer) -> list[tuple[float, set[tuple[str, int]]]]:
+    """(timestep × mult, blocks run) of every call of ``model``, from hooks on the model and on every block."""
+    calls: list[tuple[float, set[tuple[str, int]]]] = []
+
+    def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = kwargs["timestep"].reshape(-1)
+        assert bool((t == t[0]).all()), "a stock pipeline passes one timestep per call"
+        calls.append((float(t[0]) * model.config.timestep_mult, set()))
+
+    model.register_forward_pre_hook(on_call, with_kwargs=True)
+    for stack in TimestepRoutedTransformer.stack_names(model.transformer):
+        for i, block in enumerate(getattr(model.transformer, stack)._modules.values()):
+            block.register_forward_hook(lambda m, a, o, key=(stack, i): calls[-1][1].add(key))
+    return calls
+
+
+def _blocks(groups: tuple[dict[str, list[int]], ...], g: int) -> set[tuple[str, int]]:
+    return {(s, i) for s, (a, b) in groups[g].items() for i in range(a, b)}
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_stock_pipeline_runs_one_group_per_step_after_a_fresh_load(family: Family, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    pipeline_cls = family.pipeline()
+    if family.name == "flux":  # a group spanning the seam: the lower-level export, given groups and stems
+        stock = family.build()
+        stem = _perturbed(stock, seed=3)
+        model = routed_transformer(
+            stock, family.groups, family.noise.boundaries(2), family.noise, stems=[stem], scheduler=None
+        )
+        pipe = pipeline_cls(transformer=model, **family.components())
+        pipe.save_pretrained(tmp_path / "pipe")
+
+        def reference(g: int) -> nn.Module:  # trimming: the blocks of g in a stock model with g's stem
+            ref = copy.deepcopy(stock if g == 0 else stem)
+            for s in (TB, STB):
+                blocks = list(getattr(stock, s))
+                a, b = family.groups[g].get(s, [0, 0])
+                setattr(ref, s, nn.ModuleList(blocks[a:b]))
+            return ref.eval()
+
+    else:
+        module = _module(family)
+        edm = isinstance(family.noise, ldb.NoiseSchedule)
+        with pytest.warns(UserWarning, match="EDM's preconditioning") if edm else contextlib.nullcontext():
+            model = to_diffusers(module, tmp_path / "pipe", pipeline=pipeline_cls, components=family.components())
+        pipe = pipeline_cls(transformer=model, **family.components())
+        network = module.network.eval()
+
+        def reference(g: int) -> nn.Module:  # the package's own network running group g
+            return lambda *a, **k: network(*a, group=g, **k)  # type: ignore[return-value]
+
+    assert model.config.edges == pytest.approx([family.edge], abs=1e-9)
+    assert not model.training
+    # the routed model computes what the trained group computes (its blocks, its stem and head)
+    x = _text(*family.hidden, seed=11)
+    for g, tau in ((0, 999.0), (1, 1.0)):
+        t = torch.full((2,), tau / family.timestep_mult)
+        with torch.no_grad():
+            got = model(x, timestep=t, **family.forward_kwargs()).sample
+            want = reference(g)(x, timestep=t, **family.forward_kwargs()).sample
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+    # a fresh from_pretrained of the folder, the pipeline's own scheduler and call: one group per step, the right one
+    loaded = pipeline_cls.from_pretrained(tmp_path / "pipe", **dict.fromkeys(family.missing))
+    assert isinstance(loaded.transformer, TimestepRoutedTransformer)
+    assert not loaded.transformer.training
+    calls = _spy(loaded.transformer)
+    torch.manual_seed(0)
+    images = loaded(generator=torch.Generator().manual_seed(0), **family.call()).images
+    assert len(calls) == 3
+    seen = set()
+    for tau, ran in calls:
+        expected = 0 if tau > family.edge else 1
+        assert ran == _blocks(family.groups, expected), f"timestep {tau} ran {sorted(ran)}"
+        seen.add(expected)
+    assert seen == {0, 1}, "the 3-step grid should reach both groups"
+    # the reloaded model equals the in-memory one, through the whole pipeline
+    torch.manual_seed(0)
+    expected_images = pipe(generator=torch.Generator().manual_seed(0), **family.call()).images
+    np.testing.assert_allclose(images, expected_images, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        for tau in (999.0, 1.0):
+            t = torch.full((2,), tau / family.timestep_mult)
+            a = model(x, timestep=t, **family.forward_kwargs()).sample
+            b = loaded.transformer(x, timestep=t, **family.forward_kwargs()).sample
+            assert torch.equal(a, b)
+
+    # the reverse import reads the folder back: its stacks, groups and edges, and the stock transformer's weights
+    imported = load_diffusers(tmp_path / "pipe")
+    stock_keys = set(model.transformer.state_dict())
+    assert imported.group_blocks == [dict(g) for g in family.groups]
+    assert imported.edges == pytest.approx([family.edge])
+    assert set(imported.stacks) == ({TB, STB} if family.name == "flux" else {TB})
+    assert set(imported.transformer.state_dict()) == stock_keys
