@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -59,8 +59,8 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
         "lightning_diffusionblocks.export needs diffusers: pip install 'lightning_diffusionblocks[diffusers]'."
     ) from _err
 
-if TYPE_CHECKING:
-    from lightning_diffusionblocks.module import DiffusionBlocksModule
+from lightning_diffusionblocks.module import DiffusionBlocksModule
+from lightning_diffusionblocks.tasks.base import Task
 
 PipelineTime = Literal["discrete", "flow"]
 
@@ -211,9 +211,10 @@ def _stock_class(name: str) -> type[ModelMixin]:
     return cls
 
 
-def _check_groups(stacks: Mapping[str, int], group_blocks: Sequence[Mapping[str, Sequence[int]]]) -> None:
+def _check_groups(stacks: Mapping[str, int], group_blocks: Sequence[Mapping[str, Sequence[int]]]) -> set[str]:
     """Every block of every stack in exactly one group, each group non-empty; clear errors otherwise. A stack that
-    every group runs whole (one the training left outside its block stack) is allowed and owned by no group."""
+    every group runs whole (one the training left outside its block stack, so part of each group's stem) is
+    allowed and owned by no group; these shared stacks are returned."""
     example = "[{'transformer_blocks': [0, 2]}, {'transformer_blocks': [2, 4]}]"
     shared = {s for s, n in stacks.items() if all(list(g.get(s, [0, 0])) == [0, n] for g in group_blocks)}
     if len(group_blocks) == 1:
@@ -240,9 +241,10 @@ def _check_groups(stacks: Mapping[str, int], group_blocks: Sequence[Mapping[str,
                 count += 1
         if count == 0:
             raise ValueError(f"Group {g} holds no block; every group needs at least one.")
-    missing = [f"{s}.{i}" for s, n in stacks.items() for i in range(n) if (s, i) not in owner]
+    missing = [f"{s}.{i}" for s, n in stacks.items() if s not in shared for i in range(n) if (s, i) not in owner]
     if missing:
         raise ValueError(f"Blocks {missing} are in no group; the groups must cover every block, e.g. {example}.")
+    return shared
 
 
 class TimestepRoutedTransformer(ModelMixin, ConfigMixin, CacheMixin):
@@ -259,7 +261,9 @@ class TimestepRoutedTransformer(ModelMixin, ConfigMixin, CacheMixin):
             hold the end of ``transformer_blocks`` and the start of ``single_transformer_blocks``.
         edges: the B − 1 ascending group edges on the 0–1000 timestep scale (:func:`pipeline_edges`).
         timestep_mult: the factor from the timestep the pipeline passes to that scale (1000 for Flux).
-        group_stems: True when every group has its own stem and head (``stems``).
+        group_stems: True when every group has its own stem and head (``stems``; a stack every group runs whole is
+            part of each group's stem, as in training).
+        pipeline_time: the pipeline's timestep scale, ``"discrete"`` or ``"flow"`` (a record of what the edges mean).
     """
 
     _supports_gradient_checkpointing = False
@@ -280,6 +284,7 @@ class TimestepRoutedTransformer(ModelMixin, ConfigMixin, CacheMixin):
         edges: list[float] | None = None,
         timestep_mult: float = 1.0,
         group_stems: bool = False,
+        pipeline_time: str = "discrete",
     ) -> None:
         super().__init__()
         base_config = dict(base_config or {})
@@ -287,16 +292,20 @@ class TimestepRoutedTransformer(ModelMixin, ConfigMixin, CacheMixin):
         self.transformer = stock.from_config(base_config)
         stacks = {name: len(getattr(self.transformer, name)) for name in self.stack_names(self.transformer)}
         groups = [dict(g) for g in group_blocks] if group_blocks else [{s: [0, n] for s, n in stacks.items()}]
-        _check_groups(stacks, groups)
+        shared = _check_groups(stacks, groups)
         edges = [float(e) for e in edges or []]
         if len(edges) != len(groups) - 1 or any(b <= a for a, b in zip(edges, edges[1:])):
             raise ValueError(
                 f"{len(groups)} groups need {len(groups) - 1} strictly ascending edges, got {edges}; compute them with"
                 " pipeline_edges(noise, boundaries, time)."
             )
+        if pipeline_time not in ("discrete", "flow"):
+            raise ValueError(f"pipeline_time must be 'discrete' or 'flow', got {pipeline_time!r}.")
         if not timestep_mult > 0:
             raise ValueError(f"timestep_mult must be positive (1000 for Flux, else 1), got {timestep_mult}.")
         self._stacks = list(stacks)
+        #: the stacks split among the groups (the others are run whole by every group, from its own stem)
+        self.partitioned = [name for name in self._stacks if name not in shared]
         for name in self._stacks:
             ranges = [g.get(name, [0, 0]) for g in groups]
             setattr(self.transformer, name, RoutedStack(list(getattr(self.transformer, name)), ranges))
@@ -304,7 +313,7 @@ class TimestepRoutedTransformer(ModelMixin, ConfigMixin, CacheMixin):
         if group_stems:
             for _ in range(1, len(groups)):
                 holder = stock.from_config(base_config)
-                for name in self._stacks:
+                for name in self.partitioned:
                     setattr(holder, name, nn.ModuleList())
                 self.stems.append(holder)
         # the stock config keys pipelines read (in_channels, sample_size, patch_size, guidance_embeds, …)
@@ -395,7 +404,8 @@ def routed_transformer(
         boundaries: the B + 1 ascending boundaries in the package's levels (``module.boundaries``).
         noise: the formulation they are levels of (``module.task.noise``).
         stems: groups 1 … B − 1's own stem and head (per-group stems): each a model or state dict with the stock
-            model's keys (its stack entries are ignored); None when the stem is shared.
+            model's keys (entries of the stacks split among groups are ignored; a stack every group runs whole is
+            part of the stem); None when the stem is shared.
         pipeline_time, timestep_mult: the pipeline's timestep scale; default known per diffusers class.
         scheduler: the pipeline's scheduler (or its config), for the ᾱ of a discrete pipeline.
     """
@@ -422,10 +432,10 @@ def routed_transformer(
     base_config = {k: v for k, v in dict(stock.config).items() if not k.startswith("_")}
     routed = TimestepRoutedTransformer(
         base_class=type(stock).__name__, base_config=base_config, group_blocks=groups, edges=edges,
-        timestep_mult=mult, group_stems=stems is not None and len(groups) > 1,
+        timestep_mult=mult, group_stems=stems is not None and len(groups) > 1, pipeline_time=time,
     )  # fmt: skip
     routed.transformer.load_state_dict(stock.state_dict())
-    stack_prefixes = tuple(f"{s}." for s in routed._stacks)
+    stack_prefixes = tuple(f"{s}." for s in routed.partitioned)
     for holder, stem in zip(routed.stems, stems or []):
         state = stem.state_dict() if isinstance(stem, nn.Module) else stem
         holder.load_state_dict({k: v for k, v in state.items() if not k.startswith(stack_prefixes)})
@@ -601,8 +611,72 @@ def load_diffusers(source: str | Path | nn.Module, subfolder: str | None = None,
     return DiffusersImport(model, stacks)
 
 
+def from_diffusers(
+    source: str | Path | nn.Module | DiffusersImport,
+    task: Task,
+    *,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    subfolder: str | None = None,
+    scheduler: Mapping[str, Any] | Any | None = None,
+    **module_kwargs: Any,
+) -> DiffusionBlocksModule:
+    """A :class:`DiffusionBlocksModule` over a diffusers transformer read from a local folder (:func:`load_diffusers`).
+
+    A stock transformer starts every group from its weights (fine-tuning block-wise): ``module_kwargs`` set
+    ``num_blocks``, ``group_sizes``, ``stem`` …; ``block_path`` defaults to its first stack. A folder this package
+    wrote (:func:`to_diffusers`) comes back as the module it was: its groups (``group_sizes``), per-group stems
+    (``stem="per_group"``, each group's stem copied back) and, checked, the task's boundaries on the export's
+    timestep scale. ``wrap(model)`` builds the network the task runs (e.g. a wrapper that presents Flux's two stacks
+    as one); without it the stock model is the network.
+    """
+    imported = source if isinstance(source, DiffusersImport) else load_diffusers(source, subfolder)
+    routed = imported.model if isinstance(imported.model, TimestepRoutedTransformer) else None
+    stock = imported.transformer if routed is None else _copy_stock(imported.transformer)  # plain stacks again
+    kwargs = dict(module_kwargs)
+    if routed is not None:
+        partitioned = routed.partitioned
+        if wrap is None and len(partitioned) > 1:
+            raise ValueError(
+                f"The export splits the stacks {partitioned} among its groups; pass wrap=<a network presenting them as"
+                " one block stack> so the package can train them."
+            )
+        sizes = [sum(b - a for s, (a, b) in g.items() if s in partitioned) for g in imported.group_blocks]
+        stem = "per_group" if len(routed.stems) else "shared"
+        given = {"num_blocks": len(sizes), "group_sizes": sizes, "stem": stem}
+        clash = {k: kwargs[k] for k in given if k in kwargs and kwargs[k] != given[k]}
+        if clash:
+            raise ValueError(f"The export was trained with {given}; drop {clash} to import it as it was trained.")
+        kwargs.update(given)
+        if wrap is None:
+            kwargs.setdefault("block_path", partitioned[0])
+    elif wrap is None:
+        kwargs.setdefault("block_path", next(iter(imported.stacks)))
+    net = wrap(stock) if wrap is not None else stock
+    module = DiffusionBlocksModule(net, task, **kwargs)
+    if routed is None:
+        return module
+    cfg = routed.config
+    edges = pipeline_edges(task.noise, module.boundaries, cfg["pipeline_time"], scheduler)
+    if not torch.allclose(torch.tensor(edges, dtype=torch.float64), torch.tensor(cfg["edges"], dtype=torch.float64)):
+        raise ValueError(
+            f"The task's noise levels cut at {edges} on the pipeline's timestep scale, but the export's groups own"
+            f" {cfg['edges']}: give the task the noise formulation and the module the partition it was trained with."
+        )
+    path, _ = _inner_model(module.network.net)
+    drop = tuple(f"{s}." for s in routed.partitioned)
+    for holder, saved in zip(module.network.stems, routed.stems):
+        inner = holder.get_submodule(path) if path else holder
+        state = {k: v for k, v in saved.state_dict().items() if not k.startswith(drop)}
+        missing, unexpected = inner.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith(drop)]:
+            raise ValueError(f"The export's stems do not fit the network: missing {missing}, unexpected {unexpected}.")
+    if module.ema_network is not None:
+        module.ema_network.load_state_dict(module.network.state_dict())
+    return module
+
+
 __all__ = [
     "DEFAULT_DISCRETE_SCHEDULER", "KNOWN_TIME", "STACK_NAMES", "DiffusersImport", "PipelineTime", "RoutedStack",
-    "TimestepRoutedTransformer", "load_diffusers", "module_transformer", "pipeline_edges", "routed_transformer",
-    "scheduler_alpha_bar", "to_diffusers",
+    "TimestepRoutedTransformer", "from_diffusers", "load_diffusers", "module_transformer", "pipeline_edges",
+    "routed_transformer", "scheduler_alpha_bar", "to_diffusers",
 ]  # fmt: skip

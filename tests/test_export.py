@@ -22,7 +22,9 @@ diffusers = pytest.importorskip("diffusers")
 import lightning_diffusionblocks as ldb  # noqa: E402
 from lightning_diffusionblocks.export import (  # noqa: E402
     TimestepRoutedTransformer,
+    from_diffusers,
     load_diffusers,
+    module_transformer,
     pipeline_edges,
     routed_transformer,
     to_diffusers,
@@ -86,6 +88,11 @@ def test_edges_on_each_pipeline_scale_follow_the_formulas():
     expected = float((np.sqrt((1 - ab) / ab) <= sigma).sum()) - 0.5
     assert pipeline_edges(edm, edm.boundaries(2), "discrete", scheduler=scaled) == [expected]
     assert expected != sigma_to_discrete_edge(sigma)
+    # a timestep on an edge goes to the lower-noise group, as a level on a boundary does in the package
+    flux = routed_transformer(_flux(), [{TB: [0, 2]}, {STB: [0, 2]}], flow.boundaries(2), flow)
+    assert flux.config.timestep_mult == 1000.0
+    assert [flux.group_of(s) for s in (0.5, 0.5 + 1e-6, 1.0, 0.0)] == [1, 0, 0, 1]
+    assert int(flow.group_of(torch.tensor([0.5], dtype=torch.float64), flow.boundaries(2))[0]) == 1
     # the pipeline's own ᾱ table agrees with the formula the edges use
     scheduler = diffusers.DDPMScheduler()
     assert np.allclose(scheduler.alphas_cumprod.double().numpy(), np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
@@ -355,3 +362,65 @@ def test_stock_pipeline_runs_one_group_per_step_after_a_fresh_load(family: Famil
     assert imported.edges == pytest.approx([family.edge])
     assert set(imported.stacks) == ({TB, STB} if family.name == "flux" else {TB})
     assert set(imported.transformer.state_dict()) == stock_keys
+
+
+def _flux_inputs(seed: int = 11) -> tuple[Tensor, dict[str, Any]]:
+    return _text(2, 16, 16, seed=seed), FAMILIES[3].forward_kwargs()
+
+
+def test_module_export_reads_the_ema_network_and_gives_each_group_its_own_copy_of_an_unsplit_stack():
+    """Flux trained with only its double-stream stack split: every group ran the single-stream stack from its own
+    stem, so the export runs it whole in every group, from that group's copy; the EMA weights are the ones written."""
+    module = ldb.DiffusionBlocksModule(_flux(), ldb.tasks.FlowMatching(), num_blocks=2, block_path=TB, ema_decay=0.9)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in module.ema_network.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model = module_transformer(module)
+    assert model.config.group_blocks == [{TB: [0, 1], STB: [0, 2]}, {TB: [1, 2], STB: [0, 2]}]
+    assert model.partitioned == [TB]
+    x, kwargs = _flux_inputs()
+    ema, plain = module.ema_network.eval(), module.network.eval()
+    for group, sigma in ((0, 0.9), (1, 0.1)):
+        t = torch.full((2,), sigma)
+        with torch.no_grad():
+            got = model(x, timestep=t, **kwargs).sample
+            torch.testing.assert_close(got, ema(x, timestep=t, group=group, **kwargs).sample, rtol=0, atol=1e-6)
+            assert not torch.allclose(got, plain(x, timestep=t, group=group, **kwargs).sample, atol=1e-3)
+    # an end-to-end module exports the stock model itself, with the sampling weights
+    module.trained_blockwise.fill_(False)
+    stock = module_transformer(module)
+    assert type(stock) is diffusers.FluxTransformer2DModel
+    with torch.no_grad():
+        torch.testing.assert_close(
+            stock(x, timestep=torch.full((2,), 0.5), **kwargs).sample,
+            ema(x, timestep=torch.full((2,), 0.5), group=None, **kwargs).sample, rtol=0, atol=1e-6,
+        )
+
+
+def test_reverse_import_rebuilds_the_trained_module_and_starts_a_stock_model_block_wise(tmp_path: Path):
+    module = _module(FAMILIES[0])  # DiT, DDPM, per-group stems that differ
+    to_diffusers(module, tmp_path / "dit")
+    back = from_diffusers(tmp_path / "dit", ldb.tasks.DDPM())
+    assert back.network.groups == module.network.groups
+    assert back.network.stem_mode == "per_group"
+    x, t, y = _text(2, 4, 8, 8, seed=1), torch.tensor([900, 900]), torch.tensor([3, 7])
+    a, b = module.network.eval(), back.network.eval()
+    with torch.no_grad():
+        for group in (0, 1):
+            assert torch.equal(a(x, timestep=t, class_labels=y, group=group).sample,
+                               b(x, timestep=t, class_labels=y, group=group).sample)  # fmt: skip
+    with pytest.raises(ValueError, match="drop"):
+        from_diffusers(tmp_path / "dit", ldb.tasks.DDPM(), num_blocks=4)
+    with pytest.raises(ValueError, match="noise formulation"):
+        from_diffusers(tmp_path / "dit", ldb.tasks.ImageGeneration())
+    # a stock save_pretrained folder: every group starts from its weights
+    sd3 = _sd3()
+    sd3.save_pretrained(tmp_path / "sd3")
+    imported = load_diffusers(tmp_path / "sd3")
+    assert imported.stacks == {TB: 4}
+    assert imported.group_blocks == []
+    fresh = from_diffusers(imported, ldb.tasks.FlowMatching(), num_blocks=2)
+    assert fresh.network.groups == [[0, 1], [2, 3]]
+    state = sd3.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in fresh.network.net.state_dict().items())
