@@ -272,8 +272,8 @@ class TimestepRoutedTransformer(ModelMixin, ConfigMixin, CacheMixin):
     def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
         """The stock config keys this model re-registers for pipelines are not arguments of its own: leave them out
         on reload (they come back from ``base_config``) instead of warning that they are ignored."""
-        base = config_dict.get("base_config") or {}
-        return super().extract_init_dict({k: v for k, v in config_dict.items() if k not in base}, **kwargs)
+        drop = {*(config_dict.get("base_config") or {}), "auto_map"}
+        return super().extract_init_dict({k: v for k, v in config_dict.items() if k not in drop}, **kwargs)
 
     @register_to_config
     def __init__(
@@ -439,8 +439,7 @@ def routed_transformer(
     for holder, stem in zip(routed.stems, stems or []):
         state = stem.state_dict() if isinstance(stem, nn.Module) else stem
         holder.load_state_dict({k: v for k, v in state.items() if not k.startswith(stack_prefixes)})
-    dtype = next(stock.parameters()).dtype
-    return routed.to(dtype=dtype).eval()
+    return _same_dtype(routed, stock).eval()
 
 
 def _inner_model(net: nn.Module) -> tuple[str, Any]:
@@ -514,7 +513,13 @@ def _copy_stock(inner: Any) -> nn.Module:
     config = {k: v for k, v in dict(inner.config).items() if not k.startswith("_")}
     copy = type(inner).from_config(config)
     copy.load_state_dict(inner.state_dict())
-    return copy.to(dtype=next(inner.parameters()).dtype).eval()
+    return _same_dtype(copy, inner).eval()
+
+
+def _same_dtype(model: Any, like: Any) -> Any:
+    """``model`` in the dtype of ``like``'s weights (cast only when they differ: diffusers warns at every cast)."""
+    dtype = next(like.parameters()).dtype
+    return model if next(model.parameters()).dtype == dtype else model.to(dtype=dtype)
 
 
 def to_diffusers(
@@ -544,10 +549,38 @@ def to_diffusers(
         if components:
             raise ValueError("components are the other parts of a pipeline; pass pipeline=<its class> with them.")
         model.save_pretrained(str(directory), safe_serialization=safe_serialization)
+        folder = Path(directory)
     else:
         pipe = pipeline(transformer=model, **components)
         pipe.save_pretrained(str(directory), safe_serialization=safe_serialization)
+        folder = Path(directory) / "transformer"
+    if isinstance(model, TimestepRoutedTransformer):
+        add_remote_code(folder)
     return model
+
+
+#: the module file :func:`add_remote_code` writes next to a routed model's weights
+REMOTE_CODE_FILE = "diffusionblocks_routed.py"
+
+
+def add_remote_code(folder: str | Path) -> None:
+    """Let ``diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)`` load a routed model in a process
+    that has not imported this package: a two-line module importing :class:`TimestepRoutedTransformer` from the
+    installed package, named by the config's ``auto_map``. (A pipeline folder's ``model_index.json`` keeps the
+    class's own module path, so ``Pipeline.from_pretrained`` works once ``lightning_diffusionblocks.export`` is
+    imported, which loading the model this way does.)"""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("_class_name") != TimestepRoutedTransformer.__name__:
+        raise ValueError(f"{folder} does not hold a {TimestepRoutedTransformer.__name__}; write it with to_diffusers.")
+    (folder / REMOTE_CODE_FILE).write_text(
+        '"""Loads the block-wise model this folder holds from the installed lightning_diffusionblocks."""\n\n'
+        "from lightning_diffusionblocks.export import TimestepRoutedTransformer\n\n"
+        "__all__ = ['TimestepRoutedTransformer']\n"
+    )
+    config["auto_map"] = {"AutoModel": f"{Path(REMOTE_CODE_FILE).stem}.{TimestepRoutedTransformer.__name__}"}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- import
@@ -676,7 +709,7 @@ def from_diffusers(
 
 
 __all__ = [
-    "DEFAULT_DISCRETE_SCHEDULER", "KNOWN_TIME", "STACK_NAMES", "DiffusersImport", "PipelineTime", "RoutedStack",
-    "TimestepRoutedTransformer", "from_diffusers", "load_diffusers", "module_transformer", "pipeline_edges",
-    "routed_transformer", "scheduler_alpha_bar", "to_diffusers",
+    "DEFAULT_DISCRETE_SCHEDULER", "KNOWN_TIME", "REMOTE_CODE_FILE", "STACK_NAMES", "DiffusersImport", "PipelineTime",
+    "RoutedStack", "TimestepRoutedTransformer", "add_remote_code", "from_diffusers", "load_diffusers",
+    "module_transformer", "pipeline_edges", "routed_transformer", "scheduler_alpha_bar", "to_diffusers",
 ]  # fmt: skip

@@ -4,9 +4,13 @@ edges on each pipeline's timestep scale are pinned from the formulas; the revers
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,6 +359,9 @@ def test_stock_pipeline_runs_one_group_per_step_after_a_fresh_load(family: Famil
             b = loaded.transformer(x, timestep=t, **family.forward_kwargs()).sample
             assert torch.equal(a, b)
 
+    if family.name == "sd3":  # a fresh process that never imports the package itself: the folder's remote code
+        _fresh_process_run(tmp_path, images)
+
     # the reverse import reads the folder back: its stacks, groups and edges, and the stock transformer's weights
     imported = load_diffusers(tmp_path / "pipe")
     stock_keys = set(model.transformer.state_dict())
@@ -362,6 +369,44 @@ def test_stock_pipeline_runs_one_group_per_step_after_a_fresh_load(family: Famil
     assert imported.edges == pytest.approx([family.edge])
     assert set(imported.stacks) == ({TB, STB} if family.name == "flux" else {TB})
     assert set(imported.transformer.state_dict()) == stock_keys
+
+
+FRESH = """
+import sys, numpy as np, torch, diffusers
+folder = sys.argv[1]
+model = diffusers.AutoModel.from_pretrained(folder + "/transformer", trust_remote_code=True)
+assert "lightning_diffusionblocks.export" in sys.modules and type(model).__name__ == "TimestepRoutedTransformer"
+pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(folder, transformer=model, **dict.fromkeys(%(missing)r))
+runs = []
+for stack in (model.transformer.transformer_blocks,):
+    for i, block in enumerate(stack._modules.values()):
+        block.register_forward_hook(lambda m, a, o, i=i: runs[-1][1].append(i))
+model.register_forward_pre_hook(lambda m, a, k: runs.append((float(k["timestep"][0]), [])), with_kwargs=True)
+g = lambda s: torch.Generator().manual_seed(s)
+text = dict(prompt_embeds=torch.randn(1, 6, 32, generator=g(1)),
+    pooled_prompt_embeds=torch.randn(1, 24, generator=g(2)),
+    negative_prompt_embeds=torch.randn(1, 6, 32, generator=g(3)), negative_pooled_prompt_embeds=torch.randn(1, 24,
+    generator=g(4)))
+torch.manual_seed(0)
+images = pipe(generator=g(0), height=16, width=16, num_inference_steps=3, output_type="np", **text).images
+np.save(folder + "/images.npy", images)
+print(runs)
+"""
+
+
+def _fresh_process_run(tmp_path: Path, images: np.ndarray) -> None:
+    """Load the SD3 folder with ``AutoModel(trust_remote_code=True)`` + the stock pipeline in a new interpreter."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HOME": str(tmp_path / "hf2")}
+    script = FRESH % {"missing": SD3_MISSING}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "pipe")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    edge = FAMILIES[2].edge
+    assert [blocks for _, blocks in runs] == [[0, 1] if t > edge else [2, 3] for t, _ in runs]
+    assert len(runs) == 3
+    np.testing.assert_allclose(np.load(tmp_path / "pipe" / "images.npy"), images, rtol=0, atol=1e-5)
 
 
 def _flux_inputs(seed: int = 11) -> tuple[Tensor, dict[str, Any]]:
