@@ -48,6 +48,7 @@ from lightning_diffusionblocks.ddpm import DDPMSchedule, cosine_betas, linear_be
 from lightning_diffusionblocks.flow import FlowSchedule
 from lightning_diffusionblocks.levels import NoiseLevels
 from lightning_diffusionblocks.noise import NoiseSchedule
+from lightning_diffusionblocks.partition import BlockStack
 
 try:
     import diffusers
@@ -175,32 +176,17 @@ def pipeline_edges(
 
 
 # ---------------------------------------------------------------------------------------------- the routed model
-class RoutedStack(nn.ModuleList):
-    """A stock block stack whose iteration yields only the active group's blocks (all of them when none is active).
-
-    Indexing by an integer reaches any block, as the package's ``BlockStack`` does (DiT's head reads
-    ``transformer_blocks[0]``, whatever group runs), so the exported model runs exactly what was trained; the
-    state-dict keys stay ``<stack>.<i>.…``.
+class RoutedStack(BlockStack):
+    """A stock block stack that runs one group's blocks: the package's own :class:`BlockStack` (what trained the
+    groups), given each group's ``[start, stop)`` in this stack. Iteration yields the active group's blocks (all of
+    them when none is active); indexing by an integer reaches any block (DiT's head reads ``transformer_blocks[0]``,
+    whatever group runs), exactly as in training; the state-dict keys stay ``<stack>.<i>.…``.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], ranges: Sequence[Sequence[int]]) -> None:
-        super().__init__(list(blocks))
-        self.ranges = [tuple(r) for r in ranges]
-        self.active: int | None = None
-
-    def active_indices(self) -> range:
-        return range(len(self._modules)) if self.active is None else range(*self.ranges[self.active])
-
-    def __iter__(self) -> Any:
-        modules = list(self._modules.values())
-        return iter([modules[i] for i in self.active_indices()])
-
-    def __getitem__(self, idx: int | slice) -> Any:
-        if isinstance(idx, slice):
-            wanted = set(range(len(self._modules))[idx])
-            modules = list(self._modules.values())
-            return [modules[i] for i in self.active_indices() if i in wanted]
-        return super().__getitem__(idx)
+        spans = [(int(r[0]), int(r[1])) for r in ranges]
+        super().__init__(nn.ModuleList(blocks), [list(range(a, b)) for a, b in spans])
+        self.ranges = spans
 
 
 def _stock_class(name: str) -> type[ModelMixin]:

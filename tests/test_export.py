@@ -95,7 +95,8 @@ def test_edges_on_each_pipeline_scale_follow_the_formulas():
     # a timestep on an edge goes to the lower-noise group, as a level on a boundary does in the package
     flux = routed_transformer(_flux(), [{TB: [0, 2]}, {STB: [0, 2]}], flow.boundaries(2), flow)
     assert flux.config.timestep_mult == 1000.0
-    assert [flux.group_of(s) for s in (0.5, 0.5 + 1e-6, 1.0, 0.0)] == [1, 0, 0, 1]
+    on_edge = [flux.group_of(s) for s in (0.5, 0.5 + 1e-6, 1.0, 0.0)]
+    assert on_edge == [1, 0, 0, 1]
     assert int(flow.group_of(torch.tensor([0.5], dtype=torch.float64), flow.boundaries(2))[0]) == 1
     # the pipeline's own ᾱ table agrees with the formula the edges use
     scheduler = diffusers.DDPMScheduler()
@@ -407,6 +408,45 @@ def _fresh_process_run(tmp_path: Path, images: np.ndarray) -> None:
     assert [blocks for _, blocks in runs] == [[0, 1] if t > edge else [2, 3] for t, _ in runs]
     assert len(runs) == 3
     np.testing.assert_allclose(np.load(tmp_path / "pipe" / "images.npy"), images, rtol=0, atol=1e-5)
+
+
+def _level(noise: Any, tau: float, alpha_bar: np.ndarray) -> float:
+    """The package's level of a pipeline timestep τ (0–1000 scale), inverting the pipeline's own noising:
+    DDPM k itself; EDM σ_k = √((1 − ᾱ_k)/ᾱ_k) (discrete) or s/(1 − s), s = τ/1000 (flow); flow t = τ/1000."""
+    if isinstance(noise, ldb.DDPMSchedule):
+        return tau
+    if isinstance(noise, ldb.FlowSchedule):
+        return tau / 1000
+    if alpha_bar is not None:
+        k = int(round(tau))
+        return float(np.sqrt((1 - alpha_bar[k]) / alpha_bar[k]))
+    return (tau / 1000) / (1 - tau / 1000) if tau < 1000 else math.inf
+
+
+@pytest.mark.filterwarnings("ignore:An EDM-trained network")
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_routing_on_each_pipeline_grid_matches_the_partition(family: Family):
+    """B=3, 50 steps of the pipeline's own scheduler: every timestep goes to the group the package's router gives
+    its noise level (the partition the module trained with)."""
+    groups = (
+        [{TB: [0, 2]}, {STB: [0, 1]}, {STB: [1, 2]}] if family.name == "flux"
+        else [{TB: [0, 2]}, {TB: [2, 3]}, {TB: [3, 4]}]
+    )  # fmt: skip
+    boundaries = family.noise.boundaries(3)
+    model = routed_transformer(family.build(), groups, boundaries, family.noise)
+    scheduler = family.components()["scheduler"]
+    scheduler.set_timesteps(50, **({"mu": 0.5} if family.name == "flux" else {}))
+    discrete = family.name in ("dit", "pixart")
+    alpha_bar = scheduler.alphas_cumprod.double().numpy() if discrete else None
+    router = ldb.routing.Router(lambda g: g, family.noise, boundaries)
+    seen = set()
+    for t in scheduler.timesteps.tolist():
+        passed = t / family.timestep_mult  # what the pipeline hands the transformer (Flux: σ = t/1000)
+        want = router.group_at(_level(family.noise, float(t), alpha_bar))
+        got = model.group_of(torch.tensor([passed]))
+        assert got == want, f"timestep {t} went to group {got}, its level to group {want}"
+        seen.add(want)
+    assert seen == {0, 1, 2}
 
 
 def _flux_inputs(seed: int = 11) -> tuple[Tensor, dict[str, Any]]:
