@@ -77,6 +77,9 @@ KNOWN_TIME: dict[str, tuple[PipelineTime, float]] = {
 #: where stock diffusers transformers keep their block stacks, in the order their forward runs them
 STACK_NAMES = ("transformer_blocks", "single_transformer_blocks", "layers", "blocks")
 
+#: the label DiTPipeline passes for "no class" under classifier-free guidance (hard-coded there)
+DIT_NULL_LABEL = 1000
+
 #: the DDPMScheduler defaults (what DiTPipeline's and PixArt-α's published schedulers use)
 DEFAULT_DISCRETE_SCHEDULER: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
@@ -409,6 +412,13 @@ def routed_transformer(
             " models trained with the scheduler's own parameterisation (DDPM ε/v for discrete pipelines, flow"
             " velocity for flow pipelines)."
         )
+    rows = dict(stock.config).get("num_embeds_ada_norm")
+    if type(stock).__name__ == "DiTTransformer2DModel" and isinstance(rows, int) and rows < DIT_NULL_LABEL + 1:
+        rank_zero_warn(
+            f"DiTPipeline feeds class {DIT_NULL_LABEL} as 'no class' for classifier-free guidance, but this DiT has"
+            f" {rows} classes (num_embeds_ada_norm={rows}): call the pipeline with guidance_scale=1, or train a DiT"
+            f" with num_embeds_ada_norm={DIT_NULL_LABEL} (its classes first, row {DIT_NULL_LABEL} the null class)."
+        )
     edges = pipeline_edges(noise, boundaries, time, scheduler)
     groups = [{s: [int(span[0]), int(span[1])] for s, span in g.items()} for g in group_blocks]
     if len(groups) != len(edges) + 1:
@@ -695,7 +705,7 @@ def from_diffusers(
 
 
 __all__ = [
-    "DEFAULT_DISCRETE_SCHEDULER", "KNOWN_TIME", "REMOTE_CODE_FILE", "STACK_NAMES", "DiffusersImport", "PipelineTime",
-    "RoutedStack", "TimestepRoutedTransformer", "add_remote_code", "from_diffusers", "load_diffusers",
+    "DEFAULT_DISCRETE_SCHEDULER", "DIT_NULL_LABEL", "KNOWN_TIME", "REMOTE_CODE_FILE", "STACK_NAMES", "DiffusersImport",
+    "PipelineTime", "RoutedStack", "TimestepRoutedTransformer", "add_remote_code", "from_diffusers", "load_diffusers",
     "module_transformer", "pipeline_edges", "routed_transformer", "scheduler_alpha_bar", "to_diffusers",
 ]  # fmt: skip

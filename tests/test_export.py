@@ -125,6 +125,11 @@ def test_bad_input_is_refused_with_the_fix():
     with pytest.raises(FileNotFoundError, match="snapshot_download"):
         load_diffusers("no/such/folder")
     routed = routed_transformer(dit, [{TB: [0, 2]}, {TB: [2, 4]}], ddpm.boundaries(2), ddpm)
+    ten_classes = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, sample_size=8, num_embeds_ada_norm=10
+    )
+    with pytest.warns(UserWarning, match="guidance_scale=1"):  # DiTPipeline's null class 1000 would not exist
+        routed_transformer(ten_classes, [{TB: [0, 1]}, {TB: [1, 2]}], ddpm.boundaries(2), ddpm)
     with pytest.raises(ValueError, match="one group per call"):
         routed.group_of(torch.tensor([900, 100]))
 
