@@ -21,18 +21,24 @@ lives on one of two scales:
   the package's flow time, so the edge is 1000·t_b; from EDM σ_b: s = σ_b/(1 + σ_b) (x/(1 − s) = x₀ + σε with
   σ = s/(1 − s)). Flux's pipeline passes s itself (its transformer multiplies by 1000): ``timestep_mult=1000``.
 
-The routing is exactly right; whether the *outputs* mean what the pipeline's scheduler expects depends on how the
-network was trained: a DDPM ε-prediction model fits a DDPM-family scheduler, a flow velocity model fits
+Routing follows the partition exactly; whether the *outputs* mean what the pipeline's scheduler expects depends on
+how the network was trained: a DDPM ε-prediction model fits a DDPM-family scheduler, a flow velocity model fits
 ``FlowMatchEulerDiscreteScheduler``. An EDM-trained network predicts under EDM's preconditioning, which no stock
 scheduler applies (:func:`routed_transformer` warns).
 
-The reverse, :func:`load_diffusers`, reads a local diffusers directory (``save_pretrained`` output, a pipeline
-directory or its ``transformer`` folder) into the stock transformer the package trains, and reports its stacks.
+:func:`to_diffusers` writes the model's ``save_pretrained`` folder (or a whole pipeline folder) plus a two-line module
+named by the config's ``auto_map``, so ``diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)`` loads
+it in a process that has not imported this package; ``Pipeline.from_pretrained(folder)`` loads it once this module
+is imported. The reverse, :func:`load_diffusers`, reads a local diffusers folder (``save_pretrained`` output, a
+pipeline folder or its ``transformer`` folder; never a download) and reports its stacks; :func:`from_diffusers`
+builds the :class:`~lightning_diffusionblocks.module.DiffusionBlocksModule` that trains it, or, for a folder written
+here, the module it was exported from (groups, per-group stems).
 """
 
 from __future__ import annotations
 
 import bisect
+import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -331,8 +337,13 @@ class TimestepRoutedTransformer(ModelMixin, ConfigMixin, CacheMixin):
             )
         return groups.pop()
 
-    def forward(self, hidden_states: Tensor, *args: Any, timestep: Tensor | float | None = None, **kwargs: Any) -> Any:
-        """The stock model's forward with only the group owning ``timestep`` active (its stem too)."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The stock model's forward, called as the stock model is, with only the group owning its ``timestep``
+        active (that group's stem and head too)."""
+        timestep = kwargs.get("timestep")
+        if timestep is None and args:  # passed by position: where the stock signature puts it
+            bound = inspect.signature(self.transformer.forward).bind_partial(*args, **kwargs)
+            timestep = bound.arguments.get("timestep")
         if timestep is None:
             raise ValueError("The routed model needs a timestep: call it as the pipeline does, model(x, timestep=t).")
         group = self.group_of(timestep.detach().cpu() if isinstance(timestep, Tensor) else timestep)
@@ -341,14 +352,11 @@ class TimestepRoutedTransformer(ModelMixin, ConfigMixin, CacheMixin):
             stack.active = group
         try:
             if group == 0 or not len(self.stems):
-                return self.transformer(hidden_states, *args, timestep=timestep, **kwargs)
+                return self.transformer(*args, **kwargs)
             holder = self.stems[group - 1]
             swap = dict(holder.named_parameters())
             swap.update(holder.named_buffers())
-            return functional_call(
-                self.transformer, swap, (hidden_states, *args), {"timestep": timestep, **kwargs},
-                strict=False, tie_weights=False,
-            )  # fmt: skip
+            return functional_call(self.transformer, swap, args, kwargs, strict=False, tie_weights=False)
         finally:
             for stack in stacks:
                 stack.active = None

@@ -132,6 +132,13 @@ def test_bad_input_is_refused_with_the_fix():
         routed_transformer(ten_classes, [{TB: [0, 1]}, {TB: [1, 2]}], ddpm.boundaries(2), ddpm)
     with pytest.raises(ValueError, match="one group per call"):
         routed.group_of(torch.tensor([900, 100]))
+    # a stock call with the timestep by position routes as the keyword call does (DiT: forward(x, timestep, labels))
+    x, y = _text(2, 4, 8, 8, seed=0), torch.tensor([1, 2])
+    with torch.no_grad():
+        outs = {t: routed(x, timestep=torch.tensor([t, t]), class_labels=y).sample for t in (900, 100)}
+        same = [torch.equal(routed(x, torch.tensor([t, t]), y).sample, outs[t]) for t in (900, 100)]
+    assert same == [True, True]
+    assert not torch.equal(outs[900], outs[100])
 
 
 class _Unknown(diffusers.ModelMixin):
