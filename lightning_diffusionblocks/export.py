@@ -38,6 +38,7 @@ here, the module it was exported from (groups, per-group stems).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -421,7 +422,7 @@ def routed_transformer(
             " velocity for flow pipelines)."
         )
     rows = dict(stock.config).get("num_embeds_ada_norm")
-    if type(stock).__name__ == "DiTTransformer2DModel" and isinstance(rows, int) and rows < DIT_NULL_LABEL + 1:
+    if type(stock).__name__ == "DiTTransformer2DModel" and isinstance(rows, int) and rows < DIT_NULL_LABEL:
         rank_zero_warn(
             f"DiTPipeline feeds class {DIT_NULL_LABEL} as 'no class' for classifier-free guidance, but this DiT has"
             f" {rows} classes (num_embeds_ada_norm={rows}): call the pipeline with guidance_scale=1, or train a DiT"
@@ -434,16 +435,46 @@ def routed_transformer(
     if stems is not None and len(stems) != len(groups) - 1:
         raise ValueError(f"stems holds {len(stems)} entries; give one per group after the first ({len(groups) - 1}).")
     base_config = {k: v for k, v in dict(stock.config).items() if not k.startswith("_")}
-    routed = TimestepRoutedTransformer(
-        base_class=type(stock).__name__, base_config=base_config, group_blocks=groups, edges=edges,
-        timestep_mult=mult, group_stems=stems is not None and len(groups) > 1, pipeline_time=time,
-    )  # fmt: skip
-    routed.transformer.load_state_dict(stock.state_dict())
+    with _empty_weights():
+        routed = TimestepRoutedTransformer(
+            base_class=type(stock).__name__, base_config=base_config, group_blocks=groups, edges=edges,
+            timestep_mult=mult, group_stems=stems is not None and len(groups) > 1, pipeline_time=time,
+        )  # fmt: skip
+    _load_copy(routed.transformer, stock.state_dict())
     stack_prefixes = tuple(f"{s}." for s in routed.partitioned)
     for holder, stem in zip(routed.stems, stems or []):
         state = stem.state_dict() if isinstance(stem, nn.Module) else stem
-        holder.load_state_dict({k: v for k, v in state.items() if not k.startswith(stack_prefixes)})
-    return _same_dtype(routed, stock).eval()
+        _load_copy(holder, {k: v for k, v in state.items() if not k.startswith(stack_prefixes)})
+    return routed.eval()
+
+
+def _empty_weights() -> contextlib.AbstractContextManager[Any]:
+    """Parameters on the meta device while an export is built, since its weights are copied in right after: no
+    second float32 allocation of the whole model (accelerate's ``init_empty_weights``; buffers are built for real,
+    so those outside the state dict keep their values). Without accelerate the model is built normally."""
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:  # pragma: no cover - accelerate comes with the diffusers extra
+        return contextlib.nullcontext()
+    return init_empty_weights(include_buffers=False)
+
+
+def _load_copy(target: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Copies of ``state``'s tensors become ``target``'s weights (their dtype and device, not aliases of the trained
+    ones); every parameter must be given. Buffers outside the state dict (positional tables) follow the weights'
+    device and floating dtype, as ``model.to(device, dtype)`` would have moved them in the trained model."""
+    target.load_state_dict({k: v.detach().clone() for k, v in state.items()}, assign=True)
+    empty = [name for name, p in target.named_parameters() if p.is_meta]
+    if empty:
+        raise ValueError(f"The trained weights lack {empty[:5]}; the export's stock model does not match the network.")
+    weight = next((v for v in state.values() if v.is_floating_point()), None)
+    if weight is None:
+        return
+    for sub in target.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None:
+                dtype = weight.dtype if buf.is_floating_point() else buf.dtype
+                sub._buffers[name] = buf.to(device=weight.device, dtype=dtype)
 
 
 def _inner_model(net: nn.Module) -> tuple[str, Any]:
@@ -515,15 +546,10 @@ def module_transformer(
 def _copy_stock(inner: Any) -> nn.Module:
     """A plain stock copy of ``inner`` (its stacks back to ``nn.ModuleList``), with the same weights."""
     config = {k: v for k, v in dict(inner.config).items() if not k.startswith("_")}
-    copy = type(inner).from_config(config)
-    copy.load_state_dict(inner.state_dict())
-    return _same_dtype(copy, inner).eval()
-
-
-def _same_dtype(model: Any, like: Any) -> Any:
-    """``model`` in the dtype of ``like``'s weights (cast only when they differ: diffusers warns at every cast)."""
-    dtype = next(like.parameters()).dtype
-    return model if next(model.parameters()).dtype == dtype else model.to(dtype=dtype)
+    with _empty_weights():
+        copy = type(inner).from_config(config)
+    _load_copy(copy, inner.state_dict())
+    return copy.eval()
 
 
 def to_diffusers(

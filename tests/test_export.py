@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,9 @@ def test_bad_input_is_refused_with_the_fix():
         to_diffusers(ldb.DiffusionBlocksModule(_plain_net(), ldb.tasks.ImageGeneration(), num_blocks=2), "unused")
     with pytest.raises(FileNotFoundError, match="snapshot_download"):
         load_diffusers("no/such/folder")
-    routed = routed_transformer(dit, [{TB: [0, 2]}, {TB: [2, 4]}], ddpm.boundaries(2), ddpm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 1000 classes: DiTPipeline's null class 1000 is the extra row, no warning
+        routed = routed_transformer(dit, [{TB: [0, 2]}, {TB: [2, 4]}], ddpm.boundaries(2), ddpm)
     ten_classes = diffusers.DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, sample_size=8, num_embeds_ada_norm=10
     )
@@ -461,6 +464,32 @@ def test_routing_on_each_pipeline_grid_matches_the_partition(family: Family):
     assert seen == {0, 1, 2}
 
 
+@pytest.mark.filterwarnings("ignore:DiTPipeline feeds class")
+@pytest.mark.parametrize("build", [_dit, _pixart, _sd3, _flux], ids=["dit", "pixart", "sd3", "flux"])
+def test_export_keeps_the_trained_dtype(build: Callable[[], nn.Module]):
+    """A bfloat16 model exports in bfloat16, positional buffers included, and runs as the trained one does."""
+    family = next(f for f in FAMILIES if f.build is build)
+    stock = build().to(torch.bfloat16).eval()
+    flow = ldb.FlowSchedule()
+    groups = [{TB: [0, 2]}, {STB: [0, 2]}] if build is _flux else [{TB: [0, 2]}, {TB: [2, 4]}]
+    model = routed_transformer(stock, groups, flow.boundaries(2), flow, pipeline_time="flow")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} <= {torch.bfloat16}
+    x = _text(*family.hidden, seed=2).to(torch.bfloat16)
+    kwargs = {k: v.to(torch.bfloat16) if isinstance(v, Tensor) and v.is_floating_point() else v
+              for k, v in family.forward_kwargs().items()}  # fmt: skip
+    t = torch.full((2,), 0.9 if build is _flux else 900.0)  # group 0: the stock model's own blocks and stem
+    reference = copy.deepcopy(stock)  # group 0 alone, by trimming: its blocks, the stock stem and head
+    for stack in (TB, STB) if build is _flux else (TB,):
+        a, b = groups[0].get(stack, [0, 0])
+        setattr(reference, stack, nn.ModuleList(list(getattr(stock, stack))[a:b]))
+    with torch.no_grad():
+        got = model(x, timestep=t, **kwargs).sample
+        want = reference(x, timestep=t, **kwargs).sample
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def _flux_inputs(seed: int = 11) -> tuple[Tensor, dict[str, Any]]:
     return _text(2, 16, 16, seed=seed), FAMILIES[3].forward_kwargs()
 
@@ -476,6 +505,9 @@ def test_module_export_reads_the_ema_network_and_gives_each_group_its_own_copy_o
     model = module_transformer(module)
     assert model.config.group_blocks == [{TB: [0, 1], STB: [0, 2]}, {TB: [1, 2], STB: [0, 2]}]
     assert model.partitioned == [TB]
+    ours = {p.data_ptr() for p in model.parameters()}
+    assert not ours & {p.data_ptr() for p in module.parameters()}, "the export copies the weights, never aliases them"
+    assert not any(p.is_meta for p in model.parameters())
     x, kwargs = _flux_inputs()
     ema, plain = module.ema_network.eval(), module.network.eval()
     for group, sigma in ((0, 0.9), (1, 0.1)):
