@@ -177,6 +177,8 @@ def pipeline_edges(
                 " scheduler with the training schedule's betas."
             )
         return [float(b) for b in inner]
+    if time == "flow" and isinstance(noise, FlowSchedule):
+        return [float(1000.0 * t) for t in inner]  # the pipeline's s is the package's t: no round trip through σ
     sigma = _edm_sigma(noise, inner)
     if time == "flow":
         return [float(1000.0 * s / (1 + s)) for s in sigma]

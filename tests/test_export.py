@@ -79,6 +79,8 @@ def test_edges_on_each_pipeline_scale_follow_the_formulas():
     assert pipeline_edges(ddpm, ddpm.boundaries(4), "discrete") == [249.5, 499.5, 749.5]
     # flow → flow: 1000·t_b; the logit-normal (0, 1) truncated symmetrically has its median at t = 0.5
     assert pipeline_edges(flow, flow.boundaries(2), "flow") == pytest.approx([500.0], abs=1e-9)
+    t_edges = flow.boundaries(4)[1:-1].tolist()  # on the flow scale exactly 1000·t_b, no round trip through σ
+    assert pipeline_edges(flow, flow.boundaries(4), "flow") == [1000 * t for t in t_edges]
     # EDM → flow: s = σ/(1 + σ) so that x/(1 − s) = x₀ + σε
     sigma = edm_median(-1.2)
     assert pipeline_edges(edm, edm.boundaries(2), "flow") == pytest.approx([1000 * sigma / (1 + sigma)], rel=1e-9)
