@@ -122,7 +122,11 @@ def scheduler_alpha_bar(config: Mapping[str, Any] | Any) -> Tensor:
 
 
 def _edm_sigma(noise: NoiseLevels, levels: Tensor) -> Tensor:
-    """The EDM σ of continuous levels: σ itself (EDM) or t/(1 − t) (flow)."""
+    """The EDM σ of continuous levels: σ itself (EDM) or t/(1 − t) (flow); a formulation offering ``edm_sigma`` is
+    asked itself."""
+    own = getattr(noise, "edm_sigma", None)
+    if callable(own):
+        return torch.as_tensor(own(levels), dtype=torch.float64)
     if isinstance(noise, NoiseSchedule):
         return levels
     if isinstance(noise, FlowSchedule):
