@@ -101,6 +101,9 @@ def test_edges_on_each_pipeline_scale_follow_the_formulas():
     on_edge = [flux.group_of(s) for s in (0.5, 0.5 + 1e-6, 1.0, 0.0)]
     assert on_edge == [1, 0, 0, 1]
     assert int(flow.group_of(torch.tensor([0.5], dtype=torch.float64), flow.boundaries(2))[0]) == 1
+    # a formulation that knows its own EDM σ is asked (here: the state x + 2σ·ε)
+    doubled = _DoubledSigma()
+    assert pipeline_edges(doubled, edm.boundaries(2), "flow") == pytest.approx([1000 * 2 * sigma / (1 + 2 * sigma)])
     # the pipeline's own ᾱ table agrees with the formula the edges use
     scheduler = diffusers.DDPMScheduler()
     assert np.allclose(scheduler.alphas_cumprod.double().numpy(), np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
@@ -144,6 +147,13 @@ def test_bad_input_is_refused_with_the_fix():
         same = [torch.equal(routed(x, torch.tensor([t, t]), y).sample, outs[t]) for t in (900, 100)]
     assert same == [True, True]
     assert not torch.equal(outs[900], outs[100])
+
+
+class _DoubledSigma(ldb.NoiseSchedule):
+    """A formulation whose level σ means the EDM state x + 2σ·ε."""
+
+    def edm_sigma(self, level: Tensor) -> Tensor:
+        return 2 * level
 
 
 class _Unknown(diffusers.ModelMixin):
