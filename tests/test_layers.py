@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("networks, data and tasks", {"models", "data", "tasks"}),
     ("what a run shows on its loggers", {"dashboard"}),
     ("the LightningModule", {"optimisation", "checkpoint_record", "checks", "module"}),
-    ("strategies and checkpoint tools", {"planning", "strategy", "data_parallel", "block_parallel", "merge"}),
+    ("strategies and checkpoint tools", {"planning", "strategy", "data_parallel", "block_parallel", "merge", "export"}),
     ("callbacks", {"callbacks"}),
     ("ready-made settings of the demo and the tests", {"presets"}),
     ("entry points", {"cli", "__main__", ""}),
