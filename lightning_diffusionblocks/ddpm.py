@@ -92,6 +92,7 @@ class DDPMSchedule(NoiseLevels):
             object.__setattr__(self, "timestep_weights", weights)
 
     level_name = "timesteps"
+    pipeline_time = "discrete"
     level_end = -1.0
     partitions = ("equiprobable", "linear")
 
@@ -122,6 +123,13 @@ class DDPMSchedule(NoiseLevels):
         """The EDM noise level of a timestep, σ_k = √((1 − ᾱ_k)/ᾱ_k) (x_k/√ᾱ_k = x + σ_k·ε)."""
         a = self.alpha_bar(timesteps)
         return ((1 - a) / a).sqrt()
+
+    def edm_sigma(self, levels: Tensor) -> Tensor:
+        """σ_k of each timestep; between two timesteps (where a group edge sits) linear in k."""
+        table = self.sigma(torch.arange(self.num_timesteps))
+        k = torch.as_tensor(levels, dtype=torch.float64).clamp(0, self.num_timesteps - 1)
+        lo, hi = k.floor().long(), k.ceil().long()
+        return torch.lerp(table[lo], table[hi], k - lo)
 
     def probabilities(self) -> Tensor:
         """Training probability of each timestep, float64 (uniform unless ``timestep_weights``)."""

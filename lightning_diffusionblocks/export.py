@@ -51,10 +51,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_diffusionblocks.ddpm import DDPMSchedule, cosine_betas, linear_betas
-from lightning_diffusionblocks.flow import FlowSchedule
+from lightning_diffusionblocks.ddpm import cosine_betas, linear_betas
 from lightning_diffusionblocks.levels import NoiseLevels
-from lightning_diffusionblocks.noise import NoiseSchedule
 from lightning_diffusionblocks.partition import BlockStack
 
 try:
@@ -121,20 +119,17 @@ def scheduler_alpha_bar(config: Mapping[str, Any] | Any) -> Tensor:
     return torch.cumprod(1 - betas, dim=0)
 
 
+def _sigma_of(alpha_bar: Tensor) -> Tensor:
+    """σ_k = √((1 − ᾱ_k)/ᾱ_k) of a discrete scheduler's ᾱ."""
+    return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
 def _edm_sigma(noise: NoiseLevels, levels: Tensor) -> Tensor:
-    """The EDM σ of continuous levels: σ itself (EDM) or t/(1 − t) (flow); a formulation offering ``edm_sigma`` is
-    asked itself."""
-    own = getattr(noise, "edm_sigma", None)
-    if callable(own):
-        return torch.as_tensor(own(levels), dtype=torch.float64)
-    if isinstance(noise, NoiseSchedule):
-        return levels
-    if isinstance(noise, FlowSchedule):
-        return levels / (1 - levels)
-    raise ValueError(
-        f"The export converts group edges of EDM (NoiseSchedule), rectified flow (FlowSchedule) and DDPM"
-        f" (DDPMSchedule) models; {type(noise).__name__} levels have no pipeline timestep."
-    )
+    """The EDM σ of the levels, as the formulation defines it (``NoiseLevels.edm_sigma``)."""
+    try:
+        return torch.as_tensor(noise.edm_sigma(levels), dtype=torch.float64)
+    except NotImplementedError as err:
+        raise ValueError(f"The export cannot place group edges on a pipeline's timesteps: {err}") from None
 
 
 def pipeline_edges(
@@ -161,33 +156,34 @@ def pipeline_edges(
     inner = bounds[1:-1]
     if time not in ("discrete", "flow"):
         raise ValueError(f"Unknown pipeline time {time!r}; use 'discrete' (DiT, PixArt) or 'flow' (SD3, Flux, Sana).")
-    if isinstance(noise, DDPMSchedule):
+    if noise.pipeline_time == "discrete":  # levels are the scheduler's own timesteps
+        steps_trained = int(getattr(noise, "num_timesteps", 0))
         if time != "discrete":
             raise ValueError(
                 "A DDPM-trained model's levels are discrete timesteps: export it to a pipeline with a DDPM-family"
                 " scheduler (pipeline_time='discrete', e.g. DiTPipeline or PixArtAlphaPipeline)."
             )
         cfg = dict(getattr(scheduler, "config", scheduler)) if scheduler is not None else None
-        steps = int(cfg.get("num_train_timesteps", 1000)) if cfg is not None else noise.num_timesteps
-        if steps != noise.num_timesteps:
+        steps = int(cfg.get("num_train_timesteps", 1000)) if cfg is not None else steps_trained
+        if steps != steps_trained:
             raise ValueError(
-                f"The model was trained on {noise.num_timesteps} timesteps but the pipeline's scheduler has"
-                f" num_train_timesteps={steps}; give it a scheduler with num_train_timesteps={noise.num_timesteps}."
+                f"The model was trained on {steps_trained} timesteps but the pipeline's scheduler has"
+                f" num_train_timesteps={steps}; give it a scheduler with num_train_timesteps={steps_trained}."
             )
-        if cfg is not None and not torch.allclose(scheduler_alpha_bar(cfg), noise.alpha_bar(), rtol=1e-6):
+        trained_sigma = _edm_sigma(noise, torch.arange(steps_trained, dtype=torch.float64))
+        if cfg is not None and not torch.allclose(_sigma_of(scheduler_alpha_bar(cfg)), trained_sigma, rtol=1e-6):
             rank_zero_warn(
                 "The pipeline's scheduler has another beta schedule than the DDPM model was trained with: routing"
                 " follows timesteps, but the noise levels the pipeline means by them differ. Give the pipeline a"
                 " scheduler with the training schedule's betas."
             )
         return [float(b) for b in inner]
-    if time == "flow" and isinstance(noise, FlowSchedule):
+    if time == "flow" and noise.pipeline_time == "flow":
         return [float(1000.0 * t) for t in inner]  # the pipeline's s is the package's t: no round trip through σ
     sigma = _edm_sigma(noise, inner)
     if time == "flow":
         return [float(1000.0 * s / (1 + s)) for s in sigma]
-    alpha_bar = scheduler_alpha_bar(DEFAULT_DISCRETE_SCHEDULER if scheduler is None else scheduler)
-    sigma_k = ((1 - alpha_bar) / alpha_bar).sqrt()
+    sigma_k = _sigma_of(scheduler_alpha_bar(DEFAULT_DISCRETE_SCHEDULER if scheduler is None else scheduler))
     return [float((sigma_k <= s).sum()) - 0.5 for s in sigma]
 
 
@@ -420,9 +416,10 @@ def routed_transformer(
         )
     stock: Any = transformer  # a diffusers model: its config, weights and dtype are read below
     time, mult = _time_of(stock, pipeline_time, timestep_mult)
-    if isinstance(noise, NoiseSchedule):
+    if noise.pipeline_time is None:
         rank_zero_warn(
-            "An EDM-trained network predicts under EDM's preconditioning, which stock diffusers schedulers do not"
+            f"A network trained in {type(noise).__name__}'s {noise.level_name} predicts under a parameterisation"
+            " (EDM's preconditioning) that stock diffusers schedulers do not"
             " apply: the export routes every timestep to its group, but the pipeline's samples are only right for"
             " models trained with the scheduler's own parameterisation (DDPM ε/v for discrete pipelines, flow"
             " velocity for flow pipelines)."

@@ -97,6 +97,7 @@ class FlowSchedule(NoiseLevels):
             raise ValueError(f"The shift alpha must be positive (1 = no shift), got {self.shift}.")
 
     level_name = "t"
+    pipeline_time = "flow"
     partitions = PARTITIONS
 
     @property
@@ -122,6 +123,11 @@ class FlowSchedule(NoiseLevels):
         q = torch.as_tensor(q, dtype=torch.float64)
         u = q if self.distribution == "uniform" else torch.sigmoid(self.m + self.s * torch.special.ndtri(q))
         return shift_time(u, self.shift)
+
+    def edm_sigma(self, levels: Tensor) -> Tensor:
+        """σ = t/(1 − t): x_t/(1 − t) = x + σ·ε."""
+        t = torch.as_tensor(levels, dtype=torch.float64)
+        return t / (1 - t)
 
     def loss_weight(self, t: Tensor) -> Tensor:
         """Per-sample weight of the flow-matching loss: 1 (the plain MSE of rectified flow), float32."""

@@ -62,6 +62,16 @@ class NoiseLevels(GroupRouting, ABC):
     level_end: float = 0.0
     #: the partitions :meth:`boundaries` accepts: the two every formulation has, plus any its :meth:`cut_other` adds
     partitions: tuple[str, ...] = ("equiprobable", "linear")
+    #: the stock diffusers schedulers that sample a network trained here with its own parameterisation: "discrete"
+    #: (DDPM family, timestep k), "flow" (flow matching, 1000·t), or None (none does: EDM's preconditioning)
+    pipeline_time: str | None = None
+
+    def edm_sigma(self, levels: Tensor) -> Tensor:
+        """The EDM σ (noise-to-signal ratio) of these levels: the common scale for moving edges between formulations."""
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no EDM sigma for its {self.level_name}; give it an `edm_sigma(levels)`"
+            " method to convert its group edges to another formulation's scale (e.g. a diffusers pipeline's)."
+        )
 
     # ------------------------------------------------------------------ what a formulation supplies
     @property

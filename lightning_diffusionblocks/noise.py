@@ -103,6 +103,10 @@ class NoiseSchedule(NoiseLevels):
         """(c_skip, c_out, c_in, c_noise) of EDM with this schedule's σ_data (see :func:`edm_scalings`)."""
         return edm_scalings(sigma, self.sigma_data)
 
+    def edm_sigma(self, levels: Tensor) -> Tensor:
+        """σ itself: EDM's levels are its σ."""
+        return torch.as_tensor(levels, dtype=torch.float64)
+
     def loss_weight(self, sigma: Tensor) -> Tensor:
         """Per-sample weight w(σ) = (σ² + σ_d²)/(σ·σ_d)², always in float32 (reaches ~2.5e5 at σ=0.002)."""
         s = sigma.float()

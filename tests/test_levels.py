@@ -276,3 +276,26 @@ def test_sigma_and_t_draws_without_a_generator() -> None:
         assert levels.dtype == torch.float32
         assert bool((levels >= lo * (1 - 1e-6)).all())
         assert bool((levels <= hi * (1 + 1e-6)).all())
+
+
+def test_each_formulation_gives_the_edm_sigma_of_its_levels() -> None:
+    """The common scale edges move on between formulations: EDM's σ, flow's t/(1 − t), DDPM's √((1 − ᾱ_k)/ᾱ_k) with
+    linear betas (1e-4 … 0.02 over T), linear in k between timesteps; masking has none and says how to add it."""
+    sigma = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
+    assert torch.equal(ldb.NoiseSchedule().edm_sigma(sigma), sigma)
+    t = torch.tensor([0.25, 0.5, 0.9], dtype=torch.float64)
+    assert torch.allclose(ldb.FlowSchedule().edm_sigma(t), torch.tensor([1 / 3, 1.0, 9.0], dtype=torch.float64))
+    steps = 10
+    betas = [1e-4 + (0.02 - 1e-4) * i / (steps - 1) for i in range(steps)]
+    alpha_bar, expected = 1.0, []
+    for b in betas:
+        alpha_bar *= 1 - b
+        expected.append(math.sqrt((1 - alpha_bar) / alpha_bar))
+    ddpm = ldb.DDPMSchedule(num_timesteps=steps)
+    got = ddpm.edm_sigma(torch.tensor([0.0, 3.0, 9.0, 3.5], dtype=torch.float64))
+    assert torch.allclose(got[:3], torch.tensor([expected[0], expected[3], expected[9]], dtype=torch.float64))
+    assert math.isclose(float(got[3]), (expected[3] + expected[4]) / 2, rel_tol=1e-12)
+    assert (ldb.NoiseSchedule().pipeline_time, ldb.FlowSchedule().pipeline_time, ddpm.pipeline_time) == (
+        None, "flow", "discrete")  # fmt: skip
+    with pytest.raises(NotImplementedError, match="edm_sigma"):
+        MaskingSchedule().edm_sigma(t)
