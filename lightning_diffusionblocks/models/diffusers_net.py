@@ -155,7 +155,7 @@ class DiffusersNetwork(nn.Module):
     @staticmethod
     def _from_config(diffusers: Any, name: str, config: Mapping[str, Any] | None) -> nn.Module:
         short = name.removeprefix("diffusers.")
-        cls = getattr(diffusers, short, None) if short.isidentifier() else None
+        cls: Any = getattr(diffusers, short, None) if short.isidentifier() else None
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
             raise ValueError(f"{name!r} is not a diffusers model class (e.g. 'SD3Transformer2DModel').")
         if config is None:
