@@ -82,12 +82,16 @@ class Conditioning:
 
     def cat(self, other: Conditioning) -> Conditioning:
         """These rows, then ``other``'s (same keys)."""
-        labels = None if self.labels is None else torch.cat([self.labels, other.labels])  # type: ignore[list-item]
+        labels = None
+        if self.labels is not None and other.labels is not None:
+            labels = torch.cat([self.labels, other.labels])
         return Conditioning(labels, _map2(self.values, other.values, lambda a, b: torch.cat([a, b.to(a)])))
 
     def where(self, drop: Tensor, null: Conditioning) -> Conditioning:
         """Rows where ``drop`` (N,) is True taken from ``null``, the others kept."""
-        labels = None if self.labels is None else torch.where(drop.to(self.labels.device), null.labels, self.labels)
+        labels = self.labels
+        if labels is not None and null.labels is not None:
+            labels = torch.where(drop.to(labels.device), null.labels, labels)
 
         def pick(a: Tensor, b: Tensor) -> Tensor:
             mask = drop.to(a.device).view(-1, *([1] * (a.ndim - 1)))
@@ -103,11 +107,13 @@ class Conditioning:
         labels = None if self.labels is None else self.labels.repeat_interleave(repeats)
         return Conditioning(labels, _map(self.values, lambda t: t.repeat_interleave(repeats, dim=0)))
 
-    def null(self, null_label: int, null_values: Mapping[str, Tensor]) -> Conditioning:
-        """The null conditioning for these rows: labels → ``null_label``; each value → the user's null for that key
-        (one row, broadcast to every sample), else zeros; keys of :data:`KEPT_ON_DROPOUT` without a given null are
-        kept."""
-        labels = None if self.labels is None else torch.full_like(self.labels, null_label)
+    def null(self, null_label: int | None, null_values: Mapping[str, Tensor]) -> Conditioning:
+        """The null conditioning for these rows: labels → ``null_label`` (kept when None: labels the network does not
+        take are data); each value → the user's null for that key (one row, broadcast to every sample), else zeros;
+        keys of :data:`KEPT_ON_DROPOUT` without a given null are kept."""
+        labels = self.labels
+        if labels is not None and null_label is not None:
+            labels = torch.full_like(labels, null_label)
         values: dict[str, Any] = {}
         for key, value in self.values.items():
             if key in null_values:

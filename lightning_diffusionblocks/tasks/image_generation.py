@@ -430,7 +430,7 @@ class ImageGeneration(Task):
         """What "no conditioning" is for ``labels``: the null label id for class ids; for a :class:`Conditioning`
         the same rows with labels at the null label and each value at ``null_conditioning[key]`` (else zeros)."""
         if isinstance(labels, Conditioning):
-            return labels.null(self.null_label, self.null_conditioning)
+            return labels.null(self.null_label if self.convention.takes_labels else None, self.null_conditioning)
         return self.null_label
 
     def guided_denoise(
