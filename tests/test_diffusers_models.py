@@ -176,7 +176,8 @@ def test_each_formulation_reaches_the_models_own_timesteps() -> None:
         net.model.register_forward_pre_hook(spy, with_kwargs=True)
         cond = text_conditioning(2, family=family) if family != "dit" else {}
         net(torch.randn(2, 4, 8, 8), level, None, **cond)
-        assert seen[-1].dtype == want.dtype and torch.allclose(seen[-1], want, rtol=1e-5), (family, task, seen[-1])
+        assert seen[-1].dtype == want.dtype, (family, task, seen[-1])
+        assert torch.allclose(seen[-1], want, rtol=1e-5), (family, task, seen[-1])
     sana = ldb.models.DiffusersNetwork(tiny("sana", timestep_scale=2.0))
     assert sana.timestep_scale == 2000.0  # Sana's pipeline passes σ·1000·config.timestep_scale
     assert ldb.models.DiffusersNetwork(tiny("sd3"), timestep_scale=1.0).timestep_scale == 1.0  # the one option
@@ -185,7 +186,8 @@ def test_each_formulation_reaches_the_models_own_timesteps() -> None:
 @needs_diffusers
 def test_learned_sigma_output_is_cut_to_its_prediction_half() -> None:
     net = wrapped("dit")
-    assert net.model.config.out_channels == 8 and net.learned_sigma
+    assert net.model.config.out_channels == 8
+    assert net.learned_sigma
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
     out = net(x, t, y)
     assert out.shape == x.shape
@@ -198,7 +200,7 @@ def test_dit_label_dropout_happens_once_in_the_task() -> None:
     """Measured: the labels every block embeds in train() are the task's, dropped at rate label_dropout once (the
     same rows in every block). diffusers' own LabelEmbedding would drop again, independently in every block."""
     n, rate = 4000, 0.1
-    embedded: list[list[Tensor]] = []
+    embedded: list[Tensor] = []
 
     def measure(net: nn.Module) -> list[float]:
         embedded.clear()
@@ -212,7 +214,7 @@ def test_dit_label_dropout_happens_once_in_the_task() -> None:
             net(torch.randn(n, 4, 8, 8), torch.zeros(n), labels)
         for hook in hooks:
             hook.remove()
-        return [float((e == 10).float().mean()) for e in embedded]
+        return [(e == 10).float().mean().item() for e in embedded]
 
     net = wrapped("dit")
     rates = measure(net)
@@ -248,7 +250,8 @@ def test_text_conditioning_dropout_uses_the_given_null_and_guidance_mixes_it() -
     guided = module.sample(conditioning=c, steps=1, guidance=3.0, seed=0)
     # one call, conditional then null rows; the null rows are the given null conditioning
     states = calls[0]["encoder_hidden_states"]
-    assert states.shape[0] == 4 and torch.equal(states[:2], c["encoder_hidden_states"])
+    assert states.shape[0] == 4
+    assert torch.equal(states[:2], c["encoder_hidden_states"])
     assert torch.equal(states[2:], null["encoder_hidden_states"].expand(2, TOKENS, TEXT))
     # the guided Euler step from t_max to 0 is x = ε − t_max·(v_u + g·(v_c − v_u)), v from the network itself
     noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
@@ -267,7 +270,8 @@ def test_dict_batches_without_extra_keys_read_as_labelled_batches() -> None:
     task = ldb.tasks.ImageGeneration()
     images, labels = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
     got_images, got_labels = task.split({"images": images, "labels": labels})
-    assert got_images is images and got_labels is labels
+    assert got_images is images
+    assert got_labels is labels
 
 
 # ---------------------------------------------------------------------- errors that name the fix
@@ -305,11 +309,13 @@ def test_the_wrapper_records_plain_data_and_rebuilds_from_config() -> None:
 
     net = wrapped("flux", timestep_scale=1.0)
     record = record_of(net)
-    assert record is not None and is_plain(record)
+    assert record is not None
+    assert is_plain(record)
     assert record["init_args"]["model"] == "FluxTransformer2DModel"
     rebuilt = build(record, "net")
     rebuilt.load_state_dict(net.state_dict())
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([0.5])
     cond = text_conditioning(1, family="flux")
     assert torch.equal(rebuilt(x, t, **cond), net(x, t, **cond))
-    assert math.isclose(rebuilt.timestep_scale, 1.0) and rebuilt.image_size == [8, 8]
+    assert math.isclose(rebuilt.timestep_scale, 1.0)
+    assert rebuilt.image_size == [8, 8]

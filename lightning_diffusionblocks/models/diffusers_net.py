@@ -155,11 +155,12 @@ class DiffusersNetwork(nn.Module):
     @staticmethod
     def _from_config(diffusers: Any, name: str, config: Mapping[str, Any] | None) -> nn.Module:
         short = name.removeprefix("diffusers.")
-        cls: Any = getattr(diffusers, short, None) if short.isidentifier() else None
-        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        found: Any = getattr(diffusers, short, None) if short.isidentifier() else None
+        if not (isinstance(found, type) and issubclass(found, diffusers.ModelMixin)):
             raise ValueError(f"{name!r} is not a diffusers model class (e.g. 'SD3Transformer2DModel').")
         if config is None:
             raise ValueError(f"DiffusersNetwork({name!r}) needs the model's config: DiffusersNetwork({name!r}, cfg).")
+        cls: Any = found
         return cls.from_config(dict(config))
 
     @property
