@@ -297,6 +297,21 @@ def test_bad_input_is_refused_with_the_fix() -> None:
                                     "pooled_projections": torch.randn(3, POOLED)}, steps=1)  # fmt: skip
 
 
+@needs_diffusers
+def test_a_text_mask_reaches_flux_and_sd3_warns_that_it_attends_to_padding() -> None:
+    flux, x, t = wrapped("flux"), torch.randn(2, 4, 8, 8), torch.tensor([0.5, 0.5])
+    cond = text_conditioning(2, family="flux")
+    cond["encoder_attention_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    other = {**cond, "encoder_hidden_states": cond["encoder_hidden_states"].clone()}
+    other["encoder_hidden_states"][0, 3:] = 7.0  # only the padding of sample 0 changes
+    masked, changed = flux(x, t, **cond), flux(x, t, **other)
+    assert torch.allclose(masked, changed, atol=1e-5)
+    assert not torch.allclose(masked, flux(x, t, **{k: v for k, v in other.items() if k != "encoder_attention_mask"}))
+    sd3 = wrapped("sd3")
+    with pytest.warns(UserWarning, match="takes no text attention mask"):
+        sd3(x, t, encoder_attention_mask=torch.ones(2, TOKENS), **text_conditioning(2))
+
+
 def _without_stacks(model: nn.Module) -> nn.Module:
     model.blocks = model.transformer_blocks  # renamed: the wrapper does not guess
     del model.transformer_blocks
@@ -319,3 +334,48 @@ def test_the_wrapper_records_plain_data_and_rebuilds_from_config() -> None:
     assert torch.equal(rebuilt(x, t, **cond), net(x, t, **cond))
     assert math.isclose(rebuilt.timestep_scale, 1.0)
     assert rebuilt.image_size == [8, 8]
+
+
+@needs_diffusers
+def test_jobs_that_each_train_one_flux_group_merge_across_the_seam(tmp_path: Any) -> None:
+    """Group 0 holds the double-stream block and the first single-stream block: the job that trained it alone gives
+    both to the merged model (ownership read from the recorded two-part block path), the others give theirs."""
+    import lightning as L
+
+    from lightning_diffusionblocks.merge import merge_checkpoints
+    from tests.conftest import trainer_kwargs
+
+    paths = []
+    for group in range(3):
+        module = ldb.DiffusionBlocksModule(wrapped("flux"), ldb.tasks.FlowMatching(), num_blocks=3, lr=1e-2)
+        strategy = ldb.DiffusionBlocksStrategy(groups_to_train=[group])
+        trainer = L.Trainer(strategy=strategy, max_steps=2, **trainer_kwargs(tmp_path / str(group)))
+        trainer.fit(module, latent_loader("flux"))
+        paths.append(tmp_path / f"job{group}.ckpt")
+        trainer.save_checkpoint(paths[-1])
+    merge_checkpoints(paths, tmp_path / "merged.ckpt")
+    merged = ldb.DiffusionBlocksModule.load_from_checkpoint(tmp_path / "merged.ckpt")  # rebuilt from the record
+    jobs = [torch.load(p, weights_only=True)["state_dict"] for p in paths]
+    state = merged.state_dict()
+    for key, group in (("network.net.model.transformer_blocks.0.attn.to_q.weight", 0),
+                       ("network.net.model.single_transformer_blocks.0.proj_out.weight", 0),
+                       ("network.net.model.single_transformer_blocks.1.proj_out.weight", 1),
+                       ("network.net.model.single_transformer_blocks.2.proj_out.weight", 2),
+                       ("network.stems.1.model.proj_out.weight", 2)):  # fmt: skip
+        assert torch.equal(state[key], jobs[group][key]), key
+        assert not torch.equal(jobs[group][key], jobs[(group + 1) % 3][key]), key  # only its own job moved it
+    assert merged.sample(conditioning=text_conditioning(1, family="flux"), steps=3).shape == (1, 4, 8, 8)
+
+
+@needs_diffusers
+def test_previews_and_predictions_draw_from_a_batchs_conditioning() -> None:
+    module = ldb.DiffusionBlocksModule(wrapped("pixart"), ldb.tasks.DDPM(), num_blocks=3)
+    batch = next(iter(latent_loader("pixart", n=4, batch_size=4)))
+    with module.evaluating() as router:
+        preview = module.task.preview(router, batch, per_row=2, max_rows=3, steps=2, guidance=2.0)
+        predicted = module.task.predict_step(router, text_conditioning(2, family="pixart"), 0)
+    assert preview.rows == 3
+    assert preview.images is not None
+    assert preview.images.shape == (6, 4, 8, 8)
+    assert predicted.shape == (2, 4, 8, 8)
+    assert torch.isfinite(preview.images).all()

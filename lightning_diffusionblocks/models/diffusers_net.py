@@ -34,7 +34,8 @@ unchanged. What it does, and why:
   batch (they stay data, e.g. for metrics).
 - **Conditioning.** Keyword conditioning from a dict batch (``encoder_hidden_states``, ``pooled_projections``,
   ``encoder_attention_mask``, ``added_cond_kwargs``, Flux's ``guidance``) is passed through; Flux's ``img_ids`` and
-  ``txt_ids`` are made here from the shapes when absent.
+  ``txt_ids`` are made here from the shapes when absent. A text mask reaches Flux as its joint attention mask
+  (padding then changes nothing); SD3 takes no mask and attends to padding, as in its pipeline (warned once).
 
 Checkpoints record the model's class name and config (plain data) and rebuild it with ``from_config`` (never a
 download). A pretrained model is loaded by the caller (``SD3Transformer2DModel.from_pretrained(...)``) and wrapped.
@@ -47,6 +48,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 #: stacks tried in this order; every one found is used, one after the other (Flux: double- then single-stream)
@@ -150,6 +152,7 @@ class DiffusersNetwork(nn.Module):
         self.null_label = int(cfg["num_embeds_ada_norm"]) if self.takes_class_labels else None
         self.label_dropout_disabled = self._disable_label_dropout()
         self.noise_input: dict[str, Any] | None = None
+        self._warned_mask = False
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -240,7 +243,8 @@ class DiffusersNetwork(nn.Module):
                 f"{self.family} takes one timestep per sample, shape ({x.shape[0]},); got {shape}. Pass"
                 " t.expand(x.shape[0]) for one level shared by the batch."
             )
-        unknown = sorted(set(conditioning) - self.accepted)
+        conditioning = self._text_mask(conditioning)
+        unknown = sorted(set(conditioning) - self.accepted - {"diffusionblocks_text_mask"})
         if unknown:
             raise ValueError(
                 f"{self.family} takes no conditioning {unknown}; its keyword arguments are {sorted(self.accepted)}."
@@ -264,6 +268,24 @@ class DiffusersNetwork(nn.Module):
         out = self._unwrap(self.model(x, timestep=self.network_time(noise_level), return_dict=False, **kwargs))
         return out[:, : x.shape[1]] if self.learned_sigma else out
 
+    def _text_mask(self, conditioning: dict[str, Any]) -> dict[str, Any]:
+        """A text mask (``encoder_attention_mask``, (N, tokens), 1 = real token) for a model whose forward takes none:
+        Flux gets it as a joint attention mask over [text; image] (padding then changes nothing); a model that cannot
+        mask (SD3) attends to the padding as its pipeline does, with a warning once."""
+        mask = conditioning.get("encoder_attention_mask")
+        if mask is None or "encoder_attention_mask" in self.accepted:
+            return conditioning
+        conditioning = {k: v for k, v in conditioning.items() if k != "encoder_attention_mask"}
+        if self.packed and "joint_attention_kwargs" in self.accepted:
+            conditioning["diffusionblocks_text_mask"] = mask
+        elif not self._warned_mask:
+            self._warned_mask = True
+            rank_zero_warn(
+                f"{self.family} takes no text attention mask, so `encoder_attention_mask` is not used: padding tokens"
+                " are attended to (as in its own pipeline). Pad prompts the same way in training and sampling."
+            )
+        return conditioning
+
     def _packed_forward(self, x: Tensor, level: Tensor, kwargs: dict[str, Any]) -> Tensor:
         n, c, h, w = x.shape
         if h % 2 or w % 2:
@@ -279,6 +301,12 @@ class DiffusersNetwork(nn.Module):
         for key in ("img_ids", "txt_ids"):  # ids per sample in a batch are the same: the model takes one set
             if kwargs[key].ndim == 3:
                 kwargs[key] = kwargs[key][0]
+        text_mask = kwargs.pop("diffusionblocks_text_mask", None)
+        if text_mask is not None:  # queries over [text; image] attend only to real text tokens and every image token
+            keys = torch.cat([text_mask.bool(), torch.ones(n, tokens.shape[1], dtype=torch.bool, device=x.device)], 1)
+            joint = dict(kwargs.get("joint_attention_kwargs") or {})
+            joint["attention_mask"] = keys[:, None, None, :].expand(n, 1, keys.shape[1], keys.shape[1])
+            kwargs["joint_attention_kwargs"] = joint
         out = self._unwrap(self.model(tokens, timestep=self.network_time(level), return_dict=False, **kwargs))
         out = out[..., : c * 4] if self.learned_sigma else out
         return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)

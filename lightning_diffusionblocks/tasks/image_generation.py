@@ -357,7 +357,7 @@ class ImageGeneration(Task):
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
             return batch[0], batch[1]
         raise ValueError(
-            f"{cls.__name__} expects batches of `images`, `(images, labels)` or a dict with 'images', got"
+            f"{cls.__name__} expects batches of `images` or `(images, labels)`, got"
             f" {type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}."
         )
 
@@ -519,7 +519,7 @@ class ImageGeneration(Task):
         if conditioning is not None:
             return self._conditioned_inputs(router, labels, num_samples, conditioning, shape)
         if labels is None and num_samples is None:
-            raise ValueError("Pass `labels`, `conditioning` or `num_samples` to sample().")
+            raise ValueError("Pass `labels` or `num_samples` to sample().")
         labels, num_samples = check_labels(labels, num_samples, router.device)
         assert num_samples is not None
         if labels is not None:
