@@ -369,11 +369,12 @@ def test_jobs_that_each_train_one_flux_group_merge_across_the_seam(tmp_path: Any
 
 @needs_diffusers
 def test_previews_and_predictions_draw_from_a_batchs_conditioning() -> None:
-    module = ldb.DiffusionBlocksModule(wrapped("pixart"), ldb.tasks.DDPM(), num_blocks=3)
+    task = ldb.tasks.DDPM()
+    module = ldb.DiffusionBlocksModule(wrapped("pixart"), task, num_blocks=3)
     batch = next(iter(latent_loader("pixart", n=4, batch_size=4)))
     with module.evaluating() as router:
-        preview = module.task.preview(router, batch, per_row=2, max_rows=3, steps=2, guidance=2.0)
-        predicted = module.task.predict_step(router, text_conditioning(2, family="pixart"), 0)
+        preview = task.preview(router, batch, per_row=2, max_rows=3, steps=2, guidance=2.0)
+        predicted = task.predict_step(router, text_conditioning(2, family="pixart"), 0)
     assert preview.rows == 3
     assert preview.images is not None
     assert preview.images.shape == (6, 4, 8, 8)
