@@ -159,7 +159,7 @@ CASES += [
     _diffusers_case("diffusers-dit-edm-learned-sigma", "dit", ldb.tasks.ImageGeneration, _sigma_of_c_noise),
     _diffusers_case("diffusers-dit-ddpm", "dit", ldb.tasks.DDPM, _level_scaled(1.0)),
     _diffusers_case("diffusers-dit-flow", "dit", ldb.tasks.FlowMatching, _level_scaled(1.0)),
-    _diffusers_case("diffusers-sd3-flow", "sd3", ldb.tasks.FlowMatching, _level_scaled(1.0)),
+    _diffusers_case("diffusers-sd3-flow", "sd3", lambda: ldb.tasks.FlowMatching(loss_bins=2), _level_scaled(1.0)),
     _diffusers_case("diffusers-flux-flow-seam", "flux", ldb.tasks.FlowMatching, _level_scaled(1.0)),
     _diffusers_case("diffusers-pixart-ddpm", "pixart", ldb.tasks.DDPM, _level_scaled(1.0)),
     _diffusers_case("diffusers-sana-flow", "sana", ldb.tasks.FlowMatching, _level_scaled(1.0)),
