@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import lightning_diffusionblocks as ldb
+from tests.conftest import tiny_dit
 
 needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None, reason="needs `pip install lightning-diffusionblocks[diffusers]`"
@@ -287,6 +288,10 @@ def test_bad_input_is_refused_with_the_fix() -> None:
         sd3(x, t, prompt=torch.zeros(2), **text_conditioning(2))
     with pytest.raises(ValueError, match=r"block_path='<attribute>'.*module lists"):
         ldb.models.DiffusersNetwork(_without_stacks(tiny("sd3")))
+    own = ldb.DiffusionBlocksModule(tiny_dit(depth=3), ldb.tasks.ImageGeneration(), num_blocks=3)
+    batch = {"images": torch.randn(2, 1, 8, 8), "labels": torch.tensor([1, 2]), "encoder_hidden_states": x}
+    with pytest.raises(ValueError, match=r"conditioning \['encoder_hidden_states'\].*takes no such argument"):
+        own.task.loss(own.network, batch, torch.ones(2), torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"DiffusersNetwork\(model\)"):
         ldb.DiffusionBlocksModule(tiny("sd3"), ldb.tasks.FlowMatching())
     module = ldb.DiffusionBlocksModule(wrapped("sd3"), ldb.tasks.FlowMatching(), num_blocks=3)

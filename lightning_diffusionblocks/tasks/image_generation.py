@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -54,6 +54,8 @@ class CallConvention:
     noise_keyword: str | None = None
     labels_keyword: str | None = None
     takes_labels: bool = True
+    #: the keyword arguments a dict batch's conditioning may fill (None: any, the forward takes ``**kwargs``)
+    keywords: tuple[str, ...] | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, net: nn.Module, expected: str = EXPECTED_CALL) -> CallConvention:
@@ -99,7 +101,8 @@ class CallConvention:
         declared = getattr(net, "diffusionblocks_takes_labels", None)  # a wrapper whose model takes no class labels
         if isinstance(declared, bool):
             takes_labels = takes_labels and declared
-        return cls(noise_keyword=slots[0], labels_keyword=slots[1], takes_labels=takes_labels)
+        names = None if has_var_kw else tuple(p.name for p in rest_pos + rest_kw)
+        return cls(noise_keyword=slots[0], labels_keyword=slots[1], takes_labels=takes_labels, keywords=names)
 
     def call(self, run: Runner, x: Tensor, c_noise: Tensor, labels: Tensor | Conditioning | None) -> Any:
         """Call the network; a :class:`Conditioning` gives its labels (to a network that takes labels; a captioned
@@ -107,6 +110,14 @@ class CallConvention:
         args: list[Any] = [x]
         kwargs: dict[str, Any] = {}
         if isinstance(labels, Conditioning):
+            unknown = sorted(set(labels.values) - set(self.keywords)) if self.keywords is not None else []
+            if unknown:
+                raise ValueError(
+                    f"The batches carry the conditioning {unknown} (every key of a dict batch but 'images' and"
+                    " 'labels' is passed to the network by name), but the network's forward takes no such argument"
+                    f" (it takes {list(self.keywords or ())}). Remove those keys from the batches, or give the network"
+                    " those keyword arguments (or **conditioning)."
+                )
             kwargs.update(labels.values)
             labels = labels.labels if self.takes_labels else None
         if self.noise_keyword is None:
