@@ -337,6 +337,11 @@ def test_the_wrapper_records_plain_data_and_rebuilds_from_config() -> None:
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([0.5])
     cond = text_conditioning(1, family="flux")
     assert torch.equal(rebuilt(x, t, **cond), net(x, t, **cond))
+    task = ldb.tasks.FlowMatching(null_conditioning={"pooled_projections": torch.linspace(0, 1, POOLED)})
+    task_record = record_of(task)
+    assert task_record is not None
+    assert is_plain(task_record)  # the null conditioning as nested lists, so the task rebuilds itself
+    assert torch.equal(build(task_record, "task").null_conditioning["pooled_projections"], torch.linspace(0, 1, POOLED))
     assert math.isclose(rebuilt.timestep_scale, 1.0)
     assert rebuilt.image_size == [8, 8]
 
