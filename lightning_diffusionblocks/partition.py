@@ -7,6 +7,7 @@ The stack is swapped in place for a :class:`BlockStack` with the same children, 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,10 +66,61 @@ def find_block_stack(model: nn.Module, path: str | None = None) -> tuple[str, nn
             f"{type(model).__name__} has no attribute path `{path}`. Pass `block_path` as the dotted path of its"
             " block stack, e.g. block_path='encoder.layers'."
         )
+    hint = ""
+    if type(model).__module__.startswith("diffusers."):  # a diffusers model given as is: name the wrapper
+        hint = (
+            " It is a diffusers model: wrap it as lightning_diffusionblocks.models.DiffusersNetwork(model), which finds"
+            " its stacks, takes its conditioning and returns a tensor."
+        )
     raise ValueError(
         f"Could not find a block stack in {type(model).__name__}: none of {', '.join(KNOWN_STACK_PATHS)} is an"
         " nn.ModuleList/nn.Sequential. Pass `block_path='<dotted.path.to.blocks>'` to DiffusionBlocksModule."
+        + hint
     )
+
+
+_PART = re.compile(r"^(?P<path>[A-Za-z_][\w.]*?)(\[(?P<start>\d+):(?P<stop>\d+)\])?$")
+
+
+def stack_parts(block_path: str) -> list[tuple[str, int | None, int | None]]:
+    """The parts of a block path: ``"a"`` is one stack; ``"a+b"`` is stack ``a`` then stack ``b`` as one global layer
+    index (a group may span the seam), each part optionally with its global ``[start:stop]`` range as recorded."""
+    parts = []
+    for text in block_path.split("+"):
+        match = _PART.match(text.strip())
+        if match is None:
+            raise ValueError(
+                f"Cannot read the block path {block_path!r}: give dotted attribute paths joined by '+' for stacks run"
+                " one after the other, e.g. block_path='transformer_blocks+single_transformer_blocks'."
+            )
+        start, stop = match["start"], match["stop"]
+        parts.append((match["path"], None if start is None else int(start), None if stop is None else int(stop)))
+    return parts
+
+
+def find_block_stacks(model: nn.Module, path: str | None = None) -> tuple[str, list[tuple[str, nn.ModuleList]]]:
+    """The block path (canonical form) and each stack it names, in the order their layers run.
+
+    One stack: as :func:`find_block_stack`. Several (``"a+b"``, given or declared in ``diffusionblocks_stack_path``):
+    their layers get one global index, and the canonical path records each part's range, ``"a[0:2]+b[2:4]"``, so a
+    checkpoint's keys ``a.<i>.…`` / ``b.<i>.…`` map to their groups without the network (:meth:`Partition.owner`).
+    """
+    path = path or getattr(model, "diffusionblocks_stack_path", None)
+    if not path or "+" not in path:
+        found_path, found = find_block_stack(model, path)
+        return found_path, [(found_path, found)]
+    parts, names, start = [], [], 0
+    for part, first, stop in stack_parts(path):
+        part_path, found = find_block_stack(model, part)
+        if first is not None and (first, stop) != (start, start + len(found)):
+            raise ValueError(
+                f"The block path {path!r} says `{part}` holds layers [{first}:{stop}], but the network's `{part}` holds"
+                f" {len(found)} layers from layer {start}: the path was recorded for another network."
+            )
+        parts.append((part_path, found))
+        names.append(f"{part_path}[{start}:{start + len(found)}]")
+        start += len(found)
+    return "+".join(names), parts
 
 
 def split_layers(num_layers: int, num_groups: int, sizes: Sequence[int] | None = None) -> list[list[int]]:
@@ -143,11 +195,13 @@ class Partition:
         if not key.startswith("net."):
             return None
         inner = key[len("net.") :]
-        blocks = self.block_path + "."
-        if inner.startswith(blocks):
+        for part, start, _ in stack_parts(self.block_path):
+            blocks = part + "."
+            if not inner.startswith(blocks):
+                continue
             index, _, rest = inner[len(blocks) :].partition(".")
             if index.isdigit() and rest:
-                layer = int(index)
+                layer = int(index) + (start or 0)
                 for group, layers in enumerate(self.groups):
                     if layer in layers:
                         return group
@@ -176,39 +230,84 @@ def _check_block_shape(idx: int, module: nn.Module, args: tuple, output: Any) ->
         )
 
 
-class BlockStack(nn.ModuleList):
+class _ActiveView(nn.ModuleList):
+    """A list of blocks that iterates over only those of the running group.
+
+    ``trimmed`` (declared by the network as ``diffusionblocks_trimmed_stack = True``): while a group runs, integer
+    indices and ``len`` are the group's too, so the network sees the model it would be if built with only that
+    group's blocks (``stack[0]`` is the group's first block). Otherwise an integer index is the block's own.
+    """
+
+    trimmed: bool
+
+    def running_indices(self) -> list[int]:
+        """Indices (into this list) of the blocks that run now, in order."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        modules = list(self._modules.values())
+        return iter([modules[i] for i in self.running_indices()])
+
+    def __getitem__(self, idx: int | slice) -> Any:
+        modules = list(self._modules.values())
+        if isinstance(idx, slice):  # `for layer in self.layers[:n]` (Hugging Face) must see only active blocks
+            if getattr(self, "trimmed", False):
+                return [modules[i] for i in self.running_indices()[idx]]
+            wanted = set(range(len(modules))[idx])
+            return [modules[i] for i in self.running_indices() if i in wanted]
+        if getattr(self, "trimmed", False):
+            return modules[self.running_indices()[idx]]
+        return super().__getitem__(idx)
+
+    def __len__(self) -> int:
+        if getattr(self, "trimmed", False):
+            return len(self.running_indices())
+        return len(self._modules)
+
+
+class BlockStack(_ActiveView):
     """The user's blocks, unchanged, that iterate over only the active group's blocks.
 
     ``active=None`` runs every block (end-to-end). Calling it like ``nn.Sequential`` runs the active
     blocks in order. Every block is checked to keep its input's shape: DiffusionBlocks needs
-    set-to-set blocks of one width.
+    set-to-set blocks of one width. ``trimmed``: see :class:`_ActiveView`.
     """
 
-    def __init__(self, blocks: nn.ModuleList | nn.Sequential, groups: list[list[int]]) -> None:
+    def __init__(self, blocks: Sequence[nn.Module], groups: list[list[int]], trimmed: bool = False) -> None:
         super().__init__(list(blocks))
         self.groups = groups
         self.active: int | None = None
-        for idx, block in enumerate(self):
+        self.trimmed = trimmed
+        for idx, block in enumerate(self._modules.values()):
             block.register_forward_hook(partial(_check_block_shape, idx))  # a partial, so models pickle (spawn)
 
     def active_indices(self) -> list[int]:
         return list(range(len(self._modules))) if self.active is None else self.groups[self.active]
 
-    def __iter__(self) -> Iterator[nn.Module]:
-        modules = list(self._modules.values())
-        return iter([modules[i] for i in self.active_indices()])
-
-    def __getitem__(self, idx: int | slice) -> Any:
-        if isinstance(idx, slice):  # `for layer in self.layers[:n]` (Hugging Face) must see only active blocks
-            wanted = set(range(len(self._modules))[idx])
-            modules = list(self._modules.values())
-            return [modules[i] for i in self.active_indices() if i in wanted]
-        return super().__getitem__(idx)
+    def running_indices(self) -> list[int]:
+        return self.active_indices()
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         for block in self:
             x = block(x, *args, **kwargs)
         return x
+
+
+class StackPart(_ActiveView):
+    """One of several stacks that run one after the other (``block_path="a+b"``), at its own place in the network
+    (so its state-dict keys stay the network's): its blocks are layers ``offset …`` of the whole :class:`BlockStack`
+    and run when the whole stack's active group holds them."""
+
+    def __init__(self, blocks: Sequence[nn.Module], whole: BlockStack, offset: int) -> None:
+        super().__init__(list(blocks))
+        object.__setattr__(self, "whole", whole)  # not a submodule: the blocks' state-dict home is this part
+        self.offset = offset
+        self.trimmed = whole.trimmed
+
+    def running_indices(self) -> list[int]:
+        whole: BlockStack = self.__dict__["whole"]
+        count = len(self._modules)
+        return [i - self.offset for i in whole.active_indices() if self.offset <= i < self.offset + count]
 
 
 class BlockwiseNetwork(nn.Module):
@@ -234,12 +333,21 @@ class BlockwiseNetwork(nn.Module):
         super().__init__()
         if stem not in ("per_group", "shared"):
             raise ValueError(f"stem must be 'per_group' or 'shared', got {stem!r}.")
-        path, blocks = find_block_stack(net, block_path)
+        path, parts = find_block_stacks(net, block_path)
         self.block_path = path
+        blocks = [block for _, part in parts for block in part]
         self.groups = split_layers(len(blocks), num_groups, group_sizes)
-        stack = BlockStack(blocks, self.groups)
-        parent_path, _, attr = path.rpartition(".")
-        setattr(_get(net, parent_path) if parent_path else net, attr, stack)
+        stack = BlockStack(blocks, self.groups, trimmed=bool(getattr(net, "diffusionblocks_trimmed_stack", False)))
+        installed: list[nn.Module] = [stack]
+        if len(parts) == 1:
+            _install(net, path, stack)
+        else:  # each part stays where it was (its keys unchanged) and runs the layers of the whole stack it holds
+            offset = 0
+            for part_path, part in parts:
+                view = StackPart(part, stack, offset)
+                _install(net, part_path, view)
+                installed.append(view)
+                offset += len(part)
         # a plain attribute, not a submodule: the stack's only state-dict home is inside `net`
         object.__setattr__(self, "stack", stack)
         self.net = net
@@ -248,7 +356,7 @@ class BlockwiseNetwork(nn.Module):
         if stem == "per_group":
             for _ in range(1, num_groups):
                 # a copy of everything but the stack (the memo maps the stack to an empty placeholder)
-                self.stems.append(copy.deepcopy(net, memo={id(self.stack): nn.ModuleList()}))
+                self.stems.append(copy.deepcopy(net, memo={id(m): nn.ModuleList() for m in installed}))
 
     @property
     def partition(self) -> Partition:
@@ -310,6 +418,11 @@ class BlockwiseNetwork(nn.Module):
             return functional_call(self.net, swap, args, kwargs, strict=False, tie_weights=False)
 
 
+def _install(net: nn.Module, path: str, stack: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    setattr(_get(net, parent_path) if parent_path else net, attr, stack)
+
+
 def autograd_leaves(output: Tensor) -> set[int]:
     """ids of the leaf tensors (parameters) an output depends on, by walking its autograd graph."""
     seen, leaves, stack = set(), set(), [output.grad_fn]
@@ -325,6 +438,6 @@ def autograd_leaves(output: Tensor) -> set[int]:
 
 
 __all__ = [
-    "KNOWN_STACK_PATHS", "BlockStack", "BlockwiseNetwork", "Partition", "autograd_leaves", "find_block_stack",
-    "split_layers",
+    "KNOWN_STACK_PATHS", "BlockStack", "BlockwiseNetwork", "Partition", "StackPart", "autograd_leaves",
+    "find_block_stack", "find_block_stacks", "split_layers", "stack_parts",
 ]  # fmt: skip

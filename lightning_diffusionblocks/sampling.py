@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_diffusionblocks.conditioning import with_null
 from lightning_diffusionblocks.routing import Runner
 
 #: denoise(z, sigma (N,), level) -> estimate of the clean target at noise level ``level``
@@ -29,16 +30,17 @@ def classifier_free_guidance(
     predict: Callable[[Tensor, Tensor, Tensor | None], Tensor],
     z: Tensor,
     level: Tensor,
-    labels: Tensor | None,
-    null_label: int,
+    labels: Any,
+    null_label: Any,
     guidance: float,
 ) -> Tensor:
     """Classifier-free guidance u + g·(c − u) of ``predict(z, level, labels)`` (a denoised image, a velocity or an
-    ε), the conditional and the null-label halves in one batch; a plain call without labels or at g = 1."""
+    ε), the conditional and the null-label halves in one batch; a plain call without labels or at g = 1. ``labels``
+    are class ids with the id ``null_label``, or a :class:`~lightning_diffusionblocks.conditioning.Conditioning`
+    with its null conditioning as ``null_label``."""
     if labels is None or guidance == 1.0:
         return predict(z, level, labels)
-    null = torch.full_like(labels, null_label)
-    cond, uncond = predict(torch.cat([z, z]), torch.cat([level, level]), torch.cat([labels, null])).chunk(2)
+    cond, uncond = predict(torch.cat([z, z]), torch.cat([level, level]), with_null(labels, null_label)).chunk(2)
     return uncond + guidance * (cond - uncond)
 
 

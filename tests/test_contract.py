@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_diffusionblocks as ldb
 from tests.conftest import fit, image_loader, tiny_dit, trainer_kwargs
 from tests.test_adapter import build as build_backbone
+from tests.test_diffusers_models import infer as diffusers_infer
+from tests.test_diffusers_models import latent_loader, needs_diffusers, wrapped
 from tests.test_language import needs_hf, token_loader
 
 V = 12
@@ -140,6 +142,28 @@ CASES = [
                                     prediction="v", eta=1.0), image_loader,
          lambda m, s: m.sample(num_samples=2, steps=s), _level_scaled(1.0)),
 ]  # fmt: skip
+
+
+def _diffusers(family: str, task: Callable[[], ldb.tasks.Task]) -> Callable[[], tuple[nn.Module, ldb.tasks.Task]]:
+    return lambda: (wrapped(family), task())
+
+
+def _diffusers_case(name: str, family: str, task: Callable[[], ldb.tasks.Task], level_of: Any) -> Case:
+    """A diffusers transformer (``DiffusersNetwork``) with one formulation: DiT class-conditional on latents, the
+    others text-conditioned from dict batches; inference is guided by labels or text."""
+    return Case(name, _diffusers(family, task), lambda: latent_loader(family), diffusers_infer(family), level_of,
+                marks=(needs_diffusers,))
+
+
+CASES += [
+    _diffusers_case("diffusers-dit-edm-learned-sigma", "dit", ldb.tasks.ImageGeneration, _sigma_of_c_noise),
+    _diffusers_case("diffusers-dit-ddpm", "dit", ldb.tasks.DDPM, _level_scaled(1.0)),
+    _diffusers_case("diffusers-dit-flow", "dit", ldb.tasks.FlowMatching, _level_scaled(1.0)),
+    _diffusers_case("diffusers-sd3-flow", "sd3", lambda: ldb.tasks.FlowMatching(loss_bins=2), _level_scaled(1.0)),
+    _diffusers_case("diffusers-flux-flow-seam", "flux", ldb.tasks.FlowMatching, _level_scaled(1.0)),
+    _diffusers_case("diffusers-pixart-ddpm", "pixart", ldb.tasks.DDPM, _level_scaled(1.0)),
+    _diffusers_case("diffusers-sana-flow", "sana", ldb.tasks.FlowMatching, _level_scaled(1.0)),
+]
 PARAMS = [pytest.param(c, id=c.name, marks=c.marks) for c in CASES]
 
 

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("plain data and helpers", {"records", "checkpoints", "files", "memory", "previews", "visualize", "text_metrics",
                                 "latents"}),
     ("how a network is cut and run", {"partition", "routing", "schedules"}),
-    ("noise formulations and samplers", {"levels", "noise", "flow", "ddpm", "masking", "sampling"}),
+    ("noise formulations and samplers", {"levels", "noise", "flow", "ddpm", "masking", "conditioning", "sampling"}),
     ("networks, data and tasks", {"models", "data", "tasks"}),
     ("what a run shows on its loggers", {"dashboard"}),
     ("the LightningModule", {"optimisation", "checkpoint_record", "checks", "module"}),

@@ -9,6 +9,7 @@ training timestep distribution. Its null label, call convention and sample shape
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -40,6 +41,7 @@ class DDPM(ImageGeneration):
         prediction: what the network outputs: ``"epsilon"`` or ``"v"``.
         label_dropout: share of labels dropped to the null label in training.
         null_label: the network's "no label" id; default discovered (see :class:`ImageGeneration`).
+        null_conditioning: the "no conditioning" value of dict-batch keys (see :class:`ImageGeneration`).
         eta: DDIM's η (0 deterministic; 1 ≈ DDPM's ancestral sampler).
         loss_bins: when > 0, validation also logs the loss in that many equal ranges of timesteps
             (``loss_k_<first>-<last>``), each sample served by the group owning its timestep.
@@ -55,6 +57,7 @@ class DDPM(ImageGeneration):
         null_label: int | None = None,
         eta: float = 0.0,
         loss_bins: int = 0,
+        null_conditioning: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(noise, DDPMSchedule):
             raise TypeError(f"DDPM needs a DDPMSchedule (lightning_diffusionblocks.ddpm), got {noise!r}.")
@@ -64,11 +67,18 @@ class DDPM(ImageGeneration):
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM), got {eta}.")
         if isinstance(loss_bins, bool) or not isinstance(loss_bins, int) or not 0 <= loss_bins <= noise.num_timesteps:
             raise ValueError(f"loss_bins must be an integer in [0, {noise.num_timesteps}], got {loss_bins!r}.")
-        super().__init__(label_dropout=label_dropout, noise=noise, null_label=null_label)
+        super().__init__(
+            label_dropout=label_dropout, noise=noise, null_label=null_label, null_conditioning=null_conditioning
+        )
         self.noise: DDPMSchedule = noise  # levels are timesteps
         self.prediction = prediction
         self.eta = eta
         self.loss_bins = loss_bins
+
+    def noise_input(self) -> dict[str, Any]:
+        """What the network receives as its noise level (see :meth:`ImageGeneration.noise_input`): the integer
+        timestep k ∈ {0, …, T − 1}."""
+        return {"kind": "ddpm_timestep", "num_timesteps": self.noise.num_timesteps}
 
     # ------------------------------------------------------------------ formulas
     def predict(self, run: Runner, z: Tensor, timesteps: Tensor, labels: Tensor | None) -> Tensor:
@@ -125,7 +135,7 @@ class DDPM(ImageGeneration):
 
         def eps_x0(z: Tensor, k_vec: Tensor, k: int) -> tuple[Tensor, Tensor]:
             predict = partial(self.predict, router.at(float(k)))
-            out = classifier_free_guidance(predict, z, k_vec, labels, self.null_label, guidance)
+            out = classifier_free_guidance(predict, z, k_vec, labels, self.null_of(labels), guidance)
             eps, x0 = eps_and_x0(self.prediction, out, z, torch.tensor(alpha_bar[k]))
             if clip is not False:
                 x0 = self._clip(x0, clip)

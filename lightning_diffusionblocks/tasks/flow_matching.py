@@ -8,6 +8,7 @@ null label, call convention and sample shape are discovered as for :class:`Image
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -47,6 +48,7 @@ class FlowMatching(ImageGeneration):
         prediction: what the network outputs: ``"velocity"`` (ε − x), ``"x0"`` or ``"epsilon"``.
         label_dropout: share of labels dropped to the null label in training.
         null_label: the network's "no label" id; default discovered (see :class:`ImageGeneration`).
+        null_conditioning: the "no conditioning" value of dict-batch keys (see :class:`ImageGeneration`).
         time_scale: the network receives ``time_scale``·t (1 for t ∈ [0, 1], 1000 for t·1000 conventions).
         reverse_time: the network's time runs the other way (t = 0 noise, t = 1 data; Lipman et al., torchcfm): it
             receives ``time_scale``·(1 − t) and a velocity output is read as x − ε.
@@ -70,6 +72,7 @@ class FlowMatching(ImageGeneration):
         sampler: Sampler = "euler",
         grid: Grid = "uniform",
         loss_bins: int = 0,
+        null_conditioning: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(noise, FlowSchedule):
             raise TypeError(f"FlowMatching needs a FlowSchedule (lightning_diffusionblocks.flow), got {noise!r}.")
@@ -83,7 +86,9 @@ class FlowMatching(ImageGeneration):
             raise ValueError(f"time_scale must be positive, got {time_scale}.")
         if isinstance(loss_bins, bool) or not isinstance(loss_bins, int) or loss_bins < 0:
             raise ValueError(f"loss_bins must be a non-negative integer, got {loss_bins!r}.")
-        super().__init__(label_dropout=label_dropout, noise=noise, null_label=null_label)
+        super().__init__(
+            label_dropout=label_dropout, noise=noise, null_label=null_label, null_conditioning=null_conditioning
+        )
         self.noise: FlowSchedule = noise  # levels are t
         self.prediction = prediction
         self.time_scale = time_scale
@@ -91,6 +96,11 @@ class FlowMatching(ImageGeneration):
         self.sampler = sampler
         self.grid = grid
         self.loss_bins = loss_bins
+
+    def noise_input(self) -> dict[str, Any]:
+        """What the network receives as its noise level (see :meth:`ImageGeneration.noise_input`): time_scale·t, or
+        time_scale·(1 − t) with ``reverse_time``, t ∈ [0, 1] the share of noise."""
+        return {"kind": "flow_time", "scale": self.time_scale, "reverse": self.reverse_time}
 
     # ------------------------------------------------------------------ formulas
     def network_time(self, t: Tensor) -> Tensor:
@@ -152,6 +162,6 @@ class FlowMatching(ImageGeneration):
 
         def velocity(z: Tensor, t_vec: Tensor, t: float) -> Tensor:
             predict = partial(self.velocity, router.at(t))
-            return classifier_free_guidance(predict, z, t_vec, labels, self.null_label, guidance)
+            return classifier_free_guidance(predict, z, t_vec, labels, self.null_of(labels), guidance)
 
         return flow_sample(velocity, noise.to(router.device), self.noise.grid(steps, self.grid), self.sampler)

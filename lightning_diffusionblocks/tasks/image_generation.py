@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_diffusionblocks.conditioning import Conditioning, check_null_conditioning
 from lightning_diffusionblocks.levels import NoiseLevels, append_dims
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.routing import Router, Runner
@@ -53,6 +54,8 @@ class CallConvention:
     noise_keyword: str | None = None
     labels_keyword: str | None = None
     takes_labels: bool = True
+    #: the keyword arguments a dict batch's conditioning may fill (None: any, the forward takes ``**kwargs``)
+    keywords: tuple[str, ...] | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, net: nn.Module, expected: str = EXPECTED_CALL) -> CallConvention:
@@ -94,11 +97,29 @@ class CallConvention:
             raise refuse(f"requires further arguments {required}")
         if slots[1] == "<absent>" and has_var_kw:
             slots[1] = "labels"
-        return cls(noise_keyword=slots[0], labels_keyword=slots[1], takes_labels=slots[1] != "<absent>")
+        takes_labels = slots[1] != "<absent>"
+        declared = getattr(net, "diffusionblocks_takes_labels", None)  # a wrapper whose model takes no class labels
+        if isinstance(declared, bool):
+            takes_labels = takes_labels and declared
+        names = None if has_var_kw else tuple(p.name for p in rest_pos + rest_kw)
+        return cls(noise_keyword=slots[0], labels_keyword=slots[1], takes_labels=takes_labels, keywords=names)
 
-    def call(self, run: Runner, x: Tensor, c_noise: Tensor, labels: Tensor | None) -> Any:
+    def call(self, run: Runner, x: Tensor, c_noise: Tensor, labels: Tensor | Conditioning | None) -> Any:
+        """Call the network; a :class:`Conditioning` gives its labels (to a network that takes labels; a captioned
+        batch's labels are otherwise only data) and its values as the network's keyword arguments."""
         args: list[Any] = [x]
         kwargs: dict[str, Any] = {}
+        if isinstance(labels, Conditioning):
+            unknown = sorted(set(labels.values) - set(self.keywords)) if self.keywords is not None else []
+            if unknown:
+                raise ValueError(
+                    f"The batches carry the conditioning {unknown} (every key of a dict batch but 'images' and"
+                    " 'labels' is passed to the network by name), but the network's forward takes no such argument"
+                    f" (it takes {list(self.keywords or ())}). Remove those keys from the batches, or give the network"
+                    " those keyword arguments (or **conditioning)."
+                )
+            kwargs.update(labels.values)
+            labels = labels.labels if self.takes_labels else None
         if self.noise_keyword is None:
             args.append(c_noise)
         else:
@@ -171,11 +192,19 @@ class ImageGeneration(Task):
     training a share ``label_dropout`` of labels is replaced by the null label so the model also learns the
     unconditional denoiser that classifier-free guidance needs.
 
+    Conditioning beyond class labels comes in dict batches ``{"images": x, "labels": y (optional),
+    "encoder_hidden_states": h, "pooled_projections": p, ...}``: every other key is passed to the network as the
+    keyword argument of that name (one row per sample; see :mod:`lightning_diffusionblocks.conditioning`). The same
+    share ``label_dropout`` of samples then has all of its conditioning dropped at once (labels to the null label,
+    each value to ``null_conditioning[key]`` or zeros), and ``sample(conditioning=..., guidance=g)`` guides with it.
+
     Args:
-        label_dropout: share of labels dropped to the null label in training.
+        label_dropout: share of labels (and dict-batch conditioning) dropped to the null in training.
         noise: the EDM noise schedule.
         null_label: the label id the network reads as "no label"; default what the network declares
             (``null_label`` or ``num_classes`` attribute, or the last row of its label embedding), else -1.
+        null_conditioning: the "no conditioning" value of dict-batch keys, one sample's worth each (e.g. the
+            empty prompt's ``encoder_hidden_states``, padded like the prompts); keys not given drop to zeros.
     """
 
     inference = ("sample",)
@@ -183,8 +212,15 @@ class ImageGeneration(Task):
     #: how this task calls the network, quoted when the network's signature cannot be served
     expected_call = EXPECTED_CALL
 
-    def __init__(self, label_dropout: float = 0.1, noise: NoiseLevels = EDM, null_label: int | None = None) -> None:
+    def __init__(
+        self,
+        label_dropout: float = 0.1,
+        noise: NoiseLevels = EDM,
+        null_label: int | None = None,
+        null_conditioning: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(noise)
+        self.null_conditioning = check_null_conditioning(null_conditioning)
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}.")
         if null_label is not None and not isinstance(null_label, int):
@@ -201,6 +237,20 @@ class ImageGeneration(Task):
         self.sample_shape: list[int] | None = None
         self.data_range: list[float] | None = None
 
+    @property
+    def init_args(self) -> dict[str, Any] | None:
+        """The constructor arguments a checkpoint records; a null conditioning as nested lists (plain data)."""
+        recorded = getattr(self, "_recorded_init_args", None)
+        if recorded is None or not recorded.get("null_conditioning"):
+            return recorded
+        null = {k: v.tolist() for k, v in self.null_conditioning.items()}
+        return {**recorded, "null_conditioning": null}
+
+    def noise_input(self) -> dict[str, Any]:
+        """What the network receives as its noise level, in plain data, told to a network that asks
+        (``diffusionblocks_noise_input``) so it can map it to its own time convention: EDM's c_noise = ¼·ln σ."""
+        return {"kind": "edm_c_noise"}
+
     # ------------------------------------------------------------------ conventions
     def bind(self, net: nn.Module) -> None:
         self.check_network_outputs(net)
@@ -208,6 +258,9 @@ class ImageGeneration(Task):
             found, self.null_label_origin = find_null_label(net)
             self.null_label = -1 if found is None else found
         self.convention = CallConvention.of(net, self.expected_call)
+        declare = getattr(net, "diffusionblocks_noise_input", None)
+        if callable(declare):  # the network maps this task's noise level to its own time convention
+            declare(self.noise_input())
         self.sample_shape = self.sample_shape or discover_sample_shape(net)
         table = label_embedding(net) if self.convention.takes_labels else None
         self.label_rows = None if table is None else table[1].num_embeddings
@@ -223,6 +276,9 @@ class ImageGeneration(Task):
 
     def observe(self, batch: Any) -> None:
         images, labels = self.split(batch)
+        if isinstance(labels, Conditioning):
+            labels.check_rows(images.shape[0], "the training batch")
+            labels = labels.labels if self.convention.takes_labels else None
         self.check_batch(images, labels)
         self.sample_shape = list(images.shape[1:])
         # one device sync for every statistic: the data range and what the labels hold
@@ -295,7 +351,18 @@ class ImageGeneration(Task):
         self.data_range = state.get("data_range") or self.data_range
 
     @classmethod
-    def split(cls, batch: Any) -> tuple[Tensor, Tensor | None]:
+    def split(cls, batch: Any) -> tuple[Tensor, Any]:
+        """``(images, labels)``: class ids (a tuple batch), a :class:`Conditioning` (a dict batch with conditioning
+        beyond labels), or None."""
+        if isinstance(batch, Mapping):
+            if "images" not in batch:
+                raise ValueError(
+                    f"{cls.__name__} got a dict batch with keys {sorted(batch)} but no 'images': a dict batch is"
+                    " {'images': x, 'labels': y (optional), <network keyword>: <one row per sample>, ...}."
+                )
+            values = {k: v for k, v in batch.items() if k not in ("images", "labels")}
+            labels = batch.get("labels")
+            return batch["images"], Conditioning(labels, values) if values else labels
         if isinstance(batch, Tensor):
             return batch, None
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
@@ -358,18 +425,30 @@ class ImageGeneration(Task):
         eps = torch.randn(images.shape, generator=generator, device=generator.device).to(images)
         return self.per_sample_loss(run, images, labels, sigma, eps)
 
-    def drop_labels(self, labels: Tensor | None, generator: torch.Generator) -> Tensor | None:
-        """Training labels with a share ``label_dropout`` replaced by the null label (for guidance)."""
+    def drop_labels(self, labels: Any, generator: torch.Generator) -> Any:
+        """Training labels with a share ``label_dropout`` replaced by the null label (for guidance); a
+        :class:`Conditioning` has the same share of samples dropped whole (see :meth:`null_of`)."""
         if labels is None or self.label_dropout == 0:
             return labels
+        if isinstance(labels, Conditioning):
+            count = labels.num_rows
+            drop = torch.rand((count,), generator=generator, device=generator.device) < self.label_dropout
+            return labels.where(drop, self.null_of(labels))
         drop = torch.rand(labels.shape, generator=generator, device=generator.device) < self.label_dropout
         return torch.where(drop.to(labels.device), torch.full_like(labels, self.null_label), labels)
+
+    def null_of(self, labels: Any) -> Any:
+        """What "no conditioning" is for ``labels``: the null label id for class ids; for a :class:`Conditioning`
+        the same rows with labels at the null label and each value at ``null_conditioning[key]`` (else zeros)."""
+        if isinstance(labels, Conditioning):
+            return labels.null(self.null_label if self.convention.takes_labels else None, self.null_conditioning)
+        return self.null_label
 
     def guided_denoise(
         self, run: Runner, z: Tensor, sigma: Tensor, labels: Tensor | None, guidance: float = 1.0
     ) -> Tensor:
         """Denoiser with classifier-free guidance: D_u + g·(D_c − D_u), both halves in one batch."""
-        return classifier_free_guidance(partial(self.denoise, run), z, sigma, labels, self.null_label, guidance)
+        return classifier_free_guidance(partial(self.denoise, run), z, sigma, labels, self.null_of(labels), guidance)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -383,20 +462,25 @@ class ImageGeneration(Task):
         seed: int = 0,
         shape: Sequence[int] | None = None,
         clip: bool | tuple[float, float] = False,
+        conditioning: Mapping[str, Any] | None = None,
     ) -> Tensor:
         """Generate images, every network call served by the group that owns its noise level (the module's
         ``sample(...)`` forwards here; one signature for every image formulation).
 
-        ``labels`` (class ids, one sample each) or ``num_samples`` (unconditional) says what to draw. ``steps`` is
-        chosen here, independent of B and never stored. ``guidance`` > 1 turns on classifier-free guidance (needs
-        ``labels``): u + g·(c − u) of the formulation's output. Without labels a class-conditional network gets its
-        null label (unconditional samples). ``seed`` fixes the noise. ``shape`` is one sample's shape; by default
+        ``labels`` (class ids, one sample each), ``conditioning`` (the network's keyword conditioning, one row per
+        sample, as in a dict batch: ``{"encoder_hidden_states": h, "pooled_projections": p, ...}``) or
+        ``num_samples`` (unconditional) says what to draw. ``steps`` is chosen here, independent of B and never
+        stored. ``guidance`` > 1 turns on classifier-free guidance (needs ``labels`` or ``conditioning``):
+        u + g·(c − u) of the formulation's output, u from the null conditioning (the null label; each value at the
+        task's ``null_conditioning`` or zeros). Without labels a class-conditional network gets its null label
+        (unconditional samples); without ``conditioning`` a network that needs it gets the null conditioning when
+        the task was given one. ``seed`` fixes the noise. ``shape`` is one sample's shape; by default
         the one found on the network or seen in training. The raw output of the sampler may leave the data range;
         ``clip=True`` clamps it to the range seen in the training data, ``clip=(lo, hi)`` to a given range. How the
         levels are walked is the formulation's :meth:`integrate` (EDM here: Euler in σ).
         """
         labels, num_samples, shape = self.sampling_inputs(
-            router, labels, num_samples, guidance, shape, steps=steps, clip=clip, seed=seed
+            router, labels, num_samples, guidance, shape, steps=steps, clip=clip, seed=seed, conditioning=conditioning
         )
         gen = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.randn((num_samples, *shape), generator=gen)
@@ -434,13 +518,17 @@ class ImageGeneration(Task):
         steps: int = 1,
         clip: bool | tuple[float, float] = False,
         seed: int = 0,
-    ) -> tuple[Tensor | None, int, Sequence[int]]:
+        conditioning: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, int, Sequence[int]]:
         """Check :meth:`sample`'s arguments, for every sampler of this task family: (labels on the router's device
         or None, number of samples, the shape of one sample). Without labels a class-conditional network gets its
-        null label. ``steps``, ``clip`` and ``seed`` are checked too (refused, never rounded or swapped)."""
+        null label. ``steps``, ``clip`` and ``seed`` are checked too (refused, never rounded or swapped). With
+        ``conditioning`` the labels returned are a :class:`Conditioning` holding both."""
         check_count(steps, "steps")
         check_clip(clip)
         check_integer(seed, "seed")
+        if conditioning is not None:
+            return self._conditioned_inputs(router, labels, num_samples, conditioning, shape)
         if labels is None and num_samples is None:
             raise ValueError("Pass `labels` or `num_samples` to sample().")
         labels, num_samples = check_labels(labels, num_samples, router.device)
@@ -457,6 +545,12 @@ class ImageGeneration(Task):
             raise ValueError("Classifier-free guidance needs `labels`; pass labels or guidance=1.0.")
         if labels is None and self.convention.takes_labels:
             labels = torch.full((num_samples,), self.null_label, dtype=torch.long, device=router.device)
+        if self.null_conditioning:  # a network with keyword conditioning gets its null (unconditional samples)
+            values = {k: _rows_of(v, num_samples) for k, v in self.null_conditioning.items()}
+            labels = Conditioning(labels, values).to(router.device)
+        return labels, num_samples, self._shape(shape)
+
+    def _shape(self, shape: Sequence[int] | None) -> Sequence[int]:
         if shape is None:
             if self.sample_shape is None:
                 raise ValueError(
@@ -464,7 +558,43 @@ class ImageGeneration(Task):
                     " no training batch was seen. Pass shape=(C, H, W)."
                 )
             shape = self.sample_shape
-        return labels, num_samples, shape
+        return shape
+
+    def _conditioned_inputs(
+        self,
+        router: Router,
+        labels: Tensor | Sequence[int] | None,
+        num_samples: int | None,
+        conditioning: Mapping[str, Any],
+        shape: Sequence[int] | None,
+    ) -> tuple[Conditioning, int, Sequence[int]]:
+        """:meth:`sampling_inputs` with keyword ``conditioning`` (one row per sample), and class labels if given."""
+        if not isinstance(conditioning, Mapping) or not conditioning:
+            raise TypeError(
+                "conditioning must be a dict of the network's keyword conditioning, one row per sample, e.g."
+                " sample(conditioning={'encoder_hidden_states': h, 'pooled_projections': p}, guidance=4.0)."
+            )
+        values = {k: v for k, v in conditioning.items() if k not in ("images", "labels")}
+        if labels is None and "labels" in conditioning:
+            labels = conditioning["labels"]
+        cond = Conditioning(None, values)
+        count = cond.num_rows
+        if labels is not None:
+            checked, _ = check_labels(labels, None, router.device)
+            assert checked is not None
+            count = checked.shape[0]
+        elif self.convention.takes_labels:
+            checked = torch.full((count,), self.null_label, dtype=torch.long, device=router.device)
+        else:
+            checked = None
+        if num_samples is not None and check_count(num_samples, "num_samples") != count:
+            raise ValueError(
+                f"sample() draws one sample per row of `conditioning` ({count} rows) but got num_samples={num_samples};"
+                " leave num_samples out or give that many rows."
+            )
+        cond = Conditioning(checked if self.convention.takes_labels else None, values)
+        cond.check_rows(count, "sample(conditioning=...)")
+        return cond.to(router.device), count, self._shape(shape)
 
     def _clip(self, images: Tensor, clip: bool | tuple[float, float]) -> Tensor:
         if clip is False:
@@ -478,7 +608,10 @@ class ImageGeneration(Task):
         return images.clamp(lo, hi)
 
     def predict_step(self, router: Router, batch: Any, batch_idx: int) -> Tensor:
-        """Samples for a batch of class labels (a 1-D integer tensor, or a 1-tuple of one)."""
+        """Samples for a batch of class labels (a 1-D integer tensor, or a 1-tuple of one), or for a dict batch of
+        conditioning (one sample per row; ``images`` refused)."""
+        if isinstance(batch, Mapping) and "images" not in batch:
+            return self.sample(router, conditioning=batch, seed=batch_idx)
         labels = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 1 else batch
         if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point():
             raise ValueError(
@@ -502,6 +635,17 @@ class ImageGeneration(Task):
         labels (unlabelled data or a network that takes none) ``max_rows`` rows of unconditional samples. The noise is
         the same at every call (``seed``), so successive previews show the model changing, not the noise."""
         _, labels = self.split(batch)
+        if isinstance(labels, Conditioning):  # one row per sample of the batch's conditioning (e.g. its prompts)
+            count = min(max_rows, labels.num_rows)
+            rows_of = labels[slice(0, count)].repeat_interleave(per_row)
+            images = self.sample(
+                router, labels=rows_of.labels if self.convention.takes_labels else None,
+                conditioning=rows_of.values, steps=steps, guidance=guidance, seed=seed,
+            )  # fmt: skip
+            value_range = (self.data_range[0], self.data_range[1]) if self.data_range else (-1.0, 1.0)
+            caption = f"{type(self).__name__}: one row per conditioning of the batch, guidance {guidance}"
+            caption += f", {steps} sampling steps"
+            return Preview(images=images.detach().cpu(), rows=count, value_range=value_range, caption=caption)
         classes: list[int] = []
         if labels is not None and self.convention.takes_labels:
             classes = [c for c in sorted(set(labels.view(-1).tolist())) if c != self.null_label][:max_rows]
@@ -515,6 +659,12 @@ class ImageGeneration(Task):
         value_range = (self.data_range[0], self.data_range[1]) if self.data_range else (-1.0, 1.0)
         caption = f"{type(self).__name__}: {what}, {steps} sampling steps"
         return Preview(images=images.detach().cpu(), rows=rows, value_range=value_range, caption=caption)
+
+
+def _rows_of(one: Tensor, count: int) -> Tensor:
+    """One sample's value (a leading 1 optional) repeated as ``count`` rows."""
+    one = one if one.ndim and one.shape[0] == 1 else one.unsqueeze(0)
+    return one.expand(count, *one.shape[1:])
 
 
 def _describe(batch: Any) -> str:
