@@ -277,7 +277,7 @@ def test_dict_batches_without_extra_keys_read_as_labelled_batches() -> None:
 
 # ---------------------------------------------------------------------- errors that name the fix
 @needs_diffusers
-def test_bad_input_is_refused_with_the_fix() -> None:
+def test_diffusers_network_refuses_bad_input_naming_the_fix() -> None:
     sd3 = wrapped("sd3")
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 0.5])
     with pytest.raises(ValueError, match=r"needs the conditioning \['pooled_projections'\].*dict batches"):

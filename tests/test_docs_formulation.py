@@ -141,7 +141,8 @@ def test_doc_formulas_equal_their_closed_forms(doc):
         want = math.cos(math.pi * t_next / 2) * x + math.sin(math.pi * t_next / 2) * eps
         torch.testing.assert_close(noise.step(z, eps, t, t_next), want, rtol=0, atol=1e-12)
         # x_t/α = x + (σ/α)·ε: EDM's σ of level t is tan(πt/2)
-        assert noise.edm_sigma(torch.tensor([t], dtype=torch.float64)).item() == pytest.approx(math.tan(math.pi * t / 2), rel=1e-12)
+        edm_sigma = noise.edm_sigma(torch.tensor([t], dtype=torch.float64)).item()
+        assert edm_sigma == pytest.approx(math.tan(math.pi * t / 2), rel=1e-12)
 
     images, eps32 = x.float(), eps.float()
     t = torch.tensor([0.2, 0.4, 0.6, 0.8])

@@ -109,7 +109,7 @@ def test_edges_on_each_pipeline_scale_follow_the_formulas():
     assert np.allclose(scheduler.alphas_cumprod.double().numpy(), np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
 
 
-def test_bad_input_is_refused_with_the_fix():
+def test_export_refuses_bad_input_naming_the_fix():
     ddpm, edm = ldb.DDPMSchedule(), ldb.NoiseSchedule()
     with pytest.raises(ValueError, match="strictly ascending"):
         pipeline_edges(edm, [0.002, 1.0, 0.5, 80.0], "flow")
