@@ -11,7 +11,8 @@ counts it as one of the module's parameters.
 A group's adapter leaves on its own, in peft's format (:func:`save_adapters`: ``adapter_config.json`` and
 ``adapter_model.safetensors``, loadable onto a fresh copy of the base network with
 ``peft.PeftModel.from_pretrained``), so groups trained on different machines or days combine; :func:`merged_network`
-folds every adapter into its Linear's weight and gives back the network with its own plain layers.
+folds every adapter into its Linear's weight and gives back the network with its own plain layers
+(:func:`merge_adapters` does it in place to a module, which then exports and checkpoints as a plain one).
 
 peft is imported only when an adapter is made or saved: the package stays importable without it.
 """
@@ -25,7 +26,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -33,6 +34,9 @@ from torch import Tensor, nn
 
 from lightning_diffusionblocks.files import atomic_write
 from lightning_diffusionblocks.partition import BlockwiseNetwork
+
+if TYPE_CHECKING:
+    from lightning_diffusionblocks.module import DiffusionBlocksModule
 
 INSTALL_HINT = (
     "Per-group LoRA needs peft: pip install 'lightning_diffusionblocks[diffusers]' (or pip install 'peft>=0.21')."
@@ -282,21 +286,45 @@ def save_adapters(network: BlockwiseNetwork, directory: str | Path, groups: Sequ
 
 
 @torch.no_grad()
+def _fold(network: BlockwiseNetwork) -> None:
+    """Fold every adapter of ``network`` into its Linear's weight and put that plain Linear back in its place."""
+    _whole(network, "merge the adapters")
+    for name, layer in lora_layers(network.net):
+        layer.merge(safe_merge=True, adapter_names=list(layer.lora_A.keys()))
+        parent_name, _, attr = name.rpartition(".")
+        parent = network.net.get_submodule(parent_name) if parent_name else network.net
+        setattr(parent, attr, layer.get_base_layer())
+    if hasattr(network.net, "peft_config"):
+        del network.net.peft_config
+
+
 def merged_network(network: BlockwiseNetwork) -> BlockwiseNetwork:
     """A copy of ``network`` with every group's adapter folded into its Linear's weight (W + alpha/r · B A) and each
     LoRA layer replaced by that plain Linear: the network's own modules and state-dict keys, with its outputs (up to
     float rounding). Its parameters are trainable again, like any network's."""
     _peft()
-    _whole(network, "merge the adapters")
     merged = copy.deepcopy(network)
-    for name, layer in lora_layers(merged.net):
-        layer.merge(safe_merge=True, adapter_names=list(layer.lora_A.keys()))
-        parent_name, _, attr = name.rpartition(".")
-        parent = merged.net.get_submodule(parent_name) if parent_name else merged.net
-        setattr(parent, attr, layer.get_base_layer())
-    if hasattr(merged.net, "peft_config"):
-        del merged.net.peft_config
+    _fold(merged)
     return merged.requires_grad_(True)
+
+
+def merge_adapters(module: DiffusionBlocksModule) -> DiffusionBlocksModule:
+    """Fold every group's adapter into ``module``'s own network (and its EMA copy), in place, and return it.
+
+    The module becomes a plain one, as if trained without LoRA: its checkpoints hold the network's own keys and load
+    without ``lora``, and anything that exports or samples it sees plain Linears. Its parameters are trainable again
+    (a further fit trains all of them); the EMA copy stays frozen.
+    """
+    if module.lora is None:
+        raise ValueError("The module has no LoRA adapters to merge (it was built without lora=GroupLoRA(...)).")
+    _peft()
+    _fold(module.network)
+    module.network.requires_grad_(True)
+    if module.ema_network is not None:
+        _fold(module.ema_network)
+    module.lora = None
+    module.hparams.pop("lora", None)
+    return module
 
 
 def save_merged(network: BlockwiseNetwork, path: str | Path) -> Path:
@@ -313,5 +341,5 @@ def save_merged(network: BlockwiseNetwork, path: str | Path) -> Path:
 
 __all__ = [
     "GroupLoRA", "adapter_name", "adapter_parameters", "block_linears", "has_adapters", "lora_layers",
-    "merged_network", "save_adapters", "save_merged",
+    "merge_adapters", "merged_network", "save_adapters", "save_merged",
 ]  # fmt: skip

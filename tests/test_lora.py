@@ -20,7 +20,7 @@ from torch import nn
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.callbacks import BlockMemoryMonitor, BlockOffload
-from lightning_diffusionblocks.lora import GroupLoRA, merged_network, save_adapters, save_merged
+from lightning_diffusionblocks.lora import GroupLoRA, merge_adapters, merged_network, save_adapters, save_merged
 from tests.conftest import image_loader, tiny_dit, trainer_kwargs
 
 peft = pytest.importorskip("peft")
@@ -124,6 +124,16 @@ def test_one_adapter_per_group_on_its_own_linears_and_only_adapters_train() -> N
                                       "train_stem": False}  # fmt: skip
 
 
+def test_train_stem_makes_each_groups_stem_and_head_trainable_too() -> None:
+    lora = GroupLoRA(rank=RANK, target=TARGET, train_stem=True)
+    module = ldb.DiffusionBlocksModule(pretrained_dit(), ldb.tasks.ImageGeneration(), num_blocks=2, lora=lora)
+    stem = sum(p.numel() for n, p in pretrained_dit().named_parameters() if not n.startswith("blocks."))
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    # the adapters, the network's own stem/head (group 0's) and group 1's copy of it; no base weight of a block
+    assert sum(dict(module.named_parameters())[n].numel() for n in trainable) == lora_numel([0, 1, 2, 3]) + 2 * stem
+    assert not [n for n in trainable if ".blocks." in n and "lora_" not in n]
+
+
 def test_only_the_active_groups_adapter_changes_and_holds_optimizer_state(trained: dict[str, Any]) -> None:
     root, initial, module, spy = trained["root"], trained["initial"], trained["module"], trained["spy"]
     after_phase_0 = torch.load(root / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)["state_dict"]
@@ -208,6 +218,23 @@ def test_merged_model_equals_unmerged_and_has_the_networks_own_keys(trained: dic
             torch.testing.assert_close(merged(*inputs(), group=g), unmerged, rtol=1e-5, atol=1e-6)
             assert torch.equal(fresh(*inputs(), group=g), merged(*inputs(), group=g))
     assert any(isinstance(m, peft.tuners.lora.LoraLayer) for m in network.modules())  # the original is untouched
+
+
+def test_merge_adapters_makes_the_module_a_plain_one(trained: dict[str, Any]) -> None:
+    module = ldb.DiffusionBlocksModule.load_from_checkpoint(trained["root"] / "ckpt" / "epoch=1-step=4.ckpt")
+    with torch.no_grad():
+        unmerged = [module.network.eval()(*inputs(), group=g) for g in (0, 1)]
+    merge_adapters(module)
+    assert module.lora is None
+    assert "lora" not in module.hparams
+    plain = ldb.DiffusionBlocksModule(pretrained_dit(), ldb.tasks.ImageGeneration(), num_blocks=2)
+    plain.load_state_dict(module.state_dict())  # strict: exactly a plain module's keys
+    assert all(p.requires_grad for p in module.parameters())
+    with torch.no_grad():
+        for g in (0, 1):
+            torch.testing.assert_close(plain.network.eval()(*inputs(), group=g), unmerged[g], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no LoRA adapters to merge"):
+        merge_adapters(module)
 
 
 def test_checkpoint_rebuilds_adapters_and_resume_is_exact(trained: dict[str, Any], tmp_path: Path) -> None:
