@@ -8,6 +8,8 @@ Expected counts are worked out here from the Linears' shapes (Σ r·(in + out)),
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from tests.conftest import image_loader, tiny_dit, trainer_kwargs
 peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+ROOT = Path(__file__).resolve().parents[1]
 RANK, ALPHA = 4, 8
 TARGET = r"attn\.(qkv|proj)"  # by the names inside a block
 ADAPTED = ("attn.qkv", "attn.proj")
@@ -311,3 +314,37 @@ def test_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
     with pytest.raises(ModuleNotFoundError, match=r"lightning_diffusionblocks\[diffusers\]"):
         GroupLoRA().apply(ldb.BlockwiseNetwork(pretrained_dit(), 2))
+
+
+def test_memory_benchmark_lora_end_to_end_against_block_wise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/memory.py --lora``: end to end every adapter has a gradient and Adam moments at every step;
+    block-wise only the active group's, the rest offloaded. Byte counts from the Linears' shapes (all of a block's)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("ldb_memory_benchmark", ROOT / "benchmarks" / "memory.py")
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(bench)
+        args = {"model": "dit", "accelerator": "cpu", "image_size": 8, "patch": 4, "dim": 32, "depth": 4, "heads": 2,
+                "batch_size": 4, "steps_per_group": 1, "no_offload": False, "lora": RANK}  # fmt: skip
+        rows = {b: bench.child(argparse.Namespace(**args, blocks=b)) for b in (0, 2)}
+    finally:
+        sys.modules.pop("common", None)  # the benchmarks' helper module, imported by its bare name
+    plain = ldb.presets.demo_dit(image_size=8, channels=3, patch=4, dim=32, depth=4, heads=2)
+    linears = [[m for m in plain.blocks[i].modules() if isinstance(m, nn.Linear)] for i in range(4)]
+    numel = [sum(RANK * (m.in_features + m.out_features) for m in layer) for layer in linears]
+    tensors = [2 * len(layer) for layer in linears]  # lora_A and lora_B per Linear, each with a 0-d step counter
+    mib = 2**20
+    e2e = rows[0]["per_group"]["all"]
+    assert e2e["grads"] * mib == FLOAT * sum(numel) == rows[0]["trainable_mib"] * mib
+    assert e2e["optimizer"] * mib == 2 * FLOAT * sum(numel) + FLOAT * sum(tensors)
+    for g, layers in enumerate(GROUPS):
+        group = rows[2]["per_group"][str(g)]
+        assert group["grads"] * mib == FLOAT * sum(numel[i] for i in layers)
+        stepped = [i for later in GROUPS[: g + 1] for i in later]
+        assert group["optimizer"] * mib == 2 * FLOAT * sum(numel[i] for i in layers) + FLOAT * sum(
+            tensors[i] for i in stepped
+        )
+        assert group["activations"] < 0.6 * e2e["activations"]
+    assert "| LoRA r=4, DiffusionBlocks B=2 |" in bench.markdown(list(rows.values()), cuda=False)
