@@ -41,12 +41,10 @@ if TYPE_CHECKING:
 INSTALL_HINT = (
     "Per-group LoRA needs peft: pip install 'lightning_diffusionblocks[diffusers]' (or pip install 'peft>=0.21')."
 )
-#: what peft's adapter files are called (``peft.PeftModel.save_pretrained`` writes the same names)
-WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
+#: what peft calls an adapter's weights file (``peft.PeftModel.save_pretrained`` writes it beside adapter_config.json)
+WEIGHTS_NAME = "adapter_model.safetensors"
 #: the prefix ``peft.PeftModel`` gives every key of its adapter files (the base network sits at ``base_model.model``)
 PEFT_KEY_PREFIX = "base_model.model."
-#: what every adapter parameter's name holds (peft's LoRA layers keep them in ``lora_A`` / ``lora_B``)
-LORA_MARK = "lora_"
 
 
 def _peft() -> Any:
@@ -228,9 +226,16 @@ def _suggest(names: list[str]) -> str:
 
 
 def adapter_parameters(network: BlockwiseNetwork, group: int | None = None) -> list[nn.Parameter]:
-    """The LoRA parameters of ``group``'s adapter (every group's when None), in the network's order."""
+    """The LoRA parameters of ``group``'s adapter (every group's when None): what its LoRA layers hold beside the base
+    layer (peft's ``adapter_layer_names``: ``lora_A``, ``lora_B``)."""
     modules = network.block_modules(group) if group is not None else [network.net]
-    return [p for m in modules for name, p in m.named_parameters() if LORA_MARK in name]
+    return [
+        p
+        for m in modules
+        for _, layer in lora_layers(m)
+        for attr in layer.adapter_layer_names
+        for p in getattr(layer, attr).parameters()
+    ]
 
 
 def _whole(network: BlockwiseNetwork, what: str) -> None:
