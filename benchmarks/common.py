@@ -32,9 +32,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, dim: int, depth: int, h
     parser.add_argument("--batch-size", type=int, default=32)
 
 
-def build_module(args: argparse.Namespace, num_blocks: int) -> ldb.DiffusionBlocksModule:
+def build_module(
+    args: argparse.Namespace, num_blocks: int, lora: ldb.GroupLoRA | None = None
+) -> ldb.DiffusionBlocksModule:
     """The benchmark model wrapped for ``num_blocks`` groups: a DiT (3-channel images, 10 classes) or a
-    decoder LM (autoregressive objective) of the same width and depth."""
+    decoder LM (autoregressive objective) of the same width and depth; fine-tuned with ``lora`` if given."""
     torch.manual_seed(0)
     model = getattr(args, "model", "dit")
     if model == "dit":
@@ -53,7 +55,7 @@ def build_module(args: argparse.Namespace, num_blocks: int) -> ldb.DiffusionBloc
                                              attn_implementation="sdpa")  # fmt: skip
             net = ldb.models.DecoderAdapter(transformers.GPT2Model(config), args.vocab, "autoregressive")
         task = ldb.tasks.AutoregressiveLM(args.vocab)
-    return ldb.DiffusionBlocksModule(net, task, num_blocks=num_blocks, stem="per_group")
+    return ldb.DiffusionBlocksModule(net, task, num_blocks=num_blocks, stem="per_group", lora=lora)
 
 
 def synthetic_loader(args: argparse.Namespace, batches: int) -> DataLoader:

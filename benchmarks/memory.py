@@ -3,12 +3,17 @@
     python benchmarks/memory.py                       # CPU: disk offload, B in 2 3 4 6
     python benchmarks/memory.py --accelerator gpu     # GPU: pinned-CPU offload, adds CUDA peaks
     python benchmarks/memory.py --model lm --seq-len 256   # a decoder LM (activation memory dominates)
+    python benchmarks/memory.py --lora 8 --blocks-list 4   # LoRA fine-tuning (rank 8, one adapter per group)
 
 For every configuration a fresh Python process trains a few steps with `BlockMemoryMonitor` (and, for
 DiffusionBlocks, `BlockOffload`) under sequential phases, so each group is measured. It reports the
 exact accounting (parameters, gradients and optimizer state resident on the compute device, bytes
 saved for backward) of the most expensive group, and the process's peak RSS (or CUDA peak) during
 training steps. Results go to benchmarks/results/memory_<device>.json and a markdown table on stdout.
+
+With ``--lora RANK`` both sides fine-tune with ``GroupLoRA(rank=RANK)`` on every Linear of the blocks (base weights
+frozen): end to end every adapter trains at every step; block-wise only the active group's adapter does, and the
+offload moves the inactive groups' frozen weights, adapters and Adam state.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ MIB = 2**20
 
 def child(args: argparse.Namespace) -> dict:
     blocks = args.blocks or 1
-    module = build_module(args, blocks)
+    module = build_module(args, blocks, ldb.GroupLoRA(rank=args.lora) if args.lora else None)
     loader = synthetic_loader(args, batches=64)
     monitor = BlockMemoryMonitor(log=False)
     callbacks = [monitor]
@@ -49,7 +54,10 @@ def child(args: argparse.Namespace) -> dict:
         "mode": "diffusionblocks" if args.blocks else "end_to_end",
         "blocks": blocks,
         "offload": bool(args.blocks) and not args.no_offload,
+        "lora_rank": args.lora,
         "params_total_mib": sum(p.numel() * p.element_size() for p in module.network.parameters()) / MIB,
+        "trainable_mib": sum(p.numel() * p.element_size() for p in module.network.parameters() if p.requires_grad)
+        / MIB,
         "per_group": {
             k: {f: v / MIB if f != "steps" else v for f, v in vars(g).items()} for k, g in monitor.groups.items()
         },
@@ -78,6 +86,7 @@ def markdown(rows: list[dict], cuda: bool) -> str:
     for r in rows:
         w = r["worst"]
         name = "end-to-end" if r["mode"] == "end_to_end" else f"DiffusionBlocks B={r['blocks']}"
+        name = f"LoRA r={r['lora_rank']}, {name}" if r.get("lora_rank") else name
         cells = [name] + [f"{w[k]:.1f}" for k in ("params", "grads", "optimizer", "activations", "total")]
         cells += [
             f"{w['total'] / base['worst']['total']:.3f}",
@@ -95,6 +104,8 @@ def main() -> None:
     p.add_argument("--blocks-list", default="2,3,4,6")
     p.add_argument("--steps-per-group", type=int, default=2)
     p.add_argument("--no-offload", action="store_true")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="fine-tune with one LoRA adapter of this rank per group (base weights frozen)")  # fmt: skip
     p.add_argument("--blocks", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
@@ -118,6 +129,7 @@ def main() -> None:
     meta = machine("python benchmarks/memory.py " + " ".join(sys.argv[1:]), cuda)
     device = "cuda" if cuda else "cpu"
     name = f"memory_{device}.json" if args.model == "dit" else f"memory_{args.model}_{device}.json"
+    name = name.replace("memory_", "memory_lora_", 1) if args.lora else name
     write_report(args.out, name, {"meta": meta, "rows": rows, "table": table}, table)
 
 

@@ -7,12 +7,13 @@ Importing this package registers ``Trainer(strategy="diffusionblocks")`` (one de
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_diffusionblocks import callbacks, data, models, noise, presets, tasks
+from lightning_diffusionblocks import callbacks, data, lora, models, noise, presets, tasks
 from lightning_diffusionblocks.block_parallel import BlockParallelStrategy
 from lightning_diffusionblocks.data_parallel import DiffusionBlocksDDPStrategy
 from lightning_diffusionblocks.ddpm import DDPMSchedule
 from lightning_diffusionblocks.flow import FlowSchedule
 from lightning_diffusionblocks.latents import LatentDataset, LatentSpace, cache_latents
+from lightning_diffusionblocks.lora import GroupLoRA
 from lightning_diffusionblocks.module import DiffusionBlocksModule, NonFiniteLossError
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.partition import BlockStack, BlockwiseNetwork, find_block_stack, split_layers
@@ -31,6 +32,7 @@ __all__ = [
     "DDPMSchedule",
     "EDM",
     "FlowSchedule",
+    "GroupLoRA",
     "LatentDataset",
     "LatentSpace",
     "BlockStack",
@@ -46,6 +48,7 @@ __all__ = [
     "callbacks",
     "data",
     "find_block_stack",
+    "lora",
     "models",
     "noise",
     "presets",

@@ -37,6 +37,7 @@ from lightning_diffusionblocks.checks import (
     non_finite_loss,
 )
 from lightning_diffusionblocks.dashboard import GroupLossLog, log_group_summary, log_run_config
+from lightning_diffusionblocks.lora import GroupLoRA
 from lightning_diffusionblocks.noise import Partition
 from lightning_diffusionblocks.optimisation import SHARED as SHARED  # re-exported from their former home
 from lightning_diffusionblocks.optimisation import GroupOptimisation, OptimizerFactory, check_settings, param_groups
@@ -78,6 +79,8 @@ class DiffusionBlocksModule(L.LightningModule):
             block group (``name`` "group_k", plus "shared"); it may split each further (e.g. decay / no-decay)
             but must not mix two groups' parameters in one param group.
         seed: seeds the noise of every step (a step is a pure function of ``(seed, step)``).
+        lora: fine-tune with one LoRA adapter per group (:class:`~lightning_diffusionblocks.lora.GroupLoRA`, or its
+            record as a dict): the network's weights are frozen and group g trains only the adapter on its blocks.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class DiffusionBlocksModule(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         seed: int = 0,
         accumulate_grad_batches: int = 1,
+        lora: GroupLoRA | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         net = _built(net, "net", nn.Module)
@@ -109,7 +113,7 @@ class DiffusionBlocksModule(L.LightningModule):
         check_settings(
             lr, warmup_steps, lr_schedule, min_lr_ratio, gradient_clip_val, ema_decay, accumulate_grad_batches
         )
-        self.save_hyperparameters(ignore=["net", "task", "optimizer"])
+        self.save_hyperparameters(ignore=["net", "task", "optimizer", "lora"])
         self.automatic_optimization = False
         self.task = task
         task.bind(net)  # first: a network made for another task is named as such, before any of its own checks
@@ -117,6 +121,10 @@ class DiffusionBlocksModule(L.LightningModule):
         if callable(check_stem):  # the network knows which of its parts must not be copied per group
             check_stem(stem)
         self.network = BlockwiseNetwork(net, num_blocks, group_sizes, block_path, stem)
+        self.lora = GroupLoRA.of(lora)
+        if self.lora is not None:  # before the EMA copy, which then holds the adapters too
+            self.lora.apply(self.network)
+            self.hparams["lora"] = self.lora.record()  # plain data: a checkpoint rebuilds the adapters from it
         self.boundaries = task.noise.boundaries(num_blocks, partition)
         self.ranges = [task.noise.group_range(self.boundaries, g, gamma) for g in range(num_blocks)]
         self.ema_network = copy.deepcopy(self.network).requires_grad_(False) if ema_decay else None
