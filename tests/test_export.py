@@ -542,7 +542,9 @@ def test_module_export_reads_the_ema_network_and_gives_each_group_its_own_copy_o
 def test_reverse_import_rebuilds_the_trained_module_and_starts_a_stock_model_block_wise(tmp_path: Path):
     module = _module(FAMILIES[0])  # DiT, DDPM, per-group stems that differ
     to_diffusers(module, tmp_path / "dit")
-    back = from_diffusers(tmp_path / "dit", ldb.tasks.DDPM())
+    with pytest.raises(ValueError, match=r"wrap=lambda model: model"):  # trained over the stock model, not trimmed
+        from_diffusers(tmp_path / "dit", ldb.tasks.DDPM())
+    back = from_diffusers(tmp_path / "dit", ldb.tasks.DDPM(), wrap=lambda model: model)
     assert back.network.groups == module.network.groups
     assert back.network.stem_mode == "per_group"
     x, t, y = _text(2, 4, 8, 8, seed=1), torch.tensor([900, 900]), torch.tensor([3, 7])
@@ -552,9 +554,9 @@ def test_reverse_import_rebuilds_the_trained_module_and_starts_a_stock_model_blo
             assert torch.equal(a(x, timestep=t, class_labels=y, group=group).sample,
                                b(x, timestep=t, class_labels=y, group=group).sample)  # fmt: skip
     with pytest.raises(ValueError, match="drop"):
-        from_diffusers(tmp_path / "dit", ldb.tasks.DDPM(), num_blocks=4)
+        from_diffusers(tmp_path / "dit", ldb.tasks.DDPM(), num_blocks=4, wrap=lambda model: model)
     with pytest.raises(ValueError, match="noise formulation"):
-        from_diffusers(tmp_path / "dit", ldb.tasks.ImageGeneration())
+        from_diffusers(tmp_path / "dit", ldb.tasks.ImageGeneration(), wrap=lambda model: model)
     # a stock save_pretrained folder: every group starts from its weights
     sd3 = _sd3()
     sd3.save_pretrained(tmp_path / "sd3")
@@ -562,6 +564,7 @@ def test_reverse_import_rebuilds_the_trained_module_and_starts_a_stock_model_blo
     assert imported.stacks == {TB: 4}
     assert imported.group_blocks == []
     fresh = from_diffusers(imported, ldb.tasks.FlowMatching(), num_blocks=2)
+    assert isinstance(fresh.network.net, ldb.models.DiffusersNetwork)  # trainable as it comes
     assert fresh.network.groups == [[0, 1], [2, 3]]
     state = sd3.state_dict()
-    assert all(torch.equal(v, state[k]) for k, v in fresh.network.net.state_dict().items())
+    assert all(torch.equal(v, state[k]) for k, v in fresh.network.net.model.state_dict().items())
