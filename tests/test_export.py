@@ -578,7 +578,7 @@ class Real:
     name: str
     task: Callable[[], ldb.tasks.Task]
     module_kwargs: dict[str, Any]
-    pipeline: Callable[[], type]
+    pipeline: Callable[[], Any]
     components: Callable[[], dict[str, Any]]
     call: Callable[[], dict[str, Any]]
     missing: tuple[str, ...] = ()

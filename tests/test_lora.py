@@ -438,7 +438,8 @@ def test_group_lora_on_a_diffusers_network_gives_each_group_its_attention_adapte
     owners = []
     for changed in steps.changed:
         groups_changed = {int(n.split(".group_")[1].split(".")[0]) for n in changed if ".group_" in n}
-        assert len(groups_changed) == 1 and changed <= {n for n in trainable if f".group_{min(groups_changed)}." in n}
+        assert len(groups_changed) == 1
+        assert changed <= {n for n in trainable if f".group_{min(groups_changed)}." in n}
         owners.append(groups_changed.pop())
     assert sorted(owners) == [0, 1, 2]
 
@@ -455,9 +456,11 @@ def test_to_diffusers_exports_a_lora_module_with_its_adapters_merged(diffusers_l
     module, _ = diffusers_lora["flux"]
     state = {k: v.clone() for k, v in module.state_dict().items()}
     to_diffusers(module, tmp_path / "flux")
-    assert has_adapters(module.network) and module.lora is not None  # the user's module is left as it was
+    assert has_adapters(module.network)
+    assert module.lora is not None
     after = module.state_dict()
-    assert set(after) == set(state) and all(torch.equal(v, after[k]) for k, v in state.items())
+    assert set(after) == set(state)
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
 
     written = TimestepRoutedTransformer.from_pretrained(tmp_path / "flux")
     weights = written.transformer.state_dict()
