@@ -565,6 +565,8 @@ def test_reverse_import_rebuilds_the_trained_module_and_starts_a_stock_model_blo
     assert imported.group_blocks == []
     fresh = from_diffusers(imported, ldb.tasks.FlowMatching(), num_blocks=2)
     assert isinstance(fresh.network.net, ldb.models.DiffusersNetwork)  # trainable as it comes
+    chosen = from_diffusers(imported, ldb.tasks.FlowMatching(), num_blocks=2, block_path=TB)  # the stock stack name
+    assert chosen.network.net.diffusionblocks_stack_path == f"model.{TB}"
     assert fresh.network.groups == [[0, 1], [2, 3]]
     state = sd3.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in fresh.network.net.model.state_dict().items())
@@ -746,6 +748,9 @@ def test_an_exported_folder_imports_back_as_a_trainable_diffusers_network(name: 
     assert back.network.block_path == module.network.block_path
     assert back.network.groups == module.network.groups
     assert back.network.stem_mode == "per_group"
+    if name == "dit":  # the stock model as the network indexes its blocks by their own number: refused, with the fix
+        with pytest.raises(ValueError, match=r"default wrap \(DiffusersNetwork\)"):
+            from_diffusers(folder, REAL[name].task(), wrap=lambda model: model)
     x, labels, cond = _latents_and_conditioning(name)
     ours, theirs = module.sampling_network.eval(), back.network.eval()
     dtype = torch.long if name == "dit" else torch.float32
