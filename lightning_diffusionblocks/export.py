@@ -31,8 +31,14 @@ named by the config's ``auto_map``, so ``diffusers.AutoModel.from_pretrained(fol
 it in a process that has not imported this package; ``Pipeline.from_pretrained(folder)`` loads it once this module
 is imported. The reverse, :func:`load_diffusers`, reads a local diffusers folder (``save_pretrained`` output, a
 pipeline folder or its ``transformer`` folder; never a download) and reports its stacks; :func:`from_diffusers`
-builds the :class:`~lightning_diffusionblocks.module.DiffusionBlocksModule` that trains it, or, for a folder written
-here, the module it was exported from (groups, per-group stems).
+builds the :class:`~lightning_diffusionblocks.module.DiffusionBlocksModule` that trains it (the model wrapped in
+:class:`~lightning_diffusionblocks.models.DiffusersNetwork` unless told otherwise), or, for a folder written here,
+the module it was exported from (groups, per-group stems).
+
+Groups run as the network ran them in training: ``DiffusersNetwork`` runs each group as the stock model trimmed to
+its blocks (DiT's head reads the group's first block's embedder), so its export is routed the same way
+(``trimmed_stack``). A module trained with per-group LoRA is exported with its adapters folded into the weights, on
+a copy (the module keeps them).
 """
 
 from __future__ import annotations
