@@ -31,8 +31,14 @@ named by the config's ``auto_map``, so ``diffusers.AutoModel.from_pretrained(fol
 it in a process that has not imported this package; ``Pipeline.from_pretrained(folder)`` loads it once this module
 is imported. The reverse, :func:`load_diffusers`, reads a local diffusers folder (``save_pretrained`` output, a
 pipeline folder or its ``transformer`` folder; never a download) and reports its stacks; :func:`from_diffusers`
-builds the :class:`~lightning_diffusionblocks.module.DiffusionBlocksModule` that trains it, or, for a folder written
-here, the module it was exported from (groups, per-group stems).
+builds the :class:`~lightning_diffusionblocks.module.DiffusionBlocksModule` that trains it (the model wrapped in
+:class:`~lightning_diffusionblocks.models.DiffusersNetwork` unless told otherwise), or, for a folder written here,
+the module it was exported from (groups, per-group stems).
+
+Groups run as the network ran them in training: ``DiffusersNetwork`` runs each group as the stock model trimmed to
+its blocks (DiT's head reads the group's first block's embedder), so its export is routed the same way
+(``trimmed_stack``). A module trained with per-group LoRA is exported with its adapters folded into the weights, on
+a copy (the module keeps them).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from torch.func import functional_call
 
 from lightning_diffusionblocks.ddpm import cosine_betas, linear_betas
 from lightning_diffusionblocks.levels import NoiseLevels
+from lightning_diffusionblocks.lora import has_adapters, merged_network
 from lightning_diffusionblocks.partition import BlockStack
 
 try:
@@ -65,6 +72,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
         "lightning_diffusionblocks.export needs diffusers: pip install 'lightning_diffusionblocks[diffusers]'."
     ) from _err
 
+from lightning_diffusionblocks.models.diffusers_net import DiffusersNetwork
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.tasks.base import Task
 
@@ -191,13 +199,16 @@ def pipeline_edges(
 class RoutedStack(BlockStack):
     """A stock block stack that runs one group's blocks: the package's own :class:`BlockStack` (what trained the
     groups), given each group's ``[start, stop)`` in this stack. Iteration yields the active group's blocks (all of
-    them when none is active); indexing by an integer reaches any block (DiT's head reads ``transformer_blocks[0]``,
-    whatever group runs), exactly as in training; the state-dict keys stay ``<stack>.<i>.…``.
+    them when none is active); the state-dict keys stay ``<stack>.<i>.…``. Integer indexing is the training's too:
+    ``trimmed`` (a network that ran each group as the model trimmed to its blocks, as
+    :class:`~lightning_diffusionblocks.models.DiffusersNetwork` does) makes ``stack[0]`` and ``len(stack)`` the
+    active group's, so DiT's head reads the group's first block's embedder; otherwise ``transformer_blocks[0]`` is
+    block 0 whatever group runs.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], ranges: Sequence[Sequence[int]]) -> None:
+    def __init__(self, blocks: Sequence[nn.Module], ranges: Sequence[Sequence[int]], trimmed: bool = False) -> None:
         spans = [(int(r[0]), int(r[1])) for r in ranges]
-        super().__init__(nn.ModuleList(blocks), [list(range(a, b)) for a, b in spans])
+        super().__init__(nn.ModuleList(blocks), [list(range(a, b)) for a, b in spans], trimmed=trimmed)
         self.ranges = spans
 
 
@@ -262,6 +273,9 @@ class TimestepRoutedTransformer(ModelMixin, ConfigMixin, CacheMixin):
         group_stems: True when every group has its own stem and head (``stems``; a stack every group runs whole is
             part of each group's stem, as in training).
         pipeline_time: the pipeline's timestep scale, ``"discrete"`` or ``"flow"`` (a record of what the edges mean).
+        trimmed_stack: each group runs as the stock model trimmed to its blocks (integer indices and ``len`` of a
+            stack are the group's; :class:`RoutedStack`), as the network trained it; False for exports that predate
+            it and for networks that index blocks by their own number.
     """
 
     _supports_gradient_checkpointing = False
@@ -283,6 +297,7 @@ class TimestepRoutedTransformer(ModelMixin, ConfigMixin, CacheMixin):
         timestep_mult: float = 1.0,
         group_stems: bool = False,
         pipeline_time: str = "discrete",
+        trimmed_stack: bool = False,
     ) -> None:
         super().__init__()
         base_config = dict(base_config or {})
@@ -306,7 +321,7 @@ class TimestepRoutedTransformer(ModelMixin, ConfigMixin, CacheMixin):
         self.partitioned = [name for name in self._stacks if name not in shared]
         for name in self._stacks:
             ranges = [g.get(name, [0, 0]) for g in groups]
-            setattr(self.transformer, name, RoutedStack(list(getattr(self.transformer, name)), ranges))
+            setattr(self.transformer, name, RoutedStack(list(getattr(self.transformer, name)), ranges, trimmed_stack))
         self.stems = nn.ModuleList()
         if group_stems:
             for _ in range(1, len(groups)):
@@ -394,6 +409,7 @@ def routed_transformer(
     pipeline_time: PipelineTime | None = None,
     timestep_mult: float | None = None,
     scheduler: Mapping[str, Any] | Any | None = None,
+    trimmed_stack: bool = False,
 ) -> TimestepRoutedTransformer:
     """The routed model of a trained stock transformer, described explicitly (the lower level of :func:`to_diffusers`).
 
@@ -408,6 +424,9 @@ def routed_transformer(
             part of the stem); None when the stem is shared.
         pipeline_time, timestep_mult: the pipeline's timestep scale; default known per diffusers class.
         scheduler: the pipeline's scheduler (or its config), for the ᾱ of a discrete pipeline.
+        trimmed_stack: the groups were trained as the stock model trimmed to their blocks (see
+            :class:`TimestepRoutedTransformer`; what :class:`~lightning_diffusionblocks.models.DiffusersNetwork`
+            trains); default False: a stack's integer indices are the blocks' own.
     """
     if not isinstance(transformer, ModelMixin):
         raise TypeError(
@@ -442,6 +461,7 @@ def routed_transformer(
         routed = TimestepRoutedTransformer(
             base_class=type(stock).__name__, base_config=base_config, group_blocks=groups, edges=edges,
             timestep_mult=mult, group_stems=stems is not None and len(groups) > 1, pipeline_time=time,
+            trimmed_stack=bool(trimmed_stack),
         )  # fmt: skip
     _load_copy(routed.transformer, stock.state_dict())
     stack_prefixes = tuple(f"{s}." for s in routed.partitioned)
@@ -532,8 +552,16 @@ def module_transformer(
     scheduler: Mapping[str, Any] | Any | None = None,
 ) -> nn.Module:
     """The model :func:`to_diffusers` writes for ``module``: a :class:`TimestepRoutedTransformer` of its sampling
-    network (EMA weights when kept), or, for an end-to-end trained module, a copy of the stock transformer."""
+    network (EMA weights when kept), or, for an end-to-end trained module, a copy of the stock transformer.
+
+    A module trained with per-group LoRA (``lora=GroupLoRA(...)``) is exported with every group's adapter folded
+    into its weights (:func:`~lightning_diffusionblocks.lora.merged_network`, on a copy: the module keeps its
+    adapters), since a stock pipeline runs plain layers. The groups are routed as the network ran them (a network
+    that trims its stack to the running group, like ``DiffusersNetwork``, is exported trimmed).
+    """
     network = module.sampling_network
+    if has_adapters(network):
+        network = merged_network(network)
     path, inner = _inner_model(network.net)
     if not module.blockwise:
         return _copy_stock(inner)
@@ -543,6 +571,7 @@ def module_transformer(
     return routed_transformer(
         inner, _group_blocks(network, inner), module.boundaries, module.task.noise, stems=stems,
         pipeline_time=pipeline_time, timestep_mult=timestep_mult, scheduler=scheduler,
+        trimmed_stack=bool(getattr(network.stack, "trimmed", False)),
     )  # fmt: skip
 
 
@@ -689,22 +718,34 @@ def from_diffusers(
     """A :class:`DiffusionBlocksModule` over a diffusers transformer read from a local folder (:func:`load_diffusers`).
 
     A stock transformer starts every group from its weights (fine-tuning block-wise): ``module_kwargs`` set
-    ``num_blocks``, ``group_sizes``, ``stem`` …; ``block_path`` defaults to its first stack. A folder this package
-    wrote (:func:`to_diffusers`) comes back as the module it was: its groups (``group_sizes``), per-group stems
-    (``stem="per_group"``, each group's stem copied back) and, checked, the task's boundaries on the export's
-    timestep scale. ``wrap(model)`` builds the network the task runs (e.g. a wrapper that presents Flux's two stacks
-    as one); without it the stock model is the network.
+    ``num_blocks``, ``group_sizes``, ``stem`` …; ``block_path`` names the stock model's stacks to cut
+    (``"transformer_blocks"``, ``"transformer_blocks+single_transformer_blocks"``), default every stack it has. A
+    folder this package wrote (:func:`to_diffusers`) comes back as the module it was: its groups (``group_sizes``),
+    per-group stems (``stem="per_group"``, each group's stem copied back) and, checked, the task's boundaries on the
+    export's timestep scale.
+
+    ``wrap(model)`` builds the network the task runs; default
+    :class:`~lightning_diffusionblocks.models.DiffusersNetwork` (``DiffusersNetwork(model, block_path=...)``), so a
+    diffusers folder imports straight into a trainable module. Give it for the wrapper's options, e.g.
+    ``wrap=functools.partial(DiffusersNetwork, sample_size=64)``; ``wrap=lambda model: model`` keeps the stock
+    model itself as the network (then ``block_path`` is the module's, default the first stack).
     """
     imported = source if isinstance(source, DiffusersImport) else load_diffusers(source, subfolder)
     routed = imported.model if isinstance(imported.model, TimestepRoutedTransformer) else None
     stock = imported.transformer if routed is None else _copy_stock(imported.transformer)  # plain stacks again
     kwargs = dict(module_kwargs)
+    stacks = routed.partitioned if routed is not None else list(imported.stacks)
+    if wrap is None:
+        block_path = kwargs.pop("block_path", None) or "+".join(stacks)
+        net = DiffusersNetwork(stock, block_path=block_path)
+    else:
+        net = wrap(stock)
     if routed is not None:
         partitioned = routed.partitioned
-        if wrap is None and len(partitioned) > 1:
+        if isinstance(net, ModelMixin) and len(partitioned) > 1:
             raise ValueError(
-                f"The export splits the stacks {partitioned} among its groups; pass wrap=<a network presenting them as"
-                " one block stack> so the package can train them."
+                f"The export splits the stacks {partitioned} among its groups; import it with the default wrap"
+                " (DiffusersNetwork, which presents them as one block stack) or a wrap that does the same."
             )
         sizes = [sum(b - a for s, (a, b) in g.items() if s in partitioned) for g in imported.group_blocks]
         stem = "per_group" if len(routed.stems) else "shared"
@@ -713,15 +754,25 @@ def from_diffusers(
         if clash:
             raise ValueError(f"The export was trained with {given}; drop {clash} to import it as it was trained.")
         kwargs.update(given)
-        if wrap is None:
-            kwargs.setdefault("block_path", partitioned[0])
-    elif wrap is None:
-        kwargs.setdefault("block_path", next(iter(imported.stacks)))
-    net = wrap(stock) if wrap is not None else stock
+    if isinstance(net, ModelMixin):  # the stock model itself is the network: the module cuts its stack
+        kwargs.setdefault("block_path", stacks[0])
     module = DiffusionBlocksModule(net, task, **kwargs)
     if routed is None:
         return module
     cfg = routed.config
+    trimmed, exported_trimmed = bool(module.network.stack.trimmed), bool(cfg.get("trimmed_stack", False))
+    if trimmed != exported_trimmed:
+        how = {True: "as the model trimmed to its blocks (stack[0] is the group's first block)",
+               False: "with its blocks indexed by their own number (stack[0] is block 0)"}  # fmt: skip
+        fix = (
+            "import it with the default wrap (DiffusersNetwork) or a network declaring diffusionblocks_trimmed_stack"
+            if exported_trimmed
+            else "import it as it was trained: from_diffusers(folder, task, wrap=lambda model: model)"
+        )
+        raise ValueError(
+            f"The export ran each group {how[exported_trimmed]}, but {type(net).__name__} runs it {how[trimmed]},"
+            f" which changes what a group computes (DiT's head reads transformer_blocks[0]); {fix}."
+        )
     edges = pipeline_edges(task.noise, module.boundaries, cfg["pipeline_time"], scheduler)
     if not torch.allclose(torch.tensor(edges, dtype=torch.float64), torch.tensor(cfg["edges"], dtype=torch.float64)):
         raise ValueError(

@@ -542,7 +542,9 @@ def test_module_export_reads_the_ema_network_and_gives_each_group_its_own_copy_o
 def test_reverse_import_rebuilds_the_trained_module_and_starts_a_stock_model_block_wise(tmp_path: Path):
     module = _module(FAMILIES[0])  # DiT, DDPM, per-group stems that differ
     to_diffusers(module, tmp_path / "dit")
-    back = from_diffusers(tmp_path / "dit", ldb.tasks.DDPM())
+    with pytest.raises(ValueError, match=r"wrap=lambda model: model"):  # trained over the stock model, not trimmed
+        from_diffusers(tmp_path / "dit", ldb.tasks.DDPM())
+    back = from_diffusers(tmp_path / "dit", ldb.tasks.DDPM(), wrap=lambda model: model)
     assert back.network.groups == module.network.groups
     assert back.network.stem_mode == "per_group"
     x, t, y = _text(2, 4, 8, 8, seed=1), torch.tensor([900, 900]), torch.tensor([3, 7])
@@ -552,9 +554,9 @@ def test_reverse_import_rebuilds_the_trained_module_and_starts_a_stock_model_blo
             assert torch.equal(a(x, timestep=t, class_labels=y, group=group).sample,
                                b(x, timestep=t, class_labels=y, group=group).sample)  # fmt: skip
     with pytest.raises(ValueError, match="drop"):
-        from_diffusers(tmp_path / "dit", ldb.tasks.DDPM(), num_blocks=4)
+        from_diffusers(tmp_path / "dit", ldb.tasks.DDPM(), num_blocks=4, wrap=lambda model: model)
     with pytest.raises(ValueError, match="noise formulation"):
-        from_diffusers(tmp_path / "dit", ldb.tasks.ImageGeneration())
+        from_diffusers(tmp_path / "dit", ldb.tasks.ImageGeneration(), wrap=lambda model: model)
     # a stock save_pretrained folder: every group starts from its weights
     sd3 = _sd3()
     sd3.save_pretrained(tmp_path / "sd3")
@@ -562,6 +564,209 @@ def test_reverse_import_rebuilds_the_trained_module_and_starts_a_stock_model_blo
     assert imported.stacks == {TB: 4}
     assert imported.group_blocks == []
     fresh = from_diffusers(imported, ldb.tasks.FlowMatching(), num_blocks=2)
+    assert isinstance(fresh.network.net, ldb.models.DiffusersNetwork)  # trainable as it comes
+    chosen = from_diffusers(imported, ldb.tasks.FlowMatching(), num_blocks=2, block_path=TB)  # the stock stack name
+    assert chosen.network.net.diffusionblocks_stack_path == f"model.{TB}"
     assert fresh.network.groups == [[0, 1], [2, 3]]
     state = sd3.state_dict()
-    assert all(torch.equal(v, state[k]) for k, v in fresh.network.net.state_dict().items())
+    assert all(torch.equal(v, state[k]) for k, v in fresh.network.net.model.state_dict().items())
+
+
+# ------------------------------------------------------------------ the real path: DiffusersNetwork trained, exported
+@dataclass
+class Real:
+    """A tiny diffusers family trained the way users train it here: wrapped in DiffusersNetwork, block-wise."""
+
+    name: str
+    task: Callable[[], ldb.tasks.Task]
+    module_kwargs: dict[str, Any]
+    pipeline: Callable[[], Any]
+    components: Callable[[], dict[str, Any]]
+    call: Callable[[], dict[str, Any]]
+    missing: tuple[str, ...] = ()
+
+
+def _prompt(seed: int) -> dict[str, Tensor]:
+    from tests.test_diffusers_models import POOLED, TEXT, TOKENS
+
+    return {"prompt_embeds": _text(1, TOKENS, TEXT, seed=seed), "pooled_prompt_embeds": _text(1, POOLED, seed=seed + 1)}
+
+
+REAL = {
+    "sd3": Real(  # 3 layers in 2 groups; shift 1 so that the 3-step grid (1000, 667, 333) reaches both groups
+        "sd3", ldb.tasks.FlowMatching, {"num_blocks": 2}, lambda: diffusers.StableDiffusion3Pipeline,
+        lambda: {"vae": _vae(0.0609, 1.5305), "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0),
+                 **dict.fromkeys(SD3_MISSING)},
+        lambda: {**_prompt(1), **{f"negative_{k}": v for k, v in _prompt(3).items()}, "height": 16, "width": 16,
+                 "num_inference_steps": 3, "output_type": "np"},
+        SD3_MISSING,
+    ),  # fmt: skip
+    "dit": Real(  # 3 layers in 3 groups, DDPM edges 332.5 and 665.5: DiTPipeline's 3 steps run one group each
+        "dit", ldb.tasks.DDPM, {"num_blocks": 3}, lambda: diffusers.DiTPipeline,
+        lambda: {"vae": _vae(), "scheduler": diffusers.DDPMScheduler()},
+        lambda: {"class_labels": [3, 7], "num_inference_steps": 3, "output_type": "np"},
+    ),
+    "flux": Real(  # 1 double- + 3 single-stream blocks; group 0 = double 0 + single 0: it spans the seam
+        "flux", ldb.tasks.FlowMatching, {"num_blocks": 2, "group_sizes": [2, 2]}, lambda: diffusers.FluxPipeline,
+        lambda: {"vae": _vae(0.1159, 0.3611),
+                 "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+                 **dict.fromkeys(SD3_MISSING[:4])},
+        lambda: {**_prompt(1), "height": 16, "width": 16, "num_inference_steps": 3, "output_type": "np"},
+        SD3_MISSING[:4],
+    ),  # fmt: skip
+}
+
+
+def _train_real(real: Real, root: Path) -> ldb.DiffusionBlocksModule:
+    """``DiffusersNetwork`` over the tiny model, trained block-wise for 3 steps with the strategy's defaults."""
+    import lightning as L
+
+    from tests.conftest import trainer_kwargs
+    from tests.test_diffusers_models import latent_loader, tiny
+
+    model = tiny("dit", num_embeds_ada_norm=1000) if real.name == "dit" else tiny(real.name)  # DiTPipeline's null 1000
+    net = ldb.models.DiffusersNetwork(model, sample_size=8 if real.name == "flux" else None)
+    module = ldb.DiffusionBlocksModule(net, real.task(), lr=1e-2, **real.module_kwargs)
+    L.Trainer(strategy="diffusionblocks", max_steps=3, **trainer_kwargs(root)).fit(
+        module, latent_loader(real.name, n=6, batch_size=2)
+    )
+    return module
+
+
+@pytest.fixture(scope="module")
+def real_exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[ldb.DiffusionBlocksModule, Path]]:
+    """Per family, built once for the file: the trained module and its exported pipeline folder."""
+    done: dict[str, tuple[ldb.DiffusionBlocksModule, Path]] = {}
+
+    def get(name: str) -> tuple[ldb.DiffusionBlocksModule, Path]:
+        if name not in done:
+            real, root = REAL[name], tmp_path_factory.mktemp(f"real_{name}")
+            module = _train_real(real, root)
+            to_diffusers(module, root / "pipe", pipeline=real.pipeline(), components=real.components())
+            done[name] = (module, root / "pipe")
+        return done[name]
+
+    return get
+
+
+def _latents_and_conditioning(name: str) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    from tests.test_diffusers_models import text_conditioning
+
+    x = _text(2, 4, 8, 8, seed=21)
+    if name == "dit":
+        return x, torch.tensor([3, 7]), {}
+    return x, None, text_conditioning(2, seed=4, family=name)
+
+
+def _stock_call(name: str, model: nn.Module, x: Tensor, tau: Tensor, labels: Tensor | None, cond: dict) -> Tensor:
+    """The exported transformer called as its pipeline calls it, its output read as the pipeline reads it: DiT's
+    learned σ split off (DiTPipeline keeps the first half); Flux's latents packed 2×2 into tokens with FluxPipeline's
+    position ids, and unpacked after."""
+    if name == "dit":
+        return model(x, timestep=tau, class_labels=labels).sample[:, : x.shape[1]]
+    if name == "sd3":
+        return model(x, timestep=tau, **cond).sample
+    n, c, h, w = x.shape
+    tokens = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w // 4, c * 4)
+    rows, cols = torch.arange(h // 2).repeat_interleave(w // 2), torch.arange(w // 2).repeat(h // 2)
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=1).float()
+    txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3)
+    out = model(tokens, timestep=tau, img_ids=img_ids, txt_ids=txt_ids, **cond).sample
+    return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
+def _pipeline_timestep(name: str, level: float) -> Tensor:
+    """The timestep a stock pipeline passes at the package's level, from each pipeline's convention: DiTPipeline the
+    DDPM timestep k itself; SD3's pipeline 1000·s with s the flow time; FluxPipeline s itself."""
+    value = {"dit": level, "sd3": 1000.0 * level, "flux": level}[name]
+    return torch.full((2,), value, dtype=torch.long if name == "dit" else torch.float32)
+
+
+def _group_levels(module: ldb.DiffusionBlocksModule) -> list[float]:
+    """A level inside each group's slice (group 0 = noisiest): the middle of its boundaries (DDPM: a whole k)."""
+    bounds = [float(b) for b in module.boundaries]
+    count = len(bounds) - 1
+    mids = [(bounds[count - 1 - g] + bounds[count - g]) / 2 for g in range(count)]
+    return [float(round(m)) for m in mids] if isinstance(module.task.noise, ldb.DDPMSchedule) else mids
+
+
+def _stock_blocks(module: ldb.DiffusionBlocksModule, group: int) -> set[tuple[str, int]]:
+    """The stock (stack, index) of a group's global layers: double-stream blocks first, then single-stream."""
+    doubles = len(module.network.net.model.transformer_blocks._modules)
+    return {(TB, i) if i < doubles else (STB, i - doubles) for i in module.network.groups[group]}
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_a_trained_diffusers_network_runs_in_its_stock_pipeline_group_by_group(name: str, real_exports, monkeypatch):
+    """DiffusersNetwork trained block-wise → to_diffusers → the stock pipeline's from_pretrained → its own scheduler
+    and call: each step runs exactly the blocks of the group owning its level, and the exported transformer
+    computes, at each group's timestep on the pipeline's scale, what the module's own network computes for that
+    group (DiffusersNetwork's time convention agrees with the export's edges; DiT's head reads its group's first
+    block, as in training)."""
+    module, folder = real_exports(name)
+    real = REAL[name]
+    monkeypatch.setenv("HF_HOME", str(folder.parent / "hf"))
+    loaded = real.pipeline().from_pretrained(folder, **dict.fromkeys(real.missing))
+    transformer = loaded.transformer
+    assert isinstance(transformer, TimestepRoutedTransformer)
+    assert transformer.config.trimmed_stack is True
+    network = module.sampling_network.eval()
+    x, labels, cond = _latents_and_conditioning(name)
+    for group, level in enumerate(_group_levels(module)):
+        tau = _pipeline_timestep(name, level)
+        routed_group = transformer.group_of(tau)
+        assert routed_group == group, f"level {level} (timestep {tau[0]}) routed to {routed_group}"
+        with torch.no_grad():
+            want = network(x, torch.full((2,), level, dtype=tau.dtype), labels, group=group, **cond)
+            got = _stock_call(name, transformer, x, tau, labels, cond)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    if module.network.num_groups > 1:  # the groups' stems were trained apart: a wrong stem would show above
+        stems = module.network.stems[0].model.state_dict()
+        assert any(not torch.equal(v, stems[k]) for k, v in module.network.net.model.state_dict().items() if k in stems)
+
+    calls = _spy(transformer)
+    loaded(generator=torch.Generator().manual_seed(0), **real.call())
+    assert len(calls) == 3
+    seen = []
+    for tau_1000, ran in calls:  # the timestep on the 0–1000 scale → the package's level → the module's group
+        level = tau_1000 if name == "dit" else tau_1000 / 1000
+        owner = int(module.task.noise.group_of(torch.tensor([level], dtype=torch.float64), module.boundaries)[0])
+        expected = _stock_blocks(module, owner)
+        assert ran == expected, f"timestep {tau_1000} ran {sorted(ran)}, group {owner} is {sorted(expected)}"
+        seen.append(owner)
+    want_seen = [0, 1, 2] if name == "dit" else [0, 0, 1]
+    assert seen == want_seen, f"the 3-step grid reached groups {seen}"
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_an_exported_folder_imports_back_as_a_trainable_diffusers_network(name: str, real_exports, tmp_path: Path):
+    """from_diffusers without wrap gives DiffusersNetwork: the folder to_diffusers wrote comes back as the module it
+    was (groups, per-group stems, trimmed routing), computing the same per group, and trains on."""
+    module, folder = real_exports(name)
+    back = from_diffusers(folder, REAL[name].task())
+    assert isinstance(back.network.net, ldb.models.DiffusersNetwork)
+    assert back.network.block_path == module.network.block_path
+    assert back.network.groups == module.network.groups
+    assert back.network.stem_mode == "per_group"
+    if name == "dit":  # the stock model as the network indexes its blocks by their own number: refused, with the fix
+        with pytest.raises(ValueError, match=r"default wrap \(DiffusersNetwork\)"):
+            from_diffusers(folder, REAL[name].task(), wrap=lambda model: model)
+    x, labels, cond = _latents_and_conditioning(name)
+    ours, theirs = module.sampling_network.eval(), back.network.eval()
+    dtype = torch.long if name == "dit" else torch.float32
+    for group, level in enumerate(_group_levels(module)):
+        t = torch.full((2,), level, dtype=dtype)
+        with torch.no_grad():
+            same = torch.equal(ours(x, t, labels, group=group, **cond), theirs(x, t, labels, group=group, **cond))
+        assert same, f"group {group} differs after the round trip"
+    if name == "dit":  # straight into training: one block-wise step on the imported module
+        import lightning as L
+
+        from tests.conftest import trainer_kwargs
+        from tests.test_diffusers_models import latent_loader
+
+        before = [p.detach().clone() for p in back.train().parameters()]
+        L.Trainer(strategy="diffusionblocks", max_steps=1, **trainer_kwargs(tmp_path)).fit(
+            back, latent_loader(name, n=2, batch_size=2)
+        )
+        assert any(not torch.equal(a, b) for a, b in zip(before, back.parameters()))

@@ -348,3 +348,144 @@ def test_memory_benchmark_lora_end_to_end_against_block_wise(monkeypatch: pytest
         )
         assert group["activations"] < 0.6 * e2e["activations"]
     assert "| LoRA r=4, DiffusionBlocks B=2 |" in bench.markdown(list(rows.values()), cuda=False)
+
+
+# ------------------------------------------------------------------ diffusers transformers (DiffusersNetwork)
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+D_RANK, D_ALPHA = 2, 4.0
+
+
+class AdapterSteps(L.Callback):
+    """Per training step, the names of the parameters it changed."""
+
+    def __init__(self) -> None:
+        self.before: dict[str, torch.Tensor] = {}
+        self.changed: list[set[str]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        now = dict(pl_module.named_parameters())
+        self.changed.append({n for n, v in self.before.items() if not torch.equal(v, now[n].detach())})
+
+
+@pytest.fixture(scope="module")
+def diffusers_lora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[ldb.DiffusionBlocksModule, Any]]:
+    """SD3 (3 joint blocks) and Flux (1 double- + 3 single-stream blocks; group 0 holds double 0 and single 0, so it
+    spans the seam), wrapped in DiffusersNetwork, 3 groups, LoRA on the attention projections; one step per group."""
+    pytest.importorskip("diffusers")
+    from tests.test_diffusers_models import latent_loader, wrapped
+
+    out = {}
+    for name in ("sd3", "flux"):
+        root = tmp_path_factory.mktemp(f"lora_{name}")
+        lora = GroupLoRA(rank=D_RANK, alpha=D_ALPHA, target=ATTENTION)
+        module = ldb.DiffusionBlocksModule(wrapped(name), ldb.tasks.FlowMatching(), num_blocks=3, lr=1e-2, lora=lora)
+        steps = AdapterSteps()
+        strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=1)
+        L.Trainer(strategy=strategy, max_steps=3, callbacks=[steps], **trainer_kwargs(root)).fit(
+            module, latent_loader(name, n=6, batch_size=2)
+        )
+        out[name] = (module, steps)
+    return out
+
+
+def _expected_adapters(name: str, groups: list[list[int]]) -> list[dict[str, int]]:
+    """Per group, ``<stock Linear name> -> r·(in + out)`` of the attention projections in its blocks, read from a
+    plain stock model: global layer i is ``transformer_blocks.i``, after them ``single_transformer_blocks.(i − n)``."""
+    from tests.test_diffusers_models import tiny
+
+    stock = tiny(name)
+    linears = {n: m for n, m in stock.named_modules() if isinstance(m, nn.Linear)}
+    doubles = len(stock.transformer_blocks)
+    out = []
+    for layers in groups:
+        prefixes = [f"transformer_blocks.{i}." if i < doubles else f"single_transformer_blocks.{i - doubles}."
+                    for i in layers]  # fmt: skip
+        out.append({
+            n: D_RANK * (m.in_features + m.out_features)
+            for n, m in linears.items()
+            for p in prefixes
+            if n.startswith(p) and n[len(p):] in {f"attn.{t}" for t in ATTENTION}
+        })  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_group_lora_on_a_diffusers_network_gives_each_group_its_attention_adapters(
+    name: str, diffusers_lora: dict[str, Any]
+) -> None:
+    """GroupLoRA(target=["to_q", "to_k", "to_v", "to_out.0"]) on DiffusersNetwork: group g's adapter sits on exactly
+    the attention projections of g's blocks, by their stock diffusers names (for Flux group 0: double-stream block 0
+    and single-stream block 0, across the seam); only adapters are trainable; each block-wise step changes only the
+    adapter of the group it trains, and every group's adapter trains."""
+    module, steps = diffusers_lora[name]
+    groups = module.network.groups
+    assert groups == [[0, 1], [2], [3]] if name == "flux" else groups == [[0], [1], [2]]
+    expected = _expected_adapters(name, groups)
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    for g, linears in enumerate(expected):
+        names = {n for n in trainable if f".group_{g}." in n}
+        want = {f"network.net.model.{lin}.lora_{ab}.group_{g}.weight" for lin in linears for ab in "AB"}
+        assert names == want, f"group {g}: {sorted(names ^ want)}"
+        assert sum(trainable[n].numel() for n in names) == sum(linears.values())
+    assert set(trainable) == {n for n in trainable if ".lora_" in n}  # base weights, stems and head frozen
+    if name == "flux":
+        seam = {lin.split(".attn.")[0] for lin in expected[0]}
+        assert seam == {"transformer_blocks.0", "single_transformer_blocks.0"}
+    # one step per group (sequential phases): each changed only its own group's adapter, and each group trained once
+    owners = []
+    for changed in steps.changed:
+        groups_changed = {int(n.split(".group_")[1].split(".")[0]) for n in changed if ".group_" in n}
+        assert len(groups_changed) == 1
+        assert changed <= {n for n in trainable if f".group_{min(groups_changed)}." in n}
+        owners.append(groups_changed.pop())
+    assert sorted(owners) == [0, 1, 2]
+
+
+def test_to_diffusers_exports_a_lora_module_with_its_adapters_merged(diffusers_lora: dict[str, Any], tmp_path: Path):
+    """to_diffusers of a Flux module trained with GroupLoRA writes plain stock weights, each adapted projection
+    W + (alpha / r)·B·A (the LoRA update, computed here from the module's tensors), on a copy: the module keeps its
+    adapters and weights; the written model computes what the module's own network computes per group."""
+    from lightning_diffusionblocks.export import TimestepRoutedTransformer, to_diffusers
+    from lightning_diffusionblocks.lora import has_adapters
+    from tests.test_diffusers_models import text_conditioning, tiny
+    from tests.test_export import _stock_call
+
+    module, _ = diffusers_lora["flux"]
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    to_diffusers(module, tmp_path / "flux")
+    assert has_adapters(module.network)
+    assert module.lora is not None
+    after = module.state_dict()
+    assert set(after) == set(state)
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
+
+    written = TimestepRoutedTransformer.from_pretrained(tmp_path / "flux")
+    weights = written.transformer.state_dict()
+    assert set(weights) == set(tiny("flux").state_dict())  # the stock keys: no base_layer, no lora_A/B
+    ours = {k.removeprefix("network.net.model."): v for k, v in state.items() if k.startswith("network.net.model.")}
+    merged = 0
+    for key, value in weights.items():
+        stem = key.removesuffix(".weight")
+        if f"{stem}.base_layer.weight" in ours:  # an adapted projection: W + (alpha/r)·B·A of its group's adapter
+            (g,) = [k.split(".lora_A.")[1] for k in ours if k.startswith(f"{stem}.lora_A.")]
+            update = ours[f"{stem}.lora_B.{g}"] @ ours[f"{stem}.lora_A.{g}"] * (D_ALPHA / D_RANK)
+            assert update.abs().max() > 0, f"{stem}: its adapter never trained"
+            torch.testing.assert_close(value, ours[f"{stem}.base_layer.weight"] + update, rtol=0, atol=1e-6)
+            merged += 1
+        else:
+            assert torch.equal(value, ours[key.replace(".bias", ".base_layer.bias")] if key not in ours else ours[key])
+    assert merged == sum(len(e) for e in _expected_adapters("flux", module.network.groups))
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    cond = text_conditioning(2, seed=4, family="flux")
+    network = module.sampling_network.eval()
+    for group, t in enumerate((0.9, 0.5, 0.1)):
+        level = torch.full((2,), t)
+        assert written.group_of(level) == group
+        with torch.no_grad():
+            got = _stock_call("flux", written, x, level, None, cond)
+            want = network(x, level, None, group=group, **cond)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
