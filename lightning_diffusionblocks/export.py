@@ -69,7 +69,7 @@ try:
     from diffusers.models.cache_utils import CacheMixin
 except ImportError as _err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "lightning_diffusionblocks.export needs diffusers: pip install 'lightning_diffusionblocks[diffusers]'."
+        "lightning_diffusionblocks.export needs diffusers: `pip install 'lightning-diffusionblocks[diffusers]'`."
     ) from _err
 
 from lightning_diffusionblocks.models.diffusers_net import DiffusersNetwork

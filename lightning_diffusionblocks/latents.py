@@ -70,7 +70,8 @@ class LatentSpace:
             raise TypeError(
                 "LatentSpace needs an autoencoder with encode(images) and decode(latents);"
                 f" {type(autoencoder).__name__} has not both. Pass e.g."
-                " diffusers.AutoencoderKL.from_pretrained(..., subfolder='vae')."
+                " diffusers.AutoencoderKL.from_pretrained(..., subfolder='vae') (diffusers:"
+                " `pip install 'lightning-diffusionblocks[diffusers]'`)."
             )
         self.autoencoder = autoencoder
         scale = scaling_factor if scaling_factor is not None else _config_value(autoencoder, "scaling_factor")

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from lightning_diffusionblocks.module import DiffusionBlocksModule
 
 INSTALL_HINT = (
-    "Per-group LoRA needs peft: pip install 'lightning_diffusionblocks[diffusers]' (or pip install 'peft>=0.21')."
+    "Per-group LoRA needs peft: `pip install 'lightning-diffusionblocks[diffusers]'` (or `pip install 'peft>=0.21'`)."
 )
 #: what peft calls an adapter's weights file (``peft.PeftModel.save_pretrained`` writes it beside adapter_config.json)
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -51,6 +51,7 @@ def readme_diffs() -> dict[str, list[tuple[str, str]]]:
 
 PROJECTS = ["examples/existing_project.py", "examples/dit_project.py", "examples/flow_project.py",
             "examples/ddpm_project.py"]  # fmt: skip
+DIFFUSERS_PROJECT = "examples/diffusers_project.py"
 
 
 def converted_source(project: str) -> str:
@@ -64,7 +65,7 @@ def converted_source(project: str) -> str:
 
 def test_readme_diffs_cover_both_projects_and_change_only_a_few_lines():
     diffs = readme_diffs()
-    assert sorted(diffs) == sorted(PROJECTS)
+    assert sorted(diffs) == sorted([*PROJECTS, DIFFUSERS_PROJECT])
     for hunks in diffs.values():
         changed = sum(len(set(a.splitlines()) ^ set(b.splitlines())) for b, a in hunks)
         assert 0 < changed <= 8
@@ -97,6 +98,72 @@ def test_converted_project_trains_blockwise_and_samples(tmp_path, project):
     before = runpy.run_path(str(ROOT / project), run_name="original")
     assert not isinstance(before["main"](max_steps=2, **quiet), ldb.DiffusionBlocksModule)
     assert isinstance(module, L.LightningModule)
+
+
+def test_diffusers_project_converts_and_keeps_the_schedulers_noise_and_loss(tmp_path: Path) -> None:
+    """The diffusers text-to-image project with its README diff applied trains block-wise and samples from prompts
+    with guidance; the unconverted project still trains end to end; and the converted task noises exactly as
+    ``FlowMatchEulerDiscreteScheduler.scale_noise``, calls the transformer at the project's timesteps and, with one
+    group, has the project's own loss at the same (σ, ε)."""
+    pytest.importorskip("diffusers")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from torch.utils.data import default_collate
+
+    original = (ROOT / DIFFUSERS_PROJECT).read_text()
+    converted = converted_source(DIFFUSERS_PROJECT)
+    assert _network_source(converted).replace("import lightning_diffusionblocks as ldb\n", "") == _network_source(
+        original
+    )
+    path = tmp_path / "converted.py"
+    path.write_text(converted)
+    after = runpy.run_path(str(path), run_name="converted")
+    before = runpy.run_path(str(ROOT / DIFFUSERS_PROJECT), run_name="original")
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+             "enable_model_summary": False, "default_root_dir": tmp_path}  # fmt: skip
+    module, images = after["main"](max_steps=4, **quiet)
+    assert isinstance(module, ldb.DiffusionBlocksModule)
+    assert isinstance(module.network.net, ldb.models.DiffusersNetwork)
+    assert int(module.group_steps.sum()) == 4
+    assert bool(module.trained_blockwise)
+    assert images.shape == (2, 1, 8, 8)
+    assert bool(torch.isfinite(images).all())
+    assert module.sample(num_samples=3, steps=2).shape == (3, 1, 8, 8)  # unconditional: the empty prompt
+    plain, plain_images = before["main"](max_steps=2, **quiet)
+    assert not isinstance(plain, ldb.DiffusionBlocksModule)
+    assert plain_images.shape == (2, 1, 8, 8)
+
+    encoder = after["TextEncoder"](after["CAPTIONS"])
+    data = after["CaptionedBlobs"](encoder, n=4)
+    batch = default_collate([data[i] for i in range(4)])
+    torch.manual_seed(0)
+    transformer = after["make_transformer"]()
+    null = encoder([""])
+    task = ldb.tasks.FlowMatching(null_conditioning={k: v[0] for k, v in null.items()})
+    one_group = ldb.DiffusionBlocksModule(ldb.models.DiffusersNetwork(transformer), task=task, num_blocks=1)
+    project = before["TextToImage"](transformer, null)  # the same weights
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    timesteps = scheduler.timesteps[torch.tensor([30, 300, 620, 990])]  # 970, 700, 380, 10
+    sigmas = timesteps / 1000
+    x, conditioning = task.split(batch)
+    eps = torch.randn_like(x)
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def spy(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((args[0] if args else kwargs["hidden_states"], kwargs["timestep"]))
+
+    handle = transformer.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            blockwise = task.per_sample_loss(one_group.router(one_group.network).group(0), x, conditioning, sigmas, eps)
+            own = project.flow_loss(x, {k: v for k, v in batch.items() if k != "images"}, sigmas, eps)
+    finally:
+        handle.remove()
+    (z, tau), (z_project, tau_project) = calls
+    torch.testing.assert_close(z, scheduler.scale_noise(x, timesteps, eps))
+    torch.testing.assert_close(z, z_project)
+    torch.testing.assert_close(tau.float(), timesteps.float())
+    torch.testing.assert_close(tau_project.float(), timesteps.float())
+    assert float(blockwise.mean()) == pytest.approx(float(own), rel=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["diffusionblocks", "auto"])

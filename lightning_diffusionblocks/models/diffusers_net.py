@@ -71,7 +71,7 @@ def _diffusers() -> Any:
         import diffusers
     except ImportError as err:  # pragma: no cover - the extra is installed in the test environment
         raise ImportError(
-            "DiffusersNetwork needs diffusers: pip install 'lightning_diffusionblocks[diffusers]'."
+            "DiffusersNetwork needs diffusers: `pip install 'lightning-diffusionblocks[diffusers]'`."
         ) from err
     return diffusers
 
