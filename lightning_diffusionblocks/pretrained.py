@@ -317,10 +317,12 @@ def load_pretrained(
     net = module.network.net
     target = net.state_dict()
     matching = match(tensors, target, prefix, net_prefix)
-    if not matching.loaded:
+    named = len(matching.loaded) + len(matching.mismatched)
+    if named * 2 < len(target):  # not this network's weights: a list of every key would bury the point
         raise PretrainedLoadError(
-            f"None of the network's {len(target)} weights ({_names(list(target))}) is in {info['source']}"
-            f" ({len(tensors)} tensors: {_names(sorted(tensors))}). Is it a checkpoint of this network? Give"
+            f"Only {named} of the network's {len(target)} weights ({_names(list(target))}) are named in"
+            f" {info['source']} ({len(tensors)} tensors: {_names(sorted(tensors))}): it does not hold weights of"
+            f" {type(net).__name__}. Build the network the weights were saved from, or give"
             " prefix='<the attribute path of the network in the source>.' if its keys carry one."
         )
     if not matching.complete:
