@@ -174,6 +174,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     p.add_argument("--mnist-dir", default=None)
     p.add_argument("--workdir", default="outputs/finetune")
+    p.add_argument("--reuse-pretrained", action="store_true",
+                   help="keep the pretrained checkpoints already in --workdir (same settings), train only the rest")
     p.add_argument("--quick", action="store_true", help="tiny models and budgets (for tests)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -224,23 +226,32 @@ def main() -> None:
         write()
 
     pretrain = {s: workdir / f"seed{s}" / "pretrain" for s in args.seeds}
-    jobs = [job(replace(base, strategy="auto", steps=args.pretrain_steps, seed=s), pretrain[s]) for s in args.seeds]
+    todo = [s for s in args.seeds if not (args.reuse_pretrained and (pretrain[s] / "model.ckpt").exists())]
+    jobs = [job(replace(base, strategy="auto", steps=args.pretrain_steps, seed=s), pretrain[s]) for s in todo]
 
-    def pretrained_done(i: int) -> None:
-        s = args.seeds[i]
+    def score_pretrained(s: int) -> None:
         module, summary = load_generator(pretrain[s])
         score("pretrained", s, module, summary)
         demo = replace(base, seed=s)
         score("pretrained_blockwise_routing", s, blockwise_routed(demo, pretrain[s] / "model.ckpt"), None)
 
-    run_jobs(jobs, args.jobs, done=pretrained_done)
+    for s in args.seeds:
+        if s not in todo:
+            wanted = replace(base, strategy="auto", steps=args.pretrain_steps, seed=s).to_dict()
+            saved = json.loads((pretrain[s] / "finetune_settings.json").read_text())["demo"]
+            if saved != wanted:
+                changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+                sys.exit(f"{pretrain[s]} was pretrained with other settings ({changed}); drop --reuse-pretrained.")
+            print(f"reusing {pretrain[s]}", flush=True)
+            score_pretrained(s)
+    run_jobs(jobs, args.jobs, done=lambda i: score_pretrained(todo[i]))
     ft = replace(base, lr=args.finetune_lr, warmup=args.finetune_warmup)
     arms, jobs = [], []
     for s in args.seeds:
         start = pretrain[s] / "model.ckpt"
         for arm, strategy, steps in (("e2e_continued", "auto", args.extra_steps),
                                      ("blockwise_finetuned", "diffusionblocks", args.num_blocks * args.extra_steps)):
-            arms.append((arm, s, workdir / f"seed{s}" / arm))
+            arms.append((arm, s, workdir / f"seed{s}" / f"{arm}_{steps}"))
             jobs.append(job(replace(ft, strategy=strategy, steps=steps, seed=s), arms[-1][2], start))
 
     def finetuned_done(i: int) -> None:
