@@ -243,7 +243,6 @@ def main() -> None:
                 changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
                 sys.exit(f"{pretrain[s]} was pretrained with other settings ({changed}); drop --reuse-pretrained.")
             print(f"reusing {pretrain[s]}", flush=True)
-            score_pretrained(s)
     run_jobs(jobs, args.jobs, done=lambda i: score_pretrained(todo[i]))
     ft = replace(base, lr=args.finetune_lr, warmup=args.finetune_warmup)
     arms, jobs = [], []
@@ -260,6 +259,9 @@ def main() -> None:
         score(arm, s, module, summary)
 
     run_jobs(jobs, args.jobs, done=finetuned_done)
+    for s in args.seeds:  # reused starts are scored last, so that the training jobs start at once
+        if s not in todo:
+            score_pretrained(s)
     report["partial"] = False
     write()
     print(table(report))
