@@ -32,13 +32,17 @@ def _plain_dit(state: dict[str, torch.Tensor], layers: list[int] | None = None, 
 
 @pytest.fixture(scope="module")
 def pretrained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A package checkpoint of a tiny DiT trained end to end (2 steps, no EMA), and its network's weights."""
+    """A package checkpoint of a tiny DiT trained end to end (2 steps, with EMA), and its EMA network's weights (what
+    a start takes by default); the trained weights are checked in the next test."""
     root = tmp_path_factory.mktemp("pretrain")
-    module = make_module(depth=3)
+    module = make_module(depth=3, ema_decay=0.5)
     trainer = fit(module, root, steps=2, strategy="auto")
     path = root / "e2e.ckpt"
     trainer.save_checkpoint(path)
-    state = {k: v.detach().clone() for k, v in module.network.net.state_dict().items()}
+    assert module.ema_network is not None
+    state = {k: v.detach().clone() for k, v in module.ema_network.net.state_dict().items()}
+    raw = module.network.net.state_dict()
+    assert any(not torch.equal(v, raw[k]) for k, v in state.items())
     return path, state
 
 
@@ -49,7 +53,7 @@ def test_package_checkpoint_starts_every_group_from_the_pretrained_network(pretr
     reference = load_pretrained(module, path)
     record = module.pretrained
     assert record is not None
-    assert (record["kind"], record["source"], record["weights"]) == ("package_checkpoint", str(path), "raw")
+    assert (record["kind"], record["source"], record["weights"]) == ("package_checkpoint", str(path), "ema")
     assert (record["loaded"], record["missing"], record["unexpected"]) == (len(state), [], [])
     x, level, labels = _inputs()
     module.eval()
@@ -71,7 +75,11 @@ def test_package_checkpoint_starts_every_group_from_the_pretrained_network(pretr
 
 
 def test_safetensors_lightning_checkpoint_and_module_sources(pretrained_ckpt, tmp_path: Path) -> None:
-    _, state = pretrained_ckpt
+    path, state = pretrained_ckpt
+    raw = make_module(depth=3)
+    load_pretrained(raw, path, weights="raw")  # the trained weights, not the EMA copy
+    trained = torch.load(path, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, trained[f"network.net.{k}"]) for k, v in raw.network.net.state_dict().items())
     x, level, labels = _inputs()
     expected = _plain_dit(state)(x, level, labels)
     file = tmp_path / "dit.safetensors"
