@@ -11,8 +11,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lightning_diffusionblocks as ldb
+from lightning_diffusionblocks.checkpoints import CheckpointLoadError
 from lightning_diffusionblocks.pretrained import PretrainedLoadError, load_pretrained
 from tests.conftest import fit, make_module
+from tests.test_safety import Payload
 
 
 def _inputs(n: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,6 +121,11 @@ def test_mismatched_weights_are_refused_by_name_or_skipped_and_reported(pretrain
         load_pretrained(shallow, path)
     with pytest.raises(PretrainedLoadError, match=r"Only 1 of the network's 41 .*other.weight.*not hold weights"):
         load_pretrained(make_module(depth=3), {"other.weight": torch.zeros(2)})
+    marker = tmp_path / "ran"  # a crafted file: read as data only, refused, and nothing in it runs
+    torch.save({"state_dict": {"blocks.0.attn.qkv.weight": Payload(marker)}}, tmp_path / "crafted.ckpt")
+    with pytest.raises(CheckpointLoadError, match="the global `exec`.*nothing in it ran"):
+        load_pretrained(make_module(depth=3), tmp_path / "crafted.ckpt")
+    assert not marker.exists()
     # a block-wise checkpoint is B functions, not one network to start every group from
     blockwise = make_module(depth=3)
     trainer = fit(blockwise, tmp_path, steps=1)
