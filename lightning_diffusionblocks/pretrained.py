@@ -318,7 +318,7 @@ def load_pretrained(
     target = net.state_dict()
     matching = match(tensors, target, prefix, net_prefix)
     named = len(matching.loaded) + len(matching.mismatched)
-    if named * 2 < len(target):  # not this network's weights: a list of every key would bury the point
+    if not named or (strict and named * 2 < len(target)):  # not this network's weights: one sentence, not every key
         raise PretrainedLoadError(
             f"Only {named} of the network's {len(target)} weights ({_names(list(target))}) are named in"
             f" {info['source']} ({len(tensors)} tensors: {_names(sorted(tensors))}): it does not hold weights of"
