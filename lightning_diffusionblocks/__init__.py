@@ -7,7 +7,7 @@ Importing this package registers ``Trainer(strategy="diffusionblocks")`` (one de
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_diffusionblocks import callbacks, data, lora, models, noise, presets, tasks
+from lightning_diffusionblocks import callbacks, data, lora, models, noise, presets, pretrained, tasks
 from lightning_diffusionblocks.block_parallel import BlockParallelStrategy
 from lightning_diffusionblocks.data_parallel import DiffusionBlocksDDPStrategy
 from lightning_diffusionblocks.ddpm import DDPMSchedule
@@ -52,6 +52,7 @@ __all__ = [
     "models",
     "noise",
     "presets",
+    "pretrained",
     "split_layers",
     "tasks",
 ]

@@ -96,6 +96,8 @@ def save_record(module: DiffusionBlocksModule, checkpoint: dict[str, Any]) -> No
     }
     if not is_plain(record):  # anything else would need the unrestricted unpickler to load
         record["net"] = record["task"] = None
+    if module.pretrained is not None:  # where the weights came from (plain data by construction)
+        record["pretrained"] = module.pretrained
     checkpoint[RECORD_KEY] = record
     hparams = checkpoint.get("hyper_parameters")
     if hparams is not None and not is_plain(dict(hparams)):
@@ -139,6 +141,7 @@ def load_record(module: DiffusionBlocksModule, checkpoint: dict[str, Any]) -> No
             f" {module.boundaries.tolist()}; use the same `partition` and noise schedule to resume."
         )
     module.task.load_state(saved.get("task_state") or {})
+    module.pretrained = saved.get("pretrained")
 
 
 def rebuild_arguments(

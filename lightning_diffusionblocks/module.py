@@ -144,6 +144,9 @@ class DiffusionBlocksModule(L.LightningModule):
         self.optimisation = GroupOptimisation(self)
         #: per-group training-loss points waiting for a logging row, and each group's running loss (progress bar)
         self._loss_log = GroupLossLog()
+        #: where the weights came from when the run started from pretrained ones (plain data, kept in checkpoints;
+        #: set by :func:`lightning_diffusionblocks.pretrained.load_pretrained`), else None
+        self.pretrained: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
