@@ -76,8 +76,9 @@ def _network_source(source: str) -> str:
     return source[: re.search(r"^class \w+\(L\.LightningModule\)", source, re.M).start()]
 
 
-@pytest.mark.parametrize("project", PROJECTS)
-def test_converted_project_trains_blockwise_and_samples(tmp_path, project):
+def run_converted(project: str, tmp_path: Path) -> dict:
+    """Apply the README's diff to ``project``, check it leaves everything above the LightningModule as it was, and
+    run the converted file (its namespace)."""
     original = (ROOT / project).read_text()
     converted = converted_source(project)
     assert _network_source(converted).replace("import lightning_diffusionblocks as ldb\n", "") == _network_source(
@@ -85,7 +86,12 @@ def test_converted_project_trains_blockwise_and_samples(tmp_path, project):
     )
     path = tmp_path / "converted.py"
     path.write_text(converted)
-    namespace = runpy.run_path(str(path), run_name="converted")
+    return runpy.run_path(str(path), run_name="converted")
+
+
+@pytest.mark.parametrize("project", PROJECTS)
+def test_converted_project_trains_blockwise_and_samples(tmp_path, project):
+    namespace = run_converted(project, tmp_path)
     quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "default_root_dir": tmp_path}
     module = namespace["main"](max_steps=12, **quiet)
     assert isinstance(module, ldb.DiffusionBlocksModule)
@@ -109,14 +115,7 @@ def test_diffusers_project_converts_and_keeps_the_schedulers_noise_and_loss(tmp_
     from diffusers import FlowMatchEulerDiscreteScheduler
     from torch.utils.data import default_collate
 
-    original = (ROOT / DIFFUSERS_PROJECT).read_text()
-    converted = converted_source(DIFFUSERS_PROJECT)
-    assert _network_source(converted).replace("import lightning_diffusionblocks as ldb\n", "") == _network_source(
-        original
-    )
-    path = tmp_path / "converted.py"
-    path.write_text(converted)
-    after = runpy.run_path(str(path), run_name="converted")
+    after = run_converted(DIFFUSERS_PROJECT, tmp_path)
     before = runpy.run_path(str(ROOT / DIFFUSERS_PROJECT), run_name="original")
     quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
              "enable_model_summary": False, "default_root_dir": tmp_path}  # fmt: skip
