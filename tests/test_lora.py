@@ -312,7 +312,7 @@ def test_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="already holds LoRA layers"):
         GroupLoRA().apply(network)
     monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
-    with pytest.raises(ModuleNotFoundError, match=r"lightning_diffusionblocks\[diffusers\]"):
+    with pytest.raises(ModuleNotFoundError, match=r"lightning-diffusionblocks\[diffusers\]"):
         GroupLoRA().apply(ldb.BlockwiseNetwork(pretrained_dit(), 2))
 
 
