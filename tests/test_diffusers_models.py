@@ -13,13 +13,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import lightning_diffusionblocks as ldb
-from tests.conftest import tiny_dit
+from tests.conftest import tiny_dit, trainer_kwargs
 
 needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None, reason="needs `pip install lightning-diffusionblocks[diffusers]`"
@@ -273,6 +274,33 @@ def test_dict_batches_without_extra_keys_read_as_labelled_batches() -> None:
     got_images, got_labels = task.split({"images": images, "labels": labels})
     assert got_images is images
     assert got_labels is labels
+
+
+@needs_diffusers
+def test_conditioning_keys_pass_only_the_keys_the_network_takes(tmp_path: Any) -> None:
+    """A dict batch that carries data beside the conditioning (a caption index, as the captioned MNIST batches do)
+    is refused naming `conditioning_keys`; with them the other keys ride along unpassed, and the option is
+    rebuilt from the checkpoint."""
+    batch = next(iter(latent_loader("sd3", n=4, batch_size=4)))
+    rows = [{**{k: v[i] for k, v in batch.items()}, "caption": torch.tensor(i)} for i in range(4)]
+    loader = DataLoader(rows, batch_size=4)
+    plain = ldb.DiffusionBlocksModule(wrapped("sd3"), ldb.tasks.FlowMatching(), num_blocks=2)
+    with pytest.raises(ValueError, match=r"takes no conditioning \['caption'\].*conditioning_keys=\["):
+        L.Trainer(strategy="diffusionblocks", **trainer_kwargs(tmp_path, max_steps=1)).fit(plain, loader)
+    keys = ["encoder_hidden_states", "pooled_projections"]
+    task = ldb.tasks.FlowMatching(conditioning_keys=keys)
+    images, cond = task.split(next(iter(loader)))
+    assert sorted(cond.values) == keys
+    assert images.shape == (4, 4, 8, 8)
+    module = ldb.DiffusionBlocksModule(wrapped("sd3"), task, num_blocks=2)
+    trainer = L.Trainer(strategy="diffusionblocks", **trainer_kwargs(tmp_path, max_steps=2))
+    trainer.fit(module, loader)
+    assert int(module.group_steps.sum()) == 2
+    path = tmp_path / "keys.ckpt"
+    trainer.save_checkpoint(path)
+    assert ldb.DiffusionBlocksModule.load_from_checkpoint(path).task.conditioning_keys == tuple(keys)
+    with pytest.raises(ValueError, match="conditioning_keys must be a list"):
+        ldb.tasks.DDPM(conditioning_keys="encoder_hidden_states")
 
 
 # ---------------------------------------------------------------------- errors that name the fix

@@ -246,9 +246,11 @@ class DiffusersNetwork(nn.Module):
         conditioning = self._text_mask(conditioning)
         unknown = sorted(set(conditioning) - self.accepted - {"diffusionblocks_text_mask"})
         if unknown:
+            takes = sorted(set(conditioning) - set(unknown) - {"diffusionblocks_text_mask"})
             raise ValueError(
                 f"{self.family} takes no conditioning {unknown}; its keyword arguments are {sorted(self.accepted)}."
-                " Remove those keys from the batch (a dict batch passes every key but 'images' and 'labels')."
+                " A dict batch passes every key but 'images' and 'labels': remove those keys from the batch, or name"
+                f" the keys the network takes with the task's conditioning_keys={takes!r}."
             )
         missing = [k for k in self.required if conditioning.get(k) is None]
         if missing:

@@ -9,7 +9,7 @@ training timestep distribution. Its null label, call convention and sample shape
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -42,6 +42,7 @@ class DDPM(ImageGeneration):
         label_dropout: share of labels dropped to the null label in training.
         null_label: the network's "no label" id; default discovered (see :class:`ImageGeneration`).
         null_conditioning: the "no conditioning" value of dict-batch keys (see :class:`ImageGeneration`).
+        conditioning_keys: the dict-batch keys the network takes (see :class:`ImageGeneration`).
         eta: DDIM's η (0 deterministic; 1 ≈ DDPM's ancestral sampler).
         loss_bins: when > 0, validation also logs the loss in that many equal ranges of timesteps
             (``loss_k_<first>-<last>``), each sample served by the group owning its timestep.
@@ -58,6 +59,7 @@ class DDPM(ImageGeneration):
         eta: float = 0.0,
         loss_bins: int = 0,
         null_conditioning: Mapping[str, Any] | None = None,
+        conditioning_keys: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(noise, DDPMSchedule):
             raise TypeError(f"DDPM needs a DDPMSchedule (lightning_diffusionblocks.ddpm), got {noise!r}.")
@@ -68,7 +70,11 @@ class DDPM(ImageGeneration):
         if isinstance(loss_bins, bool) or not isinstance(loss_bins, int) or not 0 <= loss_bins <= noise.num_timesteps:
             raise ValueError(f"loss_bins must be an integer in [0, {noise.num_timesteps}], got {loss_bins!r}.")
         super().__init__(
-            label_dropout=label_dropout, noise=noise, null_label=null_label, null_conditioning=null_conditioning
+            label_dropout=label_dropout,
+            noise=noise,
+            null_label=null_label,
+            null_conditioning=null_conditioning,
+            conditioning_keys=conditioning_keys,
         )
         self.noise: DDPMSchedule = noise  # levels are timesteps
         self.prediction = prediction

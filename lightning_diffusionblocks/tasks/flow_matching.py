@@ -8,7 +8,7 @@ null label, call convention and sample shape are discovered as for :class:`Image
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -49,6 +49,7 @@ class FlowMatching(ImageGeneration):
         label_dropout: share of labels dropped to the null label in training.
         null_label: the network's "no label" id; default discovered (see :class:`ImageGeneration`).
         null_conditioning: the "no conditioning" value of dict-batch keys (see :class:`ImageGeneration`).
+        conditioning_keys: the dict-batch keys the network takes (see :class:`ImageGeneration`).
         time_scale: the network receives ``time_scale``·t (1 for t ∈ [0, 1], 1000 for t·1000 conventions).
         reverse_time: the network's time runs the other way (t = 0 noise, t = 1 data; Lipman et al., torchcfm): it
             receives ``time_scale``·(1 − t) and a velocity output is read as x − ε.
@@ -73,6 +74,7 @@ class FlowMatching(ImageGeneration):
         grid: Grid = "uniform",
         loss_bins: int = 0,
         null_conditioning: Mapping[str, Any] | None = None,
+        conditioning_keys: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(noise, FlowSchedule):
             raise TypeError(f"FlowMatching needs a FlowSchedule (lightning_diffusionblocks.flow), got {noise!r}.")
@@ -87,7 +89,11 @@ class FlowMatching(ImageGeneration):
         if isinstance(loss_bins, bool) or not isinstance(loss_bins, int) or loss_bins < 0:
             raise ValueError(f"loss_bins must be a non-negative integer, got {loss_bins!r}.")
         super().__init__(
-            label_dropout=label_dropout, noise=noise, null_label=null_label, null_conditioning=null_conditioning
+            label_dropout=label_dropout,
+            noise=noise,
+            null_label=null_label,
+            null_conditioning=null_conditioning,
+            conditioning_keys=conditioning_keys,
         )
         self.noise: FlowSchedule = noise  # levels are t
         self.prediction = prediction

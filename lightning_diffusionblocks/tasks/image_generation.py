@@ -205,6 +205,8 @@ class ImageGeneration(Task):
             (``null_label`` or ``num_classes`` attribute, or the last row of its label embedding), else -1.
         null_conditioning: the "no conditioning" value of dict-batch keys, one sample's worth each (e.g. the
             empty prompt's ``encoder_hidden_states``, padded like the prompts); keys not given drop to zeros.
+        conditioning_keys: the dict-batch keys the network takes as conditioning; other keys ride along as data
+            (a caption index, a file name) and are not passed. Default: every key but ``images`` and ``labels``.
     """
 
     inference = ("sample",)
@@ -218,9 +220,18 @@ class ImageGeneration(Task):
         noise: NoiseLevels = EDM,
         null_label: int | None = None,
         null_conditioning: Mapping[str, Any] | None = None,
+        conditioning_keys: Sequence[str] | None = None,
     ) -> None:
         super().__init__(noise)
         self.null_conditioning = check_null_conditioning(null_conditioning)
+        if conditioning_keys is not None and (
+            isinstance(conditioning_keys, str) or not all(isinstance(k, str) for k in conditioning_keys)
+        ):
+            raise ValueError(
+                f"conditioning_keys must be a list of dict-batch keys, got {conditioning_keys!r}; e.g."
+                " conditioning_keys=['encoder_hidden_states', 'pooled_projections']."
+            )
+        self.conditioning_keys = None if conditioning_keys is None else tuple(conditioning_keys)
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}.")
         if null_label is not None and not isinstance(null_label, int):
@@ -350,17 +361,17 @@ class ImageGeneration(Task):
         self.sample_shape = state.get("sample_shape") or self.sample_shape
         self.data_range = state.get("data_range") or self.data_range
 
-    @classmethod
-    def split(cls, batch: Any) -> tuple[Tensor, Any]:
+    def split(self, batch: Any) -> tuple[Tensor, Any]:
         """``(images, labels)``: class ids (a tuple batch), a :class:`Conditioning` (a dict batch with conditioning
         beyond labels), or None."""
         if isinstance(batch, Mapping):
             if "images" not in batch:
                 raise ValueError(
-                    f"{cls.__name__} got a dict batch with keys {sorted(batch)} but no 'images': a dict batch is"
+                    f"{type(self).__name__} got a dict batch with keys {sorted(batch)} but no 'images': a dict batch is"
                     " {'images': x, 'labels': y (optional), <network keyword>: <one row per sample>, ...}."
                 )
-            values = {k: v for k, v in batch.items() if k not in ("images", "labels")}
+            keys = self.conditioning_keys
+            values = {k: v for k, v in batch.items() if k not in ("images", "labels") and (keys is None or k in keys)}
             labels = batch.get("labels")
             return batch["images"], Conditioning(labels, values) if values else labels
         if isinstance(batch, Tensor):
@@ -368,7 +379,7 @@ class ImageGeneration(Task):
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
             return batch[0], batch[1]
         raise ValueError(
-            f"{cls.__name__} expects batches of `images` or `(images, labels)`, got"
+            f"{type(self).__name__} expects batches of `images` or `(images, labels)`, got"
             f" {type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}."
         )
 
