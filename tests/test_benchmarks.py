@@ -284,3 +284,61 @@ def test_run_jobs_starts_the_next_job_before_scoring(tmp_path):
 
     parity_run.run_jobs([command("first"), command("second")], parallel=1, done=done)
     assert seen == [(0, True), (1, True)]
+
+
+class _WordEncoder:
+    """A stand-in text encoder (384-d, one state per word, seeded by the word): the script's plumbing without
+    loading MiniLM."""
+
+    digest = "words-384"
+
+    def encode(self, texts):  # noqa: ANN001, ANN201
+        import zlib
+
+        import torch
+
+        from lightning_diffusionblocks.data.captions import TextEmbeddings
+
+        words = [t.split() for t in texts]
+        length = max(1, *(len(w) for w in words))
+        states, mask = torch.zeros(len(texts), length, 384), torch.zeros(len(texts), length, dtype=torch.long)
+        for i, text in enumerate(words):
+            for j, word in enumerate(text):
+                states[i, j] = torch.randn(384, generator=torch.Generator().manual_seed(zlib.crc32(word.encode())))
+                mask[i, j] = 1
+        pooled = states.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return TextEmbeddings(states, mask, pooled)
+
+
+def test_text_to_image_toy_run(tmp_path, mnist_dir):
+    """The text-to-image benchmark end to end on a toy configuration: both strategies train at equal layer
+    evaluations, every (digit, paraphrase) prompt is sampled and scored, the ratios are block-wise / end to end per
+    seed, and the report (JSON + table) is written."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import text_to_image as t2i
+
+    s = t2i.Settings(width=32, head_dim=16, depth=3, num_blocks=3, e2e_steps=2, batch_size=4, warmup=0,
+                     sample_steps=2, per_prompt=1, templates=("a handwritten {name}", "the number {digit}"),
+                     fid_real=20, feature_steps=3, seeds=(0,), data_dir=str(mnist_dir))  # fmt: skip
+    texts, digits, kinds = t2i.prompts(s)
+    assert texts[:3] == ["a handwritten zero", "the number 0", "a handwritten one"]
+    assert digits.tolist() == [d for d in range(10) for _ in range(2)]
+    assert kinds.tolist() == [0, 1] * 10
+    out = tmp_path / "t2i.json"
+    report = t2i.run(s, out, tmp_path / "work", encoder=_WordEncoder(), cache_dir=tmp_path / "cache", command="x")
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["partial"] is False
+    rows = {r["strategy"]: r for r in report["rows"]}
+    assert (rows["auto"]["steps"], rows["diffusionblocks"]["steps"]) == (2, 6)
+    assert rows["auto"]["layer_evaluations"] == rows["diffusionblocks"]["layer_evaluations"] == 6
+    assert rows["auto"]["groups"] == [[0, 1, 2]]
+    assert rows["diffusionblocks"]["groups"] == [[0], [1], [2]]
+    for row in rows.values():
+        assert row["samples"] == 20
+        assert 0 <= row["class_accuracy"] <= 1
+        assert row["fid"] == row["fid"]
+    ratio = report["summary"]["fid_ratio"]["per_seed"][0]
+    assert abs(ratio - rows["diffusionblocks"]["fid"] / rows["auto"]["fid"]) < 1e-9
+    assert "| DiffusionBlocks B=3 |" in report["table"]
+    assert "| 6 |" in report["table"]
+    assert (tmp_path / "work" / "feature_net.pt").exists()  # the classifier is trained once and kept
