@@ -20,7 +20,7 @@ from lightning_diffusionblocks.partition import BlockStack, BlockwiseNetwork, fi
 from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
 from lightning_diffusionblocks.strategy import DiffusionBlocksStrategy
 
-__version__ = "0.2.1"
+__version__ = "0.3.0"
 
 for _strategy in (DiffusionBlocksStrategy, DiffusionBlocksDDPStrategy, BlockParallelStrategy):
     if _strategy.strategy_name not in StrategyRegistry:
