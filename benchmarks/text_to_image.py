@@ -35,7 +35,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from parity_score import FeatureNet, mnist_tensors, train_feature_net
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 import lightning_diffusionblocks as ldb
@@ -89,28 +88,8 @@ def transformer(s: Settings) -> ldb.models.DiffusersNetwork:
     return ldb.models.DiffusersNetwork(model)
 
 
-class NetworkKeys(Dataset):
-    """A captioned dataset's items with only the keys a network is given (``images``, ``labels`` and the text
-    fields): the caption's index (``caption``) is bookkeeping, and a task passes every other key to the network."""
-
-    def __init__(self, data: Dataset, drop: tuple[str, ...] = ("caption",)) -> None:
-        self.data, self.drop = data, drop
-
-    def __len__(self) -> int:
-        return len(self.data)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {k: v for k, v in self.data[i].items() if k not in self.drop}
-
-
-class CaptionedMNIST(CaptionedMNISTDataModule):
-    """:class:`CaptionedMNISTDataModule` whose training and validation items hold only the network's keys."""
-
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
-        for name in ("train_set", "val_set"):
-            if not isinstance(getattr(self, name), NetworkKeys):
-                setattr(self, name, NetworkKeys(getattr(self, name)))
+#: the dict-batch keys the transformer takes (the captioned batches also carry the caption's index, as data)
+TEXT_KEYS = ["encoder_hidden_states", "encoder_attention_mask", "pooled_projections"]
 
 
 def null_conditioning(data: CaptionedMNISTDataModule) -> dict[str, Tensor]:
@@ -133,7 +112,8 @@ def train(s: Settings, strategy: str, seed: int, data: CaptionedMNISTDataModule)
     """One training run: ``strategy`` "diffusionblocks" (B groups) or "auto" (end to end: one group)."""
     L.seed_everything(seed, verbose=False)
     blocks = s.num_blocks if strategy == "diffusionblocks" else 1
-    task = ldb.tasks.FlowMatching(label_dropout=s.label_dropout, null_conditioning=null_conditioning(data))
+    task = ldb.tasks.FlowMatching(label_dropout=s.label_dropout, null_conditioning=null_conditioning(data),
+                                  conditioning_keys=TEXT_KEYS)  # fmt: skip
     module = ldb.DiffusionBlocksModule(transformer(s), task, num_blocks=blocks, lr=s.lr, warmup_steps=s.warmup,
                                        lr_schedule="cosine", ema_decay=s.ema, seed=seed)  # fmt: skip
     tracker = LossTracker()
@@ -268,7 +248,7 @@ def run(s: Settings, out: Path | None, workdir: Path | None = None, encoder: Any
                               "feature_net_seconds": round(time.perf_counter() - start, 1),
                               "rows": [], "summary": {}, "partial": True}  # fmt: skip
     for seed in s.seeds:
-        data = CaptionedMNIST(mnist, batch_size=s.batch_size, seed=seed, encoder=encoder,
+        data = CaptionedMNISTDataModule(mnist, batch_size=s.batch_size, seed=seed, encoder=encoder,
                                         cache_dir=cache_dir)  # fmt: skip
         for strategy in ("auto", "diffusionblocks"):
             module, record = train(s, strategy, seed, data)
