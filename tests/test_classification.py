@@ -363,3 +363,22 @@ def test_classification_checks_its_batches_and_network() -> None:
         r" inputs to classify \(e\.g\. images\), not labels\.$",
     ):
         task.predict_step(router, torch.zeros(4, dtype=torch.long), 0)
+
+
+def test_classification_refuses_float_labels_and_image_networks_by_name() -> None:
+    """Float labels are refused (the one-hot hint only for (N, num_classes) labels); a network declaring image
+    outputs is refused by bind, naming the task that reads them."""
+    task = Classification(num_classes=3)
+    x = torch.zeros(3, 2)
+    with pytest.raises(
+        ValueError, match=r"^Labels must be a 1-D integer tensor, got torch\.float32 of shape \(3,\)\.$"
+    ):
+        task.split((x, torch.zeros(3)))
+    with pytest.raises(ValueError, match=r"of shape \(3, 3\)\. For one-hot labels pass labels\.argmax\(-1\)\.$"):
+        task.split((x, torch.eye(3)))
+
+    class ImageNet(nn.Module):
+        diffusionblocks_outputs = "image-shaped outputs (a denoised image, a velocity or a noise estimate)"
+
+    with pytest.raises(ValueError, match=r"^ImageNet returns image-shaped outputs .* Train it with"):
+        task.bind(ImageNet())

@@ -4,14 +4,16 @@ null label for unlabelled samples, and how the noise level and labels are passed
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.tasks import ImageGeneration
 from lightning_diffusionblocks.tasks.image_generation import CallConvention
-from tests.fakes import FakeDenoiser, Recorder, labels_in_call
+from tests.fakes import FACTORS, FakeDenoiser, Recorder, Scale, labels_in_call
 from tests.reference import close, coefficient_tensors, gen
 
 
@@ -96,3 +98,87 @@ def test_call_convention_passes_the_noise_level_and_labels() -> None:
         r" the network a labels argument \(forward\(x, c_noise, labels=None\)\)\.$",
     ):
         CallConvention(takes_labels=False).call(run, x, c_noise, labels)
+
+
+class TextDenoiser(nn.Module):
+    """F(x, c_noise, encoder_hidden_states) = s_g·x + mean of the states: keyword conditioning, no class labels."""
+
+    diffusionblocks_takes_labels = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Scale(f) for f in FACTORS)
+        self.calls: list[dict[str, Any]] = []
+
+    def forward(
+        self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None, *, encoder_hidden_states: Tensor | None = None
+    ) -> Tensor:
+        assert labels is None
+        assert encoder_hidden_states is not None
+        self.calls.append({"x": x.clone(), "states": encoder_hidden_states.clone()})
+        h = x
+        for block in self.blocks:
+            h = block(h)
+        return h + encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+
+def test_sampling_with_keyword_conditioning_gives_each_call_the_rows_given() -> None:
+    """sample(conditioning={...}) draws one sample per row, passes the values by name at every step (never
+    'images'), and a network without labels gets none."""
+    net = TextDenoiser()
+    module = ldb.DiffusionBlocksModule(net, ImageGeneration(), num_blocks=3)
+    states = torch.arange(3 * 2 * 4, dtype=torch.float32).view(3, 2, 4)
+    out = module.sample(conditioning={"encoder_hidden_states": states, "images": torch.ones(9)}, steps=2, seed=0,
+                        shape=(1, 2, 2))  # fmt: skip
+    assert out.shape == (3, 1, 2, 2)
+    assert len(net.calls) == 2
+    for call in net.calls:
+        assert torch.equal(call["states"], states)
+        assert call["x"].shape == (3, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"Pass shape=\(C, H, W\)"):
+        module.sample(conditioning={"encoder_hidden_states": states}, steps=2)  # the shape is needed when unknown
+
+
+def test_sampling_conditioning_labels_come_from_the_dict_unless_given() -> None:
+    """A class-conditional network gets the dict's 'labels', the explicit ``labels`` when both are given, and the
+    null label (as long integers) when neither is; every other key reaches it by name."""
+    net = FakeDenoiser()
+    module = ldb.DiffusionBlocksModule(net, ImageGeneration(), num_blocks=3)
+    extra = torch.zeros(3, 5)
+    module.sample(conditioning={"extra": extra, "labels": torch.tensor([1, 2, 0])}, steps=1, seed=0, shape=(1, 2, 2))
+    assert net.calls[-1]["labels"].tolist() == [1, 2, 0]
+    module.sample(labels=[3, 3, 3], conditioning={"extra": extra, "labels": [1, 2, 0]}, steps=1, seed=0,
+                  shape=(1, 2, 2))  # fmt: skip
+    assert net.calls[-1]["labels"].tolist() == [3, 3, 3]
+    module.sample(conditioning={"extra": extra}, steps=1, seed=0, shape=(1, 2, 2))
+    null = net.calls[-1]["labels"]
+    assert null.dtype == torch.long
+    assert null.tolist() == [module.task.null_label] * 3
+    module.sample(labels=[1, 0], conditioning={"extra": torch.zeros(2, 5)}, num_samples=2, steps=1, seed=0,
+                  shape=(1, 2, 2))  # fmt: skip
+    assert net.calls[-1]["labels"].tolist() == [1, 0]
+
+
+def test_sampling_conditioning_is_refused_when_it_cannot_be_served() -> None:
+    """Not a dict, an empty dict, a num_samples other than the rows, and rows that disagree are each refused."""
+    module = ldb.DiffusionBlocksModule(FakeDenoiser(), ImageGeneration(), num_blocks=3)
+    shape = (1, 2, 2)
+    expected = (
+        r"^conditioning must be a dict of the network's keyword conditioning, one row per sample, e\.g\. sample\("
+        r"conditioning=\{'encoder_hidden_states': h, 'pooled_projections': p\}, guidance=4\.0\)\.$"
+    )
+    for bad in ({}, [torch.zeros(2)]):
+        with pytest.raises(TypeError, match=expected):
+            module.sample(conditioning=bad, steps=1, shape=shape)
+    with pytest.raises(
+        ValueError,
+        match=r"^sample\(\) draws one sample per row of `conditioning` \(3 rows\) but got num_samples=2; leave"
+        r" num_samples out or give that many rows\.$",
+    ):
+        module.sample(conditioning={"extra": torch.zeros(3, 5)}, num_samples=2, steps=1, shape=shape)
+    with pytest.raises(ValueError, match=r"num_samples"):
+        module.sample(conditioning={"extra": torch.zeros(3, 5)}, num_samples=0, steps=1, shape=shape)
+    with pytest.raises(
+        ValueError, match=r"The conditioning `extra` in sample\(conditioning=\.\.\.\) has shape \(3, 5\)"
+    ):
+        module.sample(labels=[1, 0], conditioning={"extra": torch.zeros(3, 5)}, steps=1, shape=shape)

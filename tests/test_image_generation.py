@@ -14,7 +14,7 @@ from lightning_diffusionblocks.ddpm import DDPMSchedule
 from lightning_diffusionblocks.tasks import DDPM, FlowMatching, ImageGeneration
 from lightning_diffusionblocks.tasks.flow_matching import EXPECTED_CALL as FLOW_CALL
 from lightning_diffusionblocks.tasks.image_generation import EXPECTED_CALL
-from tests.fakes import FakeDenoiser, FakeNet, Recorder, bound
+from tests.fakes import FakeDenoiser, FakeNet, Recorder, bound, router
 from tests.reference import close, coefficient_tensors, gen, linear_alpha_bar, weight
 
 
@@ -174,3 +174,82 @@ def test_image_generation_refuses_what_it_cannot_train_or_sample() -> None:
             r" labels may also be keyword-only arguments\.$",
         ):
             ImageGeneration().bind(network())
+
+
+def test_binned_losses_draw_the_levels_of_each_bin_and_noise_fixed_by_the_batch_index() -> None:
+    """Each bin's loss is Eq. 6 at levels drawn in that bin (a one-level bin: exactly that σ), with ε from the
+    generator of ``batch_idx`` (10 007 + batch_idx), so every validation sees the same noise."""
+    images = torch.rand(4, 1, 2, 2, generator=gen(0)) * 2 - 1
+    net = FakeNet(lambda x, t, y: 0.5 * x)
+    task = bound(ImageGeneration(label_dropout=0.0), net)
+    bins = [("low", 0.3, 0.3 + 1e-9), ("high", 7.0, 7.0 + 1e-9)]  # each bin holds one level (to float precision)
+    got = task.binned_losses(router(net, task.noise), images, 3, bins)
+    eps = torch.randn(images.shape, generator=gen(10_010)).double()
+    for name, sigma_value, _ in bins:
+        sigma = torch.full((4,), sigma_value, dtype=torch.float64)
+        c_skip, c_out, c_in, _ = (c.view(-1, 1, 1, 1) for c in coefficient_tensors(sigma))
+        z = images.double() + sigma.view(-1, 1, 1, 1) * eps
+        denoised = c_skip * z + c_out * 0.5 * c_in * z
+        expected = (weight(sigma) * (denoised - images.double()).pow(2).flatten(1).mean(1)).mean()
+        close(got[name].double().view(1), expected.view(1), rtol=1e-4, atol=0.0)
+
+
+def test_task_state_round_trips_and_an_empty_state_keeps_what_was_seen() -> None:
+    """state() is plain data naming the sample shape and the data range; load_state restores them, and a state
+    without them keeps the task's own."""
+    seen = ImageGeneration()
+    seen.sample_shape, seen.data_range = [1, 2, 2], (-1.0, 1.0)
+    assert seen.state() == {"sample_shape": [1, 2, 2], "data_range": (-1.0, 1.0)}
+    fresh = ImageGeneration()
+    fresh.load_state(seen.state())
+    assert (fresh.sample_shape, fresh.data_range) == ([1, 2, 2], (-1.0, 1.0))
+    fresh.load_state({"sample_shape": None, "data_range": None})
+    assert (fresh.sample_shape, fresh.data_range) == ([1, 2, 2], (-1.0, 1.0))
+
+
+def test_dict_batches_are_checked_like_label_batches() -> None:
+    """A dict batch's labels are checked against the network's label embedding (ids 0..rows-1, the null id
+    refused), its conditioning rows against the images; a network without labels ignores the batch's labels."""
+    net = FakeNet(lambda x, t, y: x, num_classes=10)
+    net.label_embedding = nn.Embedding(11, 2)  # 11 rows: 10 classes and the null label (10)
+    task = bound(ImageGeneration(), net)
+    images = torch.zeros(2, 1, 2, 2)
+    with pytest.raises(
+        ValueError,
+        match=r"^ImageGeneration got label 11, but the network's label embedding has 11 rows \(ids 0\.\.10\)\. Build"
+        r" the network for the data set's number of classes\.$",
+    ):
+        task.observe({"images": images, "labels": torch.tensor([0, 11]), "extra": torch.zeros(2, 3)})
+    with pytest.raises(
+        ValueError, match=r"^The training labels include 10, the id ImageGeneration feeds for 'no label'"
+    ):
+        task.observe({"images": images, "labels": torch.tensor([10, 1]), "extra": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match=r"The conditioning `extra` in the training batch has shape \(3, 3\)"):
+        task.observe({"images": images, "labels": torch.tensor([0, 1]), "extra": torch.zeros(3, 3)})
+    task.observe({"images": images, "labels": torch.tensor([0, 9]), "extra": torch.zeros(2, 3)})
+    assert task.sample_shape == [1, 2, 2]
+
+
+def test_predict_step_samples_a_dict_batch_of_conditioning_seeded_by_the_batch_index() -> None:
+    """A dict batch without images is conditioning: one sample per row, seeded by the batch index, equal to
+    sample(conditioning=batch, seed=batch_idx)."""
+    net = FakeDenoiser()
+    module = ldb.DiffusionBlocksModule(net, ImageGeneration(), num_blocks=3)
+    module.task.sample_shape = [1, 2, 2]
+    batch = {"labels": torch.tensor([1, 2, 0]), "extra": torch.zeros(3, 5)}
+    got = module.predict_step(batch, 5)
+    assert net.calls[-1]["labels"].tolist() == [1, 2, 0]
+    assert torch.equal(got, module.sample(conditioning=batch, seed=5))
+    assert not torch.equal(got, module.sample(conditioning=batch, seed=6))
+    with pytest.raises(ValueError, match="predict batch must be a 1-D tensor of class ids"):
+        module.predict_step({"images": torch.zeros(3, 1, 2, 2), "labels": torch.tensor([1, 2, 0])}, 0)
+
+
+def test_guided_sampling_with_conditioning_pairs_each_row_with_its_null() -> None:
+    """Guidance with a conditioning dict runs each row conditioned and with its null (null label, zeroed values)."""
+    net = FakeDenoiser()
+    module = ldb.DiffusionBlocksModule(net, ImageGeneration(), num_blocks=3)
+    null = module.task.null_label
+    module.sample(conditioning={"extra": torch.ones(3, 5), "labels": torch.tensor([1, 2, 0])}, guidance=2.0,
+                  steps=1, seed=0, shape=(1, 2, 2))  # fmt: skip
+    assert sorted(net.calls[-1]["labels"].tolist()) == sorted([1, 2, 0, null, null, null])

@@ -618,3 +618,13 @@ def test_token_batches_are_checked() -> None:
         r" the tokenizer's vocab_size\.$",
     ):
         task.batch_size(torch.tensor([[0, 5]]))
+
+
+def test_generate_names_its_own_arguments_when_refusing_them() -> None:
+    """A non-integer ``steps`` or ``seed`` is refused naming the argument and generate(), not sample()."""
+    module = ldb.DiffusionBlocksModule(FakeARLM(), AutoregressiveLM(7), num_blocks=3)
+    prompt = torch.tensor([[1, 4]])
+    with pytest.raises(TypeError, match=r"^steps must be an integer, got 2\.5 \(float\); e\.g\. generate\(steps="):
+        module.generate(prompt, steps=2.5, max_new_tokens=1)
+    with pytest.raises(TypeError, match=r"^seed must be an integer, got '1' \(str\); e\.g\. generate\(seed="):
+        module.generate(prompt, max_new_tokens=1, seed="1")

@@ -299,3 +299,25 @@ def test_each_formulation_gives_the_edm_sigma_of_its_levels() -> None:
         None, "flow", "discrete")  # fmt: skip
     with pytest.raises(NotImplementedError, match="edm_sigma"):
         MaskingSchedule().edm_sigma(t)
+
+
+def test_unknown_partitions_and_missing_edm_sigma_are_refused_by_name() -> None:
+    """A partition a formulation does not offer is refused listing the ones it does; a formulation without an EDM
+    σ says how to add one; σ conversions are float64 whatever the input's dtype."""
+    edm_and_flow = r"^Unknown partition 'bogus'; use 'equiprobable', 'uniform_log' or 'linear'\.$"
+    for levels in (NoiseSchedule(), FlowSchedule()):
+        with pytest.raises(ValueError, match=edm_and_flow):
+            levels.boundaries(3, "bogus")
+    with pytest.raises(
+        NotImplementedError,
+        match=r"^MaskingSchedule defines no EDM sigma for its t; give it an `edm_sigma\(levels\)` method to convert its"
+        r" group edges to another formulation's scale \(e\.g\. a diffusers pipeline's\)\.$",
+    ):
+        MaskingSchedule().edm_sigma(torch.tensor([0.5]))
+    assert NoiseSchedule().edm_sigma(torch.tensor([0.5], dtype=torch.float32)).dtype == torch.float64
+
+
+def test_masking_cdf_is_the_clamped_uniform_cdf() -> None:
+    """t is uniform on [0, 1]: its CDF is 0 below, t inside, 1 above."""
+    got = MaskingSchedule().cdf(torch.tensor([-0.5, 0.0, 0.25, 1.0, 1.5]))
+    assert got.tolist() == [0.0, 0.0, 0.25, 1.0, 1.0]

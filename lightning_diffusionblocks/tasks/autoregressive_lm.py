@@ -153,6 +153,7 @@ class AutoregressiveLM(Task):
         σ steps (default B) by the groups that own them. ``temperature`` 0 decodes greedily (the paper)."""
         if prompt is None:
             raise ValueError("Autoregressive generation needs a prompt of at least one token.")
+        check_integer(seed, "seed", "generate")  # before it seeds anything: torch's own error names no argument
         context_length = self.context_length
         if context_length is None:
             raise ValueError("The network has no `context_length`; use a DiffusionLM network.")
