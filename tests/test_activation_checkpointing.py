@@ -212,12 +212,19 @@ def test_monitor_shows_activations_falling_and_keeps_step_time(tmp_path: Path) -
     than with every 2nd, smaller than without; each group's mean step time is recorded and shown in the table;
     the option survives a checkpoint and a resumed fit."""
     activations: dict[Any, list[int]] = {}
+    extra: set[int] = set()
     for option in (None, 2, "every"):
         module = make_module(depth=6, num_blocks=2, activation_checkpointing=option)
         monitor = BlockMemoryMonitor(log=False)
         fit(module, tmp_path, steps=2, strategy="diffusionblocks_sequential", callbacks=[monitor])  # a step each
         activations[option] = [monitor.groups[str(g)].activations for g in range(2)]
+        for g in range(2):  # what the graph holds: the checkpointed blocks' inputs and the largest recomputation
+            with SavedTensorMeter(exclude=module.parameters()) as meter:
+                module.group_loss(module.network, next(iter(image_loader())), g, module._generator(0))
+            extra.add(activations[option][g] - meter.held)  # the step's own few bytes (its loss scaling)
         assert all(monitor.groups[str(g)].step_time > 0 for g in range(2))
+    assert len(extra) == 1
+    assert 0 <= extra.pop() < 64
     for g in range(2):
         assert activations["every"][g] < activations[2][g] < activations[None][g], activations
     columns, rows = group_table(module, monitor.group_memory())
