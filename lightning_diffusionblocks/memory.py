@@ -61,9 +61,10 @@ class SavedTensorMeter:
 
     A block run under non-reentrant activation checkpointing saves its tensors through the checkpoint's own hooks,
     so this meter sees only the block's inputs (which the checkpoint keeps). What such a block holds at its
-    backward is what it recomputes: :meth:`recomputation` (entered by the checkpoint inside its hooks) counts it,
-    and ``recomputed`` keeps the largest block's bytes. ``held`` is then what the graph holds at most: everything
-    saved outside checkpoints plus one checkpointed block's recomputation.
+    backward is what it recomputes: :meth:`recomputation` (entered by the checkpoint inside its hooks) counts it
+    (``recomputed``: the largest block's bytes). When that block's backward runs, what was saved after it has been
+    freed, so the graph then holds what was saved up to its inputs plus its recomputation. ``held`` is the most the
+    graph holds: that, for the worst block, or everything saved (backward's start), whichever is larger.
     """
 
     def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
@@ -72,12 +73,15 @@ class SavedTensorMeter:
         self.bytes = 0
         #: the most bytes one checkpointed block saves when recomputed (beyond what is counted in ``bytes``)
         self.recomputed = 0
+        #: the most the graph holds while a checkpointed block's backward runs (saved up to it + its recomputation)
+        self.recompute_peak = 0
         self._ctx: torch.autograd.graph.saved_tensors_hooks | None = None
 
     @property
     def held(self) -> int:
-        """Bytes saved for backward, with the largest checkpointed block's recomputation."""
-        return self.bytes + self.recomputed
+        """The most bytes the graph holds: all saved tensors, or a checkpointed block's recomputation with what was
+        saved before it (its inputs included), whichever is larger."""
+        return max(self.bytes, self.recompute_peak)
 
     def _new_storage(self, t: Tensor, seen: set[int]) -> int:
         storage = t.untyped_storage()
@@ -126,6 +130,7 @@ class SavedTensorMeter:
             return
         inner_pack, inner_unpack = hooks
         seen = set(self.storages)
+        before = self.bytes  # saved so far, this block's inputs included
         counted = 0
         # the checkpoint keeps none of them, so a freed one's memory could come back as a "seen" storage: hold them
         # until the block's forward ends (as its recomputation will at backward)
@@ -145,6 +150,7 @@ class SavedTensorMeter:
         finally:
             alive.clear()
             self.recomputed = max(self.recomputed, counted)
+            self.recompute_peak = max(self.recompute_peak, before + counted)
 
 
 def checkpointed_indices(num_blocks: int, every: int | None) -> list[int]:
@@ -153,20 +159,22 @@ def checkpointed_indices(num_blocks: int, every: int | None) -> list[int]:
     return [] if every is None else list(range(0, num_blocks, every))
 
 
-def checkpointed_activation_bytes(per_block_bytes: Sequence[int], input_bytes: Sequence[int], every: int | None) -> int:
-    """Bytes one group's blocks hold for backward at its peak, with every ``every``-th block checkpointed.
+def checkpointed_activation_bytes(
+    per_block_bytes: Sequence[int], input_bytes: Sequence[int], every: int | None, before: int = 0, after: int = 0
+) -> int:
+    """Bytes saved for backward that one group holds at its peak, with every ``every``-th block checkpointed.
 
     The model: block i saves ``per_block_bytes[i]`` for backward when run plainly (its activations, counting its
     input when it saves it, as pre-norm and post-norm transformer blocks do); ``input_bytes[i]`` are the bytes of
-    its tensor inputs. A checkpointed block (positions 0, k, 2k, … of the group, :func:`checkpointed_indices`)
-    keeps only its inputs until its backward, where it recomputes its activations and holds them until its
-    backward ends: one block at a time. So the group holds at most
+    its tensor inputs not saved before it (a conditioning vector every block takes counts in the first block
+    only). ``before`` / ``after``: what the network saves before its blocks (stem) and after them (head, loss).
+    A checkpointed block (positions 0, k, 2k, … of the group, :func:`checkpointed_indices`) keeps only its inputs,
+    h_i = input[i], instead of h_i = per_block[i]; at its backward it recomputes its activations while what was
+    saved after it has been freed. So the peak is the larger of backward's start and the worst recomputation:
 
-        sum(per_block[i], i not checkpointed) + sum(input[i], i checkpointed)
-        + max(per_block[i] - input[i], i checkpointed)
+        max(before + sum(h) + after,  before + max(sum(h[:j]) + per_block[j], j checkpointed))
 
-    (``every=None``: ``sum(per_block)``). It is an upper bound of the peak (the blocks after the one being
-    recomputed have freed theirs by then) and what :class:`SavedTensorMeter`'s ``held`` measures for the blocks.
+    (``every=None``: ``before + sum(per_block) + after``). :class:`SavedTensorMeter`'s ``held`` measures the same.
     The memory plan scales a probe's one-sample figures by the batch size before calling it.
     """
     if len(per_block_bytes) != len(input_bytes):
@@ -177,10 +185,9 @@ def checkpointed_activation_bytes(per_block_bytes: Sequence[int], input_bytes: S
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ValueError(f"every must be None or a positive int, got {every!r}.")
     checkpointed = set(checkpointed_indices(len(per_block_bytes), every))
-    plain = sum(b for i, b in enumerate(per_block_bytes) if i not in checkpointed)
-    kept = sum(input_bytes[i] for i in checkpointed)
-    recomputed = max((max(per_block_bytes[i] - input_bytes[i], 0) for i in checkpointed), default=0)
-    return plain + kept + recomputed
+    kept = [input_bytes[i] if i in checkpointed else b for i, b in enumerate(per_block_bytes)]
+    recompute = max((sum(kept[:j]) + per_block_bytes[j] for j in checkpointed), default=0)
+    return before + max(sum(kept) + after, recompute)
 
 
 def reset_peak_rss() -> bool:
