@@ -310,7 +310,8 @@ def group_table(
     module: DescribedModule, memory: Mapping[str, GroupMemory] | None = None
 ) -> tuple[list[str], list[list[Any]]]:
     """One row per group (one row ``all`` for an end-to-end model): its layers, σ ranges, steps, parameters and,
-    when ``memory`` (:meth:`GroupMemoryReport.group_memory`) is given, its peak training memory in MiB."""
+    when ``memory`` (:meth:`GroupMemoryReport.group_memory`) is given, its peak training memory in MiB and its mean
+    step time in seconds (activation checkpointing trades one for the other)."""
     columns = ["group", "layers", "sigma_min", "sigma_max", "nominal_sigma_min", "nominal_sigma_max", "steps"]
     columns.append("parameters")
     rows: list[list[Any]] = []
@@ -335,6 +336,8 @@ def group_table(
             m = memory.get(row[0])
             values = [getattr(m, name) if m is not None else None for name in (*MEMORY_COLUMNS, peak)]
             row += [round(v / MIB, 3) if v is not None else None for v in values]
+            row.append(round(m.step_time, 6) if m is not None else None)
+        columns.append("step_time_s")
     return columns, rows
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from types import TracebackType
 
@@ -49,35 +50,144 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer, device: torch.device | Non
     return total
 
 
+#: the meters open now, innermost last (a checkpointed block reports its recomputation to the innermost)
+_OPEN_METERS: list[SavedTensorMeter] = []
+
+
 class SavedTensorMeter:
     """Context that sums the bytes autograd saves for backward (activations), excluding parameters.
 
     Storages are counted once; it measures what the graph keeps alive for the backward pass.
+
+    A block run under non-reentrant activation checkpointing saves its tensors through the checkpoint's own hooks,
+    so this meter sees only the block's inputs (which the checkpoint keeps). What such a block holds at its
+    backward is what it recomputes: :meth:`recomputation` (entered by the checkpoint inside its hooks) counts it
+    (``recomputed``: the largest block's bytes). When that block's backward runs, what was saved after it has been
+    freed, so the graph then holds what was saved up to its inputs plus its recomputation. ``held`` is the most the
+    graph holds: that, for the worst block, or everything saved (backward's start), whichever is larger.
     """
 
     def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
         self.exclude = {t.untyped_storage().data_ptr() for t in exclude if t.numel()}
         self.storages: set[int] = set()
         self.bytes = 0
+        #: the most bytes one checkpointed block saves when recomputed (beyond what is counted in ``bytes``)
+        self.recomputed = 0
+        #: the most the graph holds while a checkpointed block's backward runs (saved up to it + its recomputation)
+        self.recompute_peak = 0
         self._ctx: torch.autograd.graph.saved_tensors_hooks | None = None
 
-    def _pack(self, t: Tensor) -> Tensor:
+    @property
+    def held(self) -> int:
+        """The most bytes the graph holds: all saved tensors, or a checkpointed block's recomputation with what was
+        saved before it (its inputs included), whichever is larger."""
+        return max(self.bytes, self.recompute_peak)
+
+    def _new_storage(self, t: Tensor, seen: set[int]) -> int:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr not in self.exclude and ptr not in self.storages and storage.nbytes():
-            self.storages.add(ptr)
-            self.bytes += storage.nbytes()
+        if ptr in self.exclude or ptr in seen or not storage.nbytes():
+            return 0
+        seen.add(ptr)
+        return storage.nbytes()
+
+    def _pack(self, t: Tensor) -> Tensor:
+        self.bytes += self._new_storage(t, self.storages)
         return t
 
     def __enter__(self) -> SavedTensorMeter:
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._ctx.__enter__()
+        _OPEN_METERS.append(self)
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         assert self._ctx is not None
+        if self in _OPEN_METERS:
+            _OPEN_METERS.remove(self)
         self._ctx.__exit__(exc_type, exc, tb)
         self._ctx = None
+
+    @staticmethod
+    def open_meter() -> SavedTensorMeter | None:
+        """The innermost meter open now, if any."""
+        return _OPEN_METERS[-1] if _OPEN_METERS else None
+
+    @contextmanager
+    def recomputation(self) -> Iterator[None]:
+        """Count what the code inside saves through the saved-tensor hooks in force on entry (a checkpoint's, which
+        keeps a placeholder and recomputes the tensor at backward) and pass each tensor on to them unchanged.
+
+        Entered by a checkpoint around a block's forward (its ``context_fn``), it measures the bytes that block's
+        recomputation will hold at its backward: storages already counted (its inputs) and parameters are not. The
+        counted tensors stay alive until the block's forward ends (the memory its recomputation takes at backward),
+        so the count is exact. Without hooks in force it measures nothing.
+        """
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        hooks = top(False) if top is not None else None
+        if hooks is None:
+            yield
+            return
+        inner_pack, inner_unpack = hooks
+        seen = set(self.storages)
+        before = self.bytes  # saved so far, this block's inputs included
+        counted = 0
+        # the checkpoint keeps none of them, so a freed one's memory could come back as a "seen" storage: hold them
+        # until the block's forward ends (as its recomputation will at backward)
+        alive: list[Tensor] = []
+
+        def pack(t: Tensor) -> object:
+            nonlocal counted
+            new = self._new_storage(t, seen)
+            if new:
+                counted += new
+                alive.append(t.detach())
+            return inner_pack(t)
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, inner_unpack):
+                yield
+        finally:
+            alive.clear()
+            self.recomputed = max(self.recomputed, counted)
+            self.recompute_peak = max(self.recompute_peak, before + counted)
+
+
+def checkpointed_indices(num_blocks: int, every: int | None) -> list[int]:
+    """Positions (0 … ``num_blocks`` - 1, in a running group) of the blocks checkpointed when every ``every``-th
+    block is (positions 0, k, 2k, …; ``every=1`` all of them, ``None`` none)."""
+    return [] if every is None else list(range(0, num_blocks, every))
+
+
+def checkpointed_activation_bytes(
+    per_block_bytes: Sequence[int], input_bytes: Sequence[int], every: int | None, before: int = 0, after: int = 0
+) -> int:
+    """Bytes saved for backward that one group holds at its peak, with every ``every``-th block checkpointed.
+
+    The model: block i saves ``per_block_bytes[i]`` for backward when run plainly (its activations, counting its
+    input when it saves it, as pre-norm and post-norm transformer blocks do); ``input_bytes[i]`` are the bytes of
+    its tensor inputs not saved before it (a conditioning vector every block takes counts in the first block
+    only). ``before`` / ``after``: what the network saves before its blocks (stem) and after them (head, loss).
+    A checkpointed block (positions 0, k, 2k, … of the group, :func:`checkpointed_indices`) keeps only its inputs,
+    h_i = input[i], instead of h_i = per_block[i]; at its backward it recomputes its activations while what was
+    saved after it has been freed. So the peak is the larger of backward's start and the worst recomputation:
+
+        max(before + sum(h) + after,  before + max(sum(h[:j]) + per_block[j], j checkpointed))
+
+    (``every=None``: ``before + sum(per_block) + after``). :class:`SavedTensorMeter`'s ``held`` measures the same.
+    The memory plan scales a probe's one-sample figures by the batch size before calling it.
+    """
+    if len(per_block_bytes) != len(input_bytes):
+        raise ValueError(
+            f"per_block_bytes has {len(per_block_bytes)} entries but input_bytes {len(input_bytes)}: give one of each"
+            " per block of the group."
+        )
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"every must be None or a positive int, got {every!r}.")
+    checkpointed = set(checkpointed_indices(len(per_block_bytes), every))
+    kept = [input_bytes[i] if i in checkpointed else b for i, b in enumerate(per_block_bytes)]
+    recompute = max((sum(kept[:j]) + per_block_bytes[j] for j in checkpointed), default=0)
+    return before + max(sum(kept) + after, recompute)
 
 
 def reset_peak_rss() -> bool:
@@ -115,9 +225,13 @@ class GroupMemory:
     total: int = 0
     peak_rss: int = 0
     cuda_peak: int = 0
+    #: mean seconds of one training step (forward, backward, optimizer step); not a peak
+    step_time: float = 0.0
 
     def update(self, other: GroupMemory) -> None:
         self.steps += 1
         for f in fields(self):
-            if f.name != "steps":
+            if f.name == "step_time":  # a running mean over the steps
+                self.step_time += (other.step_time - self.step_time) / self.steps
+            elif f.name != "steps":
                 setattr(self, f.name, max(getattr(self, f.name), getattr(other, f.name)))

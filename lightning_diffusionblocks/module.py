@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_diffusionblocks import checkpoint_record
+from lightning_diffusionblocks.activation_checkpointing import checkpoint_every
 from lightning_diffusionblocks.checkpoint_record import built as _built
 from lightning_diffusionblocks.checks import MAX_GAMMA as MAX_GAMMA  # re-exported from their former home
 from lightning_diffusionblocks.checks import NonFiniteLossError as NonFiniteLossError
@@ -81,6 +82,9 @@ class DiffusionBlocksModule(L.LightningModule):
         seed: seeds the noise of every step (a step is a pure function of ``(seed, step)``).
         lora: fine-tune with one LoRA adapter per group (:class:`~lightning_diffusionblocks.lora.GroupLoRA`, or its
             record as a dict): the network's weights are frozen and group g trains only the adapter on its blocks.
+        activation_checkpointing: recompute activations at backward instead of keeping them, inside the running
+            group: ``None`` (off), ``"every"`` (every block) or k (every k-th block). Less activation memory, more
+            time; the gradients are the same, so a resume may change it.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class DiffusionBlocksModule(L.LightningModule):
         seed: int = 0,
         accumulate_grad_batches: int = 1,
         lora: GroupLoRA | dict[str, Any] | None = None,
+        activation_checkpointing: int | Literal["every"] | None = None,
     ) -> None:
         super().__init__()
         net = _built(net, "net", nn.Module)
@@ -121,6 +126,7 @@ class DiffusionBlocksModule(L.LightningModule):
         if callable(check_stem):  # the network knows which of its parts must not be copied per group
             check_stem(stem)
         self.network = BlockwiseNetwork(net, num_blocks, group_sizes, block_path, stem)
+        self.network.checkpoint_every = checkpoint_every(activation_checkpointing)
         self.lora = GroupLoRA.of(lora)
         if self.lora is not None:  # before the EMA copy, which then holds the adapters too
             self.lora.apply(self.network)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_diffusionblocks.activation_checkpointing import checkpointing
+
 StemMode = Literal["per_group", "shared"]
 
 # Where well-known libraries keep their block stack, tried in this order.
@@ -352,6 +354,8 @@ class BlockwiseNetwork(nn.Module):
         object.__setattr__(self, "stack", stack)
         self.net = net
         self.stem_mode = stem
+        #: checkpoint every k-th block of the running group while gradients are on (None: no checkpointing)
+        self.checkpoint_every: int | None = None
         self.stems = nn.ModuleList()
         if stem == "per_group":
             for _ in range(1, num_groups):
@@ -400,10 +404,16 @@ class BlockwiseNetwork(nn.Module):
 
     @contextmanager
     def running(self, group: int | None):  # noqa: ANN201
-        """Make the stack run only ``group`` (None: all layers) inside the context."""
+        """Make the stack run only ``group`` (None: all layers) inside the context; with ``checkpoint_every`` k, every
+        k-th of those blocks runs under activation checkpointing (the network may give the context its hooks need at
+        recomputation as ``diffusionblocks_recompute_context(block)``)."""
         previous, self.stack.active = self.stack.active, group
         try:
-            yield
+            modules = list(self.stack._modules.values())
+            running = [modules[i] for i in self.stack.active_indices()]
+            recompute = getattr(self.net, "diffusionblocks_recompute_context", None)
+            with checkpointing(running, self.checkpoint_every, recompute):
+                yield
         finally:
             self.stack.active = previous
 

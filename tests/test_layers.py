@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: list[tuple[str, set[str]]] = [
     ("plain data and helpers", {"records", "checkpoints", "files", "memory", "previews", "visualize", "text_metrics",
                                 "latents"}),
-    ("how a network is cut and run", {"partition", "routing", "schedules", "lora", "precision"}),
+    ("how a network is cut and run", {"partition", "routing", "schedules", "lora", "precision",
+                                      "activation_checkpointing"}),
     ("noise formulations and samplers", {"levels", "noise", "flow", "ddpm", "masking", "conditioning", "sampling"}),
     ("networks, data and tasks", {"models", "data", "tasks"}),
     ("what a run shows on its loggers", {"dashboard"}),

@@ -6,6 +6,7 @@ show every group (each figure the largest any process measured: a process's peak
 
 from __future__ import annotations
 
+import time
 from dataclasses import fields
 from typing import Any
 
@@ -48,7 +49,7 @@ def merge_across_processes(
     gathered = trainer.strategy.all_gather(table.to(trainer.strategy.root_device))
     merged = gathered.reshape(-1, len(names), 1 + len(keys)).amax(dim=0).cpu()
     return {
-        name: GroupMemory(**{k: int(v) for k, v in zip(keys, row[1:].tolist())})
+        name: GroupMemory(**{k: v if k == "step_time" else int(v) for k, v in zip(keys, row[1:].tolist())})
         for name, row in zip(names, merged)
         if row[0] > 0
     }
@@ -73,8 +74,12 @@ class BlockMemoryMonitor(Callback):
     Exact accounting (any device): parameters, gradients and optimizer state resident on the compute
     device, and the bytes autograd saved for backward. Peaks: on CUDA ``max_memory_allocated`` (reset
     at each step, so each group's peak is its own); on the CPU the process's peak RSS (reset at each
-    step on Linux). On every logging row (``log_every_n_steps``) each group that trained since the previous row is
-    logged as ``memory/group_{k}/<kind>_mib``, the peak over those steps (a group that did not train has no point
+    step on Linux). The activation term is what the graph holds at most: with activation checkpointing, the
+    checkpointed blocks' inputs and the largest one's recomputation (measured while its forward runs) instead of
+    their activations. Each group's step time (forward, backward and optimizer step, mean seconds) is kept beside
+    its peaks. On every logging row (``log_every_n_steps``) each group that trained since the previous row is
+    logged as ``memory/group_{k}/<kind>_mib`` and ``memory/group_{k}/step_time_s``, the peak (the mean time) over
+    those steps (a group that did not train has no point
     there, rather than a repeated one); ``groups`` keeps each group's peak over all its steps, printed as a table at
     the end of fit and added to the per-group table the module logs. With several processes (data or block
     parallel) both are gathered from every process, so rank 0 reports every group.
@@ -93,6 +98,7 @@ class BlockMemoryMonitor(Callback):
         self._meter: SavedTensorMeter | None = None
         self._step = GroupMemory()
         self._group = "all"
+        self._started = 0.0
 
     @override
     def on_train_batch_start(
@@ -107,11 +113,12 @@ class BlockMemoryMonitor(Callback):
             reset_peak_rss()
         self._meter = SavedTensorMeter(exclude=pl_module.parameters())
         self._meter.__enter__()
+        self._started = time.perf_counter()
 
     def _close_meter(self) -> None:
         if self._meter is not None:
             self._meter.__exit__(None, None, None)
-            self._step.activations = self._meter.bytes
+            self._step.activations = self._meter.held
             self._meter = None
 
     @override
@@ -131,6 +138,7 @@ class BlockMemoryMonitor(Callback):
         self._close_meter()
         device = trainer.strategy.root_device
         step = self._step
+        step.step_time = time.perf_counter() - self._started
         step.params = parameter_bytes(pl_module.parameters(), device)
         step.optimizer = sum(optimizer_bytes(opt, device) for opt in trainer.optimizers)
         step.total = step.params + step.grads + step.optimizer + step.activations
@@ -145,13 +153,14 @@ class BlockMemoryMonitor(Callback):
             since_row, self._since_row = self._since_row, {}
             if self.log_to_loggers:
                 since_row = merge_across_processes(trainer, since_row, group_names(pl_module))
-                skip = {"steps", "peak_rss" if device.type == "cuda" else "cuda_peak"}
+                skip = {"steps", "step_time", "peak_rss" if device.type == "cuda" else "cuda_peak"}
                 metrics = {
                     f"memory/group_{name}/{f.name}_mib": getattr(peak, f.name) / MIB
                     for name, peak in since_row.items()
                     for f in fields(peak)
                     if f.name not in skip
                 }
+                metrics.update({f"memory/group_{name}/step_time_s": p.step_time for name, p in since_row.items()})
                 log_metrics(trainer, metrics)
 
     @override
@@ -172,17 +181,17 @@ class BlockMemoryMonitor(Callback):
         """Per-group peaks as a fixed-width table (MiB)."""
         cuda = any(g.cuda_peak for g in self.groups.values())
         peak_name = "CUDA peak" if cuda else "peak RSS"
-        header = ["group", "steps", "params", "grads", "optimizer", "activations", "total", peak_name]
+        header = ["group", "steps", "params", "grads", "optimizer", "activations", "total", peak_name, "step s"]
         rows = [header]
         for name in sorted(self.groups, key=lambda k: (k == "all", k.zfill(4))):
             g = self.groups[name]
             peak = g.cuda_peak if cuda else g.peak_rss
             values = (g.params, g.grads, g.optimizer, g.activations, g.total, peak)
-            rows.append([name, str(g.steps)] + [f"{v / MIB:.2f}" for v in values])
+            rows.append([name, str(g.steps)] + [f"{v / MIB:.2f}" for v in values] + [f"{g.step_time:.4f}"])
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return "Per-group training memory (MiB, peak per step)\n" + "\n".join(lines)
+        return "Per-group training memory (MiB, peak per step) and mean step time (s)\n" + "\n".join(lines)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -17,7 +17,8 @@ Hooks are bound methods (not closures), so deep copies (EMA weights) hook into t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from typing import Any, Literal
 
@@ -187,7 +188,7 @@ class StackHooks:
         state = self._adaln_state(index, step)
         if state is None:
             return None
-        if step == "norm1" and args[0] is not state["input"]:
+        if step == "norm1" and state["input"] is not None and args[0] is not state["input"]:
             self._not_pre_norm(state["block"], "`norm1` does not normalise the block's input (post-norm?)")
         shift, scale = state["mods"][0:2] if step == "norm1" else state["mods"][3:5]
         return modulate(output, shift, scale)
@@ -217,6 +218,27 @@ class StackHooks:
             )
         if index == ctx["last"]:
             raise StackFinished(out)
+
+    def diffusionblocks_recompute_context(self, block: nn.Module) -> AbstractContextManager[None]:
+        """What the adaLN-Zero hooks on ``block``'s sublayers need when activation checkpointing recomputes it at
+        backward (after this forward pass ended): its modulation, captured now (its pre-hook has run), set again
+        around the recomputation. FiLM modulates the block's input in the pre-hook, outside the checkpoint."""
+        ctx = self._hook_ctx
+        found = [] if ctx is None else [(i, s) for i, s in ctx["adaln"].items() if s["block"] is block]
+        if not found:
+            return nullcontext()
+        index, state = found[0]
+        return self._recomputing(index, state["mods"], block)
+
+    @contextmanager
+    def _recomputing(self, index: int, mods: tuple[Tensor, ...], block: nn.Module) -> Iterator[None]:
+        previous = self._hook_ctx
+        state = {"mods": mods, "step": 0, "input": None, "block": block}  # the input is the checkpoint's copy
+        self._hook_ctx = {"c": None, "prepend": None, "add": None, "adaln": {index: state}, "last": None}
+        try:
+            yield
+        finally:
+            self._hook_ctx = previous
 
     def _last_block(self) -> int:
         stack = _get(self.backbone, self.block_path)
