@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -490,6 +490,34 @@ def refusal(plan: MemoryPlan, suggestions: Sequence[Suggestion], combined: Memor
 
 
 # ---------------------------------------------------------------------------------------------------- the runtime part
+class _ProbeMeter(SavedTensorMeter):
+    """A :class:`SavedTensorMeter` for a forward that is never followed by a backward.
+
+    Autograd keeps what the pack hook returns; the tensor itself would make a reference cycle through its own graph
+    (a saved output refers to its ``grad_fn``, which holds it) that Python cannot collect, and the forward's graph,
+    parameters included, would outlive the probe. Only the storage is kept (so a freed address is never counted
+    twice), and it is released with the meter.
+    """
+
+    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
+        super().__init__(exclude)
+        self.kept: list[Any] = []
+
+    def _pack(self, t: Tensor) -> Any:
+        super()._pack(t)
+        self.kept.append(t.untyped_storage())
+        return None
+
+    @staticmethod
+    def _unpack(_: Any) -> Tensor:
+        raise RuntimeError("The memory plan's probe runs no backward pass.")
+
+    def __enter__(self) -> _ProbeMeter:
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._ctx.__enter__()
+        return self
+
+
 def _storage_bytes(args: Sequence[Any]) -> int:
     first = next((a for a in args if isinstance(a, Tensor)), None)
     return 0 if first is None else first.numel() * first.element_size()
@@ -589,7 +617,7 @@ def probe_activations(
                 if task.batch_size(part) != n:
                     raise ValueError(f"the batch could not be cut to {n} sample(s)")
                 for g in groups:
-                    meter = SavedTensorMeter(exclude=module.parameters())
+                    meter = _ProbeMeter(exclude=module.parameters())
                     per_block: dict[int, dict[str, int]] = {}
                     with context(), _block_meters(module, meter, per_block), meter:
                         gen = torch.Generator(device=module.device).manual_seed(0)
@@ -597,6 +625,7 @@ def probe_activations(
                         sigma = task.noise.sample(n, lo, hi, generator=gen, device=module.device)
                         loss = task.loss(partial(network, group=g), part, sigma, gen)
                     del loss
+                    meter.kept.clear()
                     for i, rec in per_block.items():
                         saved.setdefault(i, {})[n] = rec.get("saved", 0)
                         inputs.setdefault(i, {})[n] = rec.get("inputs", 0)
