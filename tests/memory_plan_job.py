@@ -25,7 +25,8 @@ def main(dim: int, depth: int, batch: int, image: int, blocks: int, steps: int) 
     net = ldb.models.DiT(image_size=image, channels=1, patch=2, dim=dim, depth=depth, heads=4, num_classes=10)
     module = ldb.DiffusionBlocksModule(net, ldb.tasks.ImageGeneration(), num_blocks=blocks)
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.rand(batch * 2, 1, image, image, generator=g) * 2 - 1, torch.randint(0, 10, (batch * 2,)))
+    images = torch.rand(batch * 2, 1, image, image, generator=g) * 2 - 1
+    data = TensorDataset(images, torch.randint(0, 10, (batch * 2,), generator=g))
     monitor = BlockMemoryMonitor(log=False)
     strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=steps)
     with tempfile.TemporaryDirectory() as root:
@@ -41,7 +42,7 @@ def main(dim: int, depth: int, batch: int, image: int, blocks: int, steps: int) 
         "params": sum(p.numel() for p in module.network.parameters()),
         "baseline": plan.baseline_device,
         "predicted": {str(gp.group): plan.baseline_device + gp.device for gp in plan.groups},
-        "planned": {str(gp.group): {k: v for k, v in vars(gp).items()} for gp in plan.groups},
+        "planned": {str(gp.group): dict(vars(gp).items()) for gp in plan.groups},
         "measured": {k: v.peak_rss for k, v in monitor.groups.items()},
         "monitor": {k: vars(v) for k, v in monitor.groups.items()},
     }

@@ -55,8 +55,10 @@ def test_pure_core_bytes_from_element_counts() -> None:
         assert g.step_extra == max(activations, temporaries) - activations
         assert g.resident == resident
         assert g.device == resident + weights + ema + grads + moments + max(activations, temporaries)
-        assert g.disk == weights + ema + sum(trained) * 2 * FP32 and g.host == 0
-    assert plan.disk_total == 2 * plan.groups[0].disk and plan.host_total == 0
+        assert g.disk == weights + ema + sum(trained) * 2 * FP32
+        assert g.host == 0
+    assert plan.disk_total == 2 * plan.groups[0].disk
+    assert plan.host_total == 0
 
     # nothing offloaded: the other group stays on the device as it is; checkpointing: each block keeps its input and
     # the largest block's saved tensors come back once
@@ -64,7 +66,8 @@ def test_pure_core_bytes_from_element_counts() -> None:
     other = weights + ema + sum(trained) * 2 * FP32 + 4 * len(trained)
     checkpointed = (7 + 3 * n) + 2 * (2 + 5 * n) + (11 + 13 * n)
     assert kept.groups[0].activations == checkpointed
-    assert kept.groups[0].resident == 64 + other and kept.groups[0].disk == 0
+    assert kept.groups[0].resident == 64 + other
+    assert kept.groups[0].disk == 0
     assert mp.checkpointed_activations([(10, 1), (20, 2), (30, 3)], 2) == 1 + 20 + 3 + 30  # blocks 0 and 2
 
     # GPU, pinned host memory with prefetch, bf16 weights and 8-bit moments: stored weights 2 bytes, the active
@@ -79,8 +82,10 @@ def test_pure_core_bytes_from_element_counts() -> None:
     moments8 = 2 * eight + (100 + 100 + 30 + 5) * 2 * FP32  # small tensors: fp32, no step scalars counted
     stored = sum(trained + frozen) * BF16 * 2 + moments8  # weights and EMA in bf16
     g0 = gpu.groups[0]
-    assert g0.params == sum(trained + frozen) * (FP32 + BF16) and g0.optimizer == moments8
-    assert g0.host == stored and gpu.host_total == 2 * stored
+    assert g0.params == sum(trained + frozen) * (FP32 + BF16)
+    assert g0.optimizer == moments8
+    assert g0.host == stored
+    assert gpu.host_total == 2 * stored
     assert g0.step_extra == max(activations, stored) - activations  # the next group's copy arrives (no AdamW temps)
 
 
@@ -102,15 +107,19 @@ def test_plan_matches_the_monitor_and_is_printed(tmp_path: Path, caplog: pytest.
     gc.collect()
     assert _graphs() <= before  # the probe's forward graphs are gone
     plan = strategy.memory_plan
-    assert plan is not None and plan.options.offload == "disk" and plan.options.batch_size == 16
+    assert plan is not None
+    assert plan.options.offload == "disk"
+    assert plan.options.batch_size == 16
     last, measured = plan.groups[1], monitor.groups["1"]
     assert (last.params, last.grads) == (measured.params, measured.grads)
     steps_of_group_0 = 4 * sum(p.requires_grad for p in module.network.group_parameters(0))
     assert measured.optimizer == last.optimizer + steps_of_group_0
     assert abs(last.activations - measured.activations) <= 0.01 * measured.activations
-    assert "DiffusionBlocks memory plan" in caplog.text and "device peak" in caplog.text
+    assert "DiffusionBlocks memory plan" in caplog.text
+    assert "device peak" in caplog.text
     record = json.loads(json.dumps(plan.record()))
-    assert record["groups"][1]["params"] == measured.params and record["offload"] == "disk"
+    assert record["groups"][1]["params"] == measured.params
+    assert record["offload"] == "disk"
 
 
 def _fit(tmp_path: Path, strategy: ldb.DiffusionBlocksStrategy, callbacks: list, depth: int = 6) -> L.LightningModule:
@@ -128,16 +137,19 @@ def test_refusal_names_the_options_that_fit_and_one_of_them_is_accepted(
     monkeypatch.setattr(mp, "baselines", lambda *args, **kwargs: (0, 0))  # the model's bytes only: no RSS noise
     printed = ldb.DiffusionBlocksStrategy(memory_plan="print")
     reference = _fit(tmp_path, printed, [])
-    assert printed.memory_plan is not None and printed.memory_plan.options.offload == "none"
+    assert printed.memory_plan is not None
+    assert printed.memory_plan.options.offload == "none"
     limits = {"device": printed.memory_plan.device_peak - 1, "host": 2**40, "disk": 2**40}
     with pytest.raises(MisconfigurationException, match="does not fit") as refused:
         _fit(tmp_path, ldb.DiffusionBlocksStrategy(memory_limits=limits), [])
     message = str(refused.value)
-    assert "BlockOffload(target='disk')" in message and "num_blocks=3" in message
+    assert "BlockOffload(target='disk')" in message
+    assert "num_blocks=3" in message
     assert "activation_checkpointing='every'" in message
     accepted = ldb.DiffusionBlocksStrategy(memory_limits=limits)
     _fit(tmp_path, accepted, [BlockOffload(target="disk", directory=tmp_path / "offload")])
-    assert accepted.memory_plan is not None and accepted.memory_plan.fits
+    assert accepted.memory_plan is not None
+    assert accepted.memory_plan.fits
     # "off" makes no plan and trains exactly as with one (the probe leaves random state and weights alone)
     skipped = ldb.DiffusionBlocksStrategy(memory_plan="off", memory_limits={"device": 1})
     unplanned = _fit(tmp_path, skipped, [])
@@ -150,12 +162,15 @@ def test_refusal_message_and_options_of_the_pure_core() -> None:
     options = mp.PlanOptions(groups=mp.even_groups(4, 2), batch_size=8)
     plan = mp.plan_memory(network(), options, limits=mp.Limits(device=1))
     suggestions, combined = mp.fitting_options(network(), plan)
-    assert not plan.fits and suggestions == [] and combined is None
+    assert not plan.fits
+    assert suggestions == []
+    assert combined is None
     assert "No option of the package makes it fit" in mp.refusal(plan, suggestions, combined)
     disk = mp.plan_memory(network(), mp.PlanOptions(groups=options.groups, batch_size=8, offload="disk"))
     plan = mp.plan_memory(network(), options, limits=mp.Limits(device=disk.device_peak))
     named = [s.option for s in mp.fitting_options(network(), plan)[0]]
-    assert "BlockOffload(target='disk')" in named and "num_blocks=3" not in named  # 4 blocks: B=3 and 4 still hold all
+    assert "BlockOffload(target='disk')" in named
+    assert "num_blocks=3" not in named
     with pytest.raises(ValueError, match="memory_plan must be"):
         ldb.DiffusionBlocksStrategy(memory_plan="maybe")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="memory_limits must be a dict"):
