@@ -17,7 +17,7 @@ naming the tensors (nothing is silently overwritten).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from typing_extensions import override
 
 from lightning_diffusionblocks.files import tensor_digest as tensor_digest  # re-exported: this was its home
+from lightning_diffusionblocks.memory_plan import PlanMode
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.planning import GroupPlanning, ScheduleSpec
 
@@ -56,6 +57,8 @@ class DiffusionBlocksDDPStrategy(GroupPlanning, DDPStrategy):
         groups_to_train: Sequence[int] | None = None,
         seed: int | None = None,
         allow_changed: Sequence[str] = (),
+        memory_plan: PlanMode = "check",
+        memory_limits: Mapping[str, int] | None = None,
         **ddp_kwargs: Any,
     ) -> None:
         for option in ("find_unused_parameters", "static_graph"):
@@ -65,7 +68,7 @@ class DiffusionBlocksDDPStrategy(GroupPlanning, DDPStrategy):
                     " DistributedDataParallel; it all-reduces only the active group's gradients itself."
                 )
         super().__init__(**ddp_kwargs)
-        self._init_planning(schedule, steps_per_phase, groups_to_train, seed, allow_changed)
+        self._init_planning(schedule, steps_per_phase, groups_to_train, seed, allow_changed, memory_plan, memory_limits)
         #: bytes this process all-reduced for gradients, and the seconds it spent doing so (for benchmarks)
         self.bytes_reduced = 0
         self.seconds_reduced = 0.0

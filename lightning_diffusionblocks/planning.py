@@ -25,6 +25,16 @@ from typing_extensions import override
 
 from lightning_diffusionblocks.checkpoints import CheckpointLoadError, read_checkpoint, unsafe_file_message
 from lightning_diffusionblocks.files import atomic_write
+from lightning_diffusionblocks.memory_plan import (
+    MemoryPlan,
+    OffloadTarget,
+    Placement,
+    PlanMode,
+    check_plan_options,
+    fitting_options,
+    plan_for_fit,
+    refusal,
+)
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
 
@@ -66,6 +76,12 @@ class GroupPlanning(_StrategyBase):
         seed: seed of the random schedule; default the module's ``seed``.
         allow_changed: names from :data:`RESUME_SETTINGS` that a resume may change from what the checkpoint
             recorded (e.g. ``("world_size",)``); any other change is refused. The resume is then no longer exact.
+        memory_plan: before training, print what each group will hold on the device, in host memory and on disk
+            (:mod:`~lightning_diffusionblocks.memory_plan`) and refuse a plan that does not fit, naming the options
+            that would (``"check"``, the default); only print it (``"print"``); or skip it (``"off"``). The plan is
+            kept in ``strategy.memory_plan`` and its :meth:`~MemoryPlan.record` logged as a hyper-parameter.
+        memory_limits: the bytes the plan may use, ``{"device": ..., "host": ..., "disk": ...}`` (any of them);
+            what is not given is read from the machine (CUDA free memory, ``MemAvailable``, free disk).
     """
 
     strategy_name = "diffusionblocks"
@@ -77,7 +93,10 @@ class GroupPlanning(_StrategyBase):
         groups_to_train: Sequence[int] | None = None,
         seed: int | None = None,
         allow_changed: Sequence[str] = (),
+        memory_plan: PlanMode = "check",
+        memory_limits: Mapping[str, int] | None = None,
     ) -> None:
+        check_plan_options(memory_plan, memory_limits)
         if isinstance(schedule, str) and schedule not in ("random", "sequential"):
             raise ValueError(f"schedule must be 'random', 'sequential' or a Schedule instance, got {schedule!r}.")
         self.schedule_spec = schedule
@@ -91,6 +110,10 @@ class GroupPlanning(_StrategyBase):
         #: recorded run settings a resume may change (see :data:`RESUME_SETTINGS`); anything else is refused
         self.allow_changed: Sequence[str] = tuple(allow_changed)
         self._resumed_from: dict[str, Any] | None = None  # the checkpoint's DiffusionBlocks record, until checked
+        self.memory_plan_mode: PlanMode = memory_plan
+        self.memory_limits = None if memory_limits is None else dict(memory_limits)
+        #: the memory plan of the current (or last) fit, None when it was not made
+        self.memory_plan: MemoryPlan | None = None
 
     # ------------------------------------------------------------------ what subclasses may change
     def trained_groups(self, module: DiffusionBlocksModule) -> list[int] | None:
@@ -111,6 +134,38 @@ class GroupPlanning(_StrategyBase):
     def setup(self, trainer: pl.Trainer) -> None:
         self.plan(trainer)
         super().setup(trainer)  # type: ignore[misc]  # the Lightning strategy this is mixed into
+        self.check_memory(trainer)
+
+    def check_memory(self, trainer: pl.Trainer) -> None:
+        """Make, print and check the memory plan of the fit about to start (after the optimizer and the offloading
+        callback are set up, before the first step); refuse one that does not fit, naming what would."""
+        self.memory_plan = None
+        if self.memory_plan_mode == "off" or not trainer.training:
+            return
+        module = self.check_module(self.lightning_module)  # type: ignore[attr-defined]
+        placement = Placement()
+        describe = getattr(self.offloader, "placement", None)
+        if callable(describe):
+            placement = describe()
+        held = getattr(self, "owned", None) or None  # block parallel: this process holds its own groups only
+        trained = self.trained_groups(module)
+        plan, network = plan_for_fit(
+            module, trainer, placement, held, trained, self.memory_limits,
+            self.batch_to_device, self.precision_plugin.train_step_context,  # type: ignore[attr-defined]
+        )  # fmt: skip
+        self.memory_plan = plan
+        rank_zero_info(plan.table())
+        if not plan.activations_estimated:
+            rank_zero_warn(f"DiffusionBlocks memory plan: {plan.activation_note}.")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"memory_plan": plan.record()})
+        if plan.fits or self.memory_plan_mode != "check":
+            if not plan.fits:
+                rank_zero_warn("DiffusionBlocks memory plan: " + "; ".join(plan.problems()) + " (memory_plan='print').")
+            return
+        targets: tuple[OffloadTarget, ...] = ("cpu", "disk") if plan.options.device == "cuda" else ("disk",)
+        suggestions, combined = fitting_options(network, plan, targets)
+        raise MisconfigurationException(refusal(plan, suggestions, combined))
 
     def teardown(self) -> None:
         self.unplan()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from lightning.fabric.strategies.registry import _StrategyRegistry
@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_diffusionblocks.data_parallel import DiffusionBlocksDDPStrategy
+from lightning_diffusionblocks.memory_plan import PlanMode
 from lightning_diffusionblocks.planning import GroupOffloader, GroupPlanning, ScheduleSpec
 
 __all__ = ["DiffusionBlocksStrategy", "GroupOffloader", "resolve_strategy"]
@@ -63,6 +64,8 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
         groups_to_train: Sequence[int] | None = None,
         seed: int | None = None,
         allow_changed: Sequence[str] = (),
+        memory_plan: PlanMode = "check",
+        memory_limits: Mapping[str, int] | None = None,
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
@@ -70,7 +73,7 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
         super().__init__(
             device="cpu", accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
         )
-        self._init_planning(schedule, steps_per_phase, groups_to_train, seed, allow_changed)
+        self._init_planning(schedule, steps_per_phase, groups_to_train, seed, allow_changed, memory_plan, memory_limits)
         self._parallel_devices: list[torch.device] | None = None
         self._launched = False
 
@@ -120,6 +123,8 @@ class DiffusionBlocksStrategy(GroupPlanning, SingleDeviceStrategy):
             groups_to_train=self.groups_to_train,
             seed=self.seed,
             allow_changed=self.allow_changed,
+            memory_plan=self.memory_plan_mode,
+            memory_limits=self.memory_limits,
             accelerator=self._accelerator,
             checkpoint_io=self._checkpoint_io,
             precision_plugin=self._precision_plugin,

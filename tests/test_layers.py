@@ -26,8 +26,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("networks, data and tasks", {"models", "data", "tasks"}),
     ("what a run shows on its loggers", {"dashboard"}),
     ("the LightningModule", {"optimisation", "checkpoint_record", "checks", "module"}),
-    ("strategies and checkpoint tools", {"planning", "strategy", "data_parallel", "block_parallel", "merge", "export",
-                                         "pretrained"}),
+    ("strategies and checkpoint tools", {"memory_plan", "planning", "strategy", "data_parallel", "block_parallel",
+                                         "merge", "export", "pretrained"}),
     ("callbacks", {"callbacks"}),
     ("ready-made settings of the demo and the tests", {"presets"}),
     ("entry points", {"cli", "__main__", ""}),
@@ -36,8 +36,8 @@ LAYERS: list[tuple[str, set[str]]] = [
 #: parts that work with any task, network and data set (through the module and ``Task``) and so import none of
 #: them, although they sit below; ``(importer, imported)`` pairs in ``ALLOWED`` are the interfaces they use
 KNOWS_NO_TASK = (
-    "dashboard", "optimisation", "checkpoint_record", "checks", "module", "planning", "strategy", "data_parallel",
-    "block_parallel", "callbacks",
+    "dashboard", "optimisation", "checkpoint_record", "checks", "module", "memory_plan", "planning", "strategy",
+    "data_parallel", "block_parallel", "callbacks",
 )  # fmt: skip
 TASKS_NETWORKS_DATA = ("tasks", "models", "data")
 ALLOWED = {("module", "tasks.base"), ("checkpoint_record", "tasks.base"), ("checks", "tasks.base")}

@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from lightning_diffusionblocks.dashboard import is_logging_row, log_metrics
 from lightning_diffusionblocks.files import atomic_write, tensor_digest
+from lightning_diffusionblocks.memory_plan import Placement
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.planning import GroupPlanning
 
@@ -171,6 +172,10 @@ class BlockOffload(Callback):
         if self._mode == "disk":
             self._prepare_directory(trainer.global_rank)
         trainer.strategy.offloader = self
+
+    def placement(self) -> Placement:
+        """Where this callback keeps inactive groups in the fit being set up (read by the memory plan)."""
+        return Placement(self._mode, self.prefetch and self._mode == "cpu", self.directory)
 
     def _prepare_directory(self, rank: int) -> None:
         """Make this run's own folder in the given directory (or ``$TMPDIR``), after removing dead runs' folders."""
