@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import IterableDataset, default_collate
 
-from lightning_diffusionblocks.memory import SavedTensorMeter, peak_rss_bytes
+from lightning_diffusionblocks.memory import SavedTensorMeter, checkpointed_activation_bytes, peak_rss_bytes
 from lightning_diffusionblocks.partition import split_layers
 from lightning_diffusionblocks.precision import StatePrecision
 
@@ -118,21 +118,6 @@ class NetworkCost:
     stem_mode: Literal["per_group", "shared"] = "per_group"
     ema: bool = False
     buffers: int = 0
-
-
-def checkpointed_activations(blocks: Sequence[tuple[int, int]], checkpointing: Checkpointing) -> int:
-    """Activation bytes of a group's blocks, each ``(saved, input bytes)``, under activation checkpointing.
-
-    Without it every block keeps what it saves. A checkpointed block (every block for ``"every"``, every k-th for
-    ``k``, counted from the group's first) keeps only its input, and its saved tensors come back one block at a time
-    during the backward pass, so the largest of them is added once.
-    """
-    if checkpointing is None:
-        return sum(saved for saved, _ in blocks)
-    k = 1 if checkpointing == "every" else int(checkpointing)
-    kept = [inputs if i % k == 0 else saved for i, (saved, inputs) in enumerate(blocks)]
-    recomputed = max((saved for i, (saved, _) in enumerate(blocks) if i % k == 0), default=0)
-    return sum(kept) + recomputed
 
 
 @dataclass(frozen=True)
@@ -359,12 +344,18 @@ def plan_memory(
         resident_others = sum(steps(tensors(h)) for h in others)  # step scalars are never offloaded
         if options.offload == "none":
             resident_others += sum(stored(h) for h in others)
-        blocks = [
-            (network.blocks[i].saved.at(options.batch_size), network.blocks[i].inputs.at(options.batch_size))
-            for i in options.groups[g]
-        ]
-        activations = network.stem_saved.at(options.batch_size) + checkpointed_activations(
-            blocks, options.checkpointing
+        every = (
+            None
+            if options.checkpointing is None
+            else 1
+            if options.checkpointing == "every"
+            else int(options.checkpointing)
+        )
+        activations = checkpointed_activation_bytes(
+            [network.blocks[i].saved.at(options.batch_size) for i in options.groups[g]],
+            [network.blocks[i].inputs.at(options.batch_size) for i in options.groups[g]],
+            every,
+            before=network.stem_saved.at(options.batch_size),
         )
         params, opt, grad = weights(t, True), moments(t, True), grads(t) + grads(shared)
         temporaries = step_temporaries(t + shared)
