@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.callbacks import BlockMemoryMonitor, BlockOffload
 from lightning_diffusionblocks.data import make_loader
+from lightning_diffusionblocks.memory import optimizer_bytes
 from lightning_diffusionblocks.optimisation import param_groups
 from lightning_diffusionblocks.precision import GroupStateStore, StatePrecision, adamw_8bit, round_to_bf16
 from tests.conftest import image_loader, make_module, trainer_kwargs
@@ -50,7 +51,8 @@ def test_nearest_rounding_is_round_half_to_even_on_the_bit_pattern() -> None:
     expected = ((high + up) << 16) & 0xFFFFFFFF
     finite = np.isfinite(x.numpy())
     assert np.array_equal(bf16_bits(round_to_bf16(x, "nearest"))[finite], expected[finite])
-    assert finite[:-6].all() and torch.equal(round_to_bf16(x[-4:-2], "nearest").float(), x[-4:-2])  # infinities
+    assert finite[:-6].all()
+    assert torch.equal(round_to_bf16(x[-4:-2], "nearest").float(), x[-4:-2])
     assert torch.isnan(round_to_bf16(torch.tensor([math.nan]), "stochastic", torch.Generator())).all()
 
 
@@ -222,7 +224,8 @@ def test_inactive_groups_are_stored_and_offloaded_in_low_precision(tmp_path: Pat
     assert torch.equal(loaded.sample(labels=[1], steps=2), module.sample(labels=[1], steps=2))
     again = L.Trainer(strategy=sequential(), max_steps=2, **trainer_kwargs(tmp_path / "again"))
     again.fit(module, image_loader())
-    assert int(module.step_count) == 8 and {p.dtype for p in module.parameters()} == {torch.float32}
+    assert int(module.step_count) == 8
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
 
 
 def test_resume_is_bit_identical_mid_phase_at_a_phase_boundary_and_at_an_epoch_end(tmp_path: Path) -> None:
@@ -251,7 +254,8 @@ def test_resume_under_another_state_precision_is_refused_unless_allowed(tmp_path
         module = make_module(state_precision=option, ema_decay=0.9, weight_decay=0.05, gradient_clip_val=1.0)
         strategy = ldb.DiffusionBlocksStrategy(schedule="sequential", steps_per_phase=2, allow_changed=allow)
         resumed = L.Trainer(strategy=strategy, max_steps=4, **trainer_kwargs(tmp_path / "b"))
-        resumed.fit(module, make_loader(image_loader().dataset, batch_size=16, shuffle=True), ckpt_path=tmp_path / "a.ckpt")
+        loader = make_loader(image_loader().dataset, batch_size=16, shuffle=True)
+        resumed.fit(module, loader, ckpt_path=tmp_path / "a.ckpt")
         return module
 
     with pytest.raises(MisconfigurationException, match=r"state_precision=.*allow_changed=\('state_precision',\)"):
@@ -284,8 +288,22 @@ def test_memory_figures_count_the_stored_bytes_the_option_predicts(tmp_path: Pat
                 assert found == sum(precision.moment_bytes(p.numel(), active=False) for p in params)
                 if option["moments"] == "8bit":  # the size rule: small tensors kept fp32 moments
                     small = [p for p in params if p.numel() < 1024]
-                    assert small and all(opt.state[p]["state1"].dtype == torch.float32 for p in small)
+                    assert small
+                    assert all(opt.state[p]["state1"].dtype == torch.float32 for p in small)
         assert monitor.last["2"].params == expected_params
+        # what the optimizer holds, counted here: torch's AdamW adds a 0-dim fp32 step counter per tensor; the 8-bit
+        # one keeps an int, and one pair of 256-entry fp32 quantization maps that every tensor's state shares
+        held = 0
+        for p, state in opt.state.items():
+            if "exp_avg" in state:
+                held += 2 * p.numel() * state["exp_avg"].element_size() + 4
+            elif state["state1"].dtype == torch.uint8:
+                held += 2 * p.numel() + 2 * 4 * math.ceil(p.numel() / 256)
+            else:
+                held += 2 * 4 * p.numel()
+        if option["moments"] == "8bit":
+            held += 2 * 4 * 256
+        assert optimizer_bytes(opt) == held == monitor.last["2"].optimizer
 
 
 def test_option_errors_name_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
