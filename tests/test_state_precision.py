@@ -160,12 +160,15 @@ def sequential(steps_per_phase: int = 2) -> ldb.DiffusionBlocksStrategy:
 
 
 def run(root: Path, option: dict, steps: int = 6, callbacks: list | None = None, ckpt: Path | None = None,
-        n: int = 64) -> tuple[L.Trainer, ldb.DiffusionBlocksModule]:  # fmt: skip
+        n: int = 64, validate: bool = False) -> tuple[L.Trainer, ldb.DiffusionBlocksModule]:  # fmt: skip
+    """A sequential fit (2 steps a phase) on the resumable loader; ``validate``: one validation batch every 2 steps."""
     module = make_module(state_precision=option, ema_decay=0.9, weight_decay=0.05, gradient_clip_val=1.0)
     checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks or [])
+    every = {"val_check_interval": 2, "limit_val_batches": 1} if validate else {}
     trainer = L.Trainer(strategy=sequential(), max_steps=steps, callbacks=callbacks or [],
-                        **trainer_kwargs(root, enable_checkpointing=checkpoints))  # fmt: skip
-    trainer.fit(module, make_loader(image_loader(n=n).dataset, batch_size=16, shuffle=True), ckpt_path=ckpt)
+                        **trainer_kwargs(root, enable_checkpointing=checkpoints, **every))  # fmt: skip
+    loader = make_loader(image_loader(n=n).dataset, batch_size=16, shuffle=True)
+    trainer.fit(module, loader, image_loader(n=16) if validate else None, ckpt_path=ckpt)
     return trainer, module
 
 
@@ -189,14 +192,15 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 @pytest.mark.parametrize("option", [BF16_BF16, BF16_8BIT], ids=["bf16-moments", "8bit-moments"])
 def test_inactive_groups_are_stored_and_offloaded_in_low_precision(tmp_path: Path, option: dict) -> None:
     """Inactive groups hold bf16 weights and EMA and bf16 / uint8 moments, the active one fp32, with and without
-    BlockOffload (whose files hold the low-precision tensors); both runs end bit-identical; after fit the model is
-    fp32 again, samples, saves and loads a checkpoint, and trains again."""
+    BlockOffload (whose files hold the low-precision tensors); the run with offload (and a validation every 2 steps,
+    which runs every group in fp32) ends bit-identical to the plain one; after fit the model is fp32 again, samples,
+    saves and loads a checkpoint, and trains again."""
     low_moments = torch.bfloat16 if option["moments"] == "bf16" else torch.uint8
     ends = {}
     for offload in (False, True):
         dtypes = Dtypes()
         callbacks: list[Callback] = [dtypes] + ([BlockOffload(directory=tmp_path / "off")] if offload else [])
-        trainer, module = run(tmp_path / str(offload), option, callbacks=callbacks)
+        trainer, module = run(tmp_path / str(offload), option, callbacks=callbacks, validate=offload)
         for active, groups in dtypes.seen:
             for g, found in enumerate(groups):
                 if g == active:
@@ -239,6 +243,9 @@ def test_resume_is_bit_identical_mid_phase_at_a_phase_boundary_and_at_an_epoch_e
     stored = torch.load(tmp_path / "ckpt" / "epoch=0-step=3.ckpt", weights_only=True)
     assert stored["state_dict"]["network.net.blocks.0.mlp.0.weight"].dtype == torch.bfloat16  # group 0 is stored
     assert stored["state_dict"]["network.net.blocks.1.mlp.0.weight"].dtype == torch.float32  # group 1 is active
+    loaded = ldb.DiffusionBlocksModule.load_from_checkpoint(tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert loaded.sample(labels=[1], steps=2).isfinite().all()
     for name in ("ckpt/epoch=0-step=3.ckpt", "ckpt/epoch=0-step=4.ckpt", "epoch/epoch=0-step=5.ckpt"):
         callbacks = [BlockOffload(directory=tmp_path / "off")]
         resumed_trainer, resumed = run(tmp_path / name, BF16_BF16, steps=8, callbacks=callbacks, ckpt=tmp_path / name,
