@@ -17,6 +17,7 @@ from lightning_diffusionblocks.lora import GroupLoRA
 from lightning_diffusionblocks.module import DiffusionBlocksModule, NonFiniteLossError
 from lightning_diffusionblocks.noise import EDM, NoiseSchedule
 from lightning_diffusionblocks.partition import BlockStack, BlockwiseNetwork, find_block_stack, split_layers
+from lightning_diffusionblocks.precision import StatePrecision
 from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
 from lightning_diffusionblocks.strategy import DiffusionBlocksStrategy
 
@@ -44,6 +45,7 @@ __all__ = [
     "RandomSchedule",
     "Schedule",
     "SequentialSchedule",
+    "StatePrecision",
     "cache_latents",
     "callbacks",
     "data",

@@ -50,10 +50,13 @@ def partition_info(module: DiffusionBlocksModule) -> dict[str, Any]:
 def training_settings(module: DiffusionBlocksModule) -> dict[str, Any]:
     """The module's settings a resume must keep (recorded in checkpoints, checked by the strategy)."""
     hp: Any = module.hparams
-    return {
+    settings = {
         "seed": hp.seed, "gamma": hp.gamma, "partition": hp.partition,
         "accumulate_grad_batches": hp.accumulate_grad_batches,
     }  # fmt: skip
+    if not module.state_precision.full:  # recorded only when set: absent means full precision (and older files)
+        settings["state_precision"] = module.state_precision.record()
+    return settings
 
 
 def missing_groups(module: DiffusionBlocksModule) -> list[int]:

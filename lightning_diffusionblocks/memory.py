@@ -41,11 +41,16 @@ def gradient_bytes(params: Iterable[Tensor], device: torch.device | None = None)
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer, device: torch.device | None = None) -> int:
-    """Bytes of optimizer state (e.g. Adam's moments) on ``device``."""
-    total = 0
+    """Bytes of optimizer state (e.g. Adam's moments) on ``device``; a tensor several parameters' states hold (the
+    quantization maps of bitsandbytes' 8-bit optimizers, one pair per optimizer) is counted once."""
+    total, seen = 0, set()
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, Tensor) and _on(value, device):
+                key = (value.device, value.data_ptr())
+                if value.numel() and key in seen:
+                    continue
+                seen.add(key)
                 total += tensor_bytes(value)
     return total
 

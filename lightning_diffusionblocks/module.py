@@ -44,6 +44,7 @@ from lightning_diffusionblocks.optimisation import SHARED as SHARED  # re-export
 from lightning_diffusionblocks.optimisation import GroupOptimisation, OptimizerFactory, check_settings, param_groups
 from lightning_diffusionblocks.optimisation import warmup_cosine as warmup_cosine
 from lightning_diffusionblocks.partition import BlockwiseNetwork, StemMode
+from lightning_diffusionblocks.precision import GroupStateStore, StatePrecision
 from lightning_diffusionblocks.records import trusting
 from lightning_diffusionblocks.routing import Router
 from lightning_diffusionblocks.schedules import Schedule, step_seed
@@ -85,6 +86,9 @@ class DiffusionBlocksModule(L.LightningModule):
         activation_checkpointing: recompute activations at backward instead of keeping them, inside the running
             group: ``None`` (off), ``"every"`` (every block) or k (every k-th block). Less activation memory, more
             time; the gradients are the same, so a resume may change it.
+        state_precision: what each group's weights and Adam moments are kept in while it is not training
+            (:class:`~lightning_diffusionblocks.precision.StatePrecision`, or its record as a dict; default fp32):
+            bf16 with an fp32 master of the active group only, or bitsandbytes' 8-bit AdamW moments.
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class DiffusionBlocksModule(L.LightningModule):
         accumulate_grad_batches: int = 1,
         lora: GroupLoRA | dict[str, Any] | None = None,
         activation_checkpointing: int | Literal["every"] | None = None,
+        state_precision: StatePrecision | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         net = _built(net, "net", nn.Module)
@@ -118,7 +123,11 @@ class DiffusionBlocksModule(L.LightningModule):
         check_settings(
             lr, warmup_steps, lr_schedule, min_lr_ratio, gradient_clip_val, ema_decay, accumulate_grad_batches
         )
-        self.save_hyperparameters(ignore=["net", "task", "optimizer", "lora"])
+        self.state_precision = StatePrecision.of(state_precision)
+        self.state_precision.check_optimizer(optimizer)
+        self.save_hyperparameters(ignore=["net", "task", "optimizer", "lora", "state_precision"])
+        if not self.state_precision.full:  # plain data, like ``lora``: a checkpoint rebuilds the option from it
+            self.hparams["state_precision"] = self.state_precision.record()
         self.automatic_optimization = False
         self.task = task
         task.bind(net)  # first: a network made for another task is named as such, before any of its own checks
@@ -135,6 +144,12 @@ class DiffusionBlocksModule(L.LightningModule):
         self.ranges = [task.noise.group_range(self.boundaries, g, gamma) for g in range(num_blocks)]
         self.ema_network = copy.deepcopy(self.network).requires_grad_(False) if ema_decay else None
         self.optimizer_factory = optimizer
+        #: switches groups between their stored (bf16) and active (fp32) form; None when nothing is stored in bf16
+        self.state_store = (
+            GroupStateStore(self.state_precision, seed, self._stored_networks, self._optimizer_or_none,
+                            lambda: int(self.step_count))
+            if self.state_precision.switches else None
+        )  # fmt: skip
         self.register_buffer("group_steps", torch.zeros(num_blocks, dtype=torch.long))
         #: optimizer steps taken over every fit (a second fit continues the noise instead of replaying it)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
@@ -163,6 +178,19 @@ class DiffusionBlocksModule(L.LightningModule):
     def blockwise(self) -> bool:
         """True when each noise level is served by its own group (the model was, or is being, trained block-wise)."""
         return bool(self.trained_blockwise)
+
+    def _uniform_weights(self) -> None:
+        """Every group's weights in fp32 before a pass that runs every group (exact upcasts of the stored bf16
+        ones; the next training step stores them again without rounding)."""
+        if self.state_store is not None:
+            self.state_store.restore_all()
+
+    def _stored_networks(self) -> list[BlockwiseNetwork]:
+        return [self.network] + ([self.ema_network] if self.ema_network is not None else [])
+
+    def _optimizer_or_none(self) -> Optimizer | None:
+        trainer = self._trainer
+        return trainer.optimizers[0] if trainer is not None and trainer.optimizers else None
 
     @property
     def sampling_network(self) -> BlockwiseNetwork:
@@ -197,6 +225,7 @@ class DiffusionBlocksModule(L.LightningModule):
     @contextmanager
     def evaluating(self) -> Iterator[Router]:
         """Eval mode and no gradients for the sampling network (EMA if any); yields its router."""
+        self._uniform_weights()
         network = self.sampling_network
         was_training = network.training
         network.eval()
@@ -265,6 +294,8 @@ class DiffusionBlocksModule(L.LightningModule):
             raise ValueError(
                 "gradient_clip_val with precision='16-mixed' is not supported; use precision='bf16-mixed'."
             )
+        if self.state_store is not None:
+            self.state_store.check_fit(self.network, self.trainer.world_size)
         self._loss_log = GroupLossLog(self._loss_log.running)  # points a crashed fit left waiting: its own rows
         log_run_config(self.trainer, self)  # partition, σ ranges, schedule, task and network: plain data
 
@@ -307,6 +338,8 @@ class DiffusionBlocksModule(L.LightningModule):
         group = self.group_at(step)
         self.task.observe(batch)
         opt = self.optimizers()
+        if self.state_store is not None:  # this step's group in fp32, every other one stored
+            self.state_store.activate(group)
         # each process draws its own noise for its own shard (rank 0's stream is the single-device one), and each
         # micro-batch of an accumulated step its own (the first one the plain step's)
         salt = RANK_SALT * self.global_rank + MICRO_SALT * self.optimisation.micro
@@ -325,10 +358,12 @@ class DiffusionBlocksModule(L.LightningModule):
     def on_train_end(self) -> None:
         # the points since the last logging row, then the table of σ ranges, steps, parameters and memory
         self._loss_log.flush(self.trainer)
+        self._uniform_weights()  # the model leaves training an ordinary fp32 model
         log_group_summary(self.trainer, self)
 
     def _evaluation_step(self, stage: str, batch: Any, batch_idx: int) -> Tensor:
         """Loss in each group's nominal noise range (routed by how the model was trained), then task metrics."""
+        self._uniform_weights()
         n = self.task.batch_size(batch)
         sync = self.trainer.world_size > 1  # every process logs the same keys; their shards are averaged
         losses = []
@@ -381,6 +416,7 @@ class DiffusionBlocksModule(L.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._uniform_weights()  # copying into a stored (bf16) parameter would round the loaded weights
         checkpoint_record.load_record(self, checkpoint)
 
     @classmethod

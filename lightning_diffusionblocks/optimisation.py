@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_diffusionblocks.partition import BlockwiseNetwork
+from lightning_diffusionblocks.precision import adamw_8bit
 
 if TYPE_CHECKING:
     from lightning_diffusionblocks.module import DiffusionBlocksModule
@@ -152,6 +153,9 @@ class GroupOptimisation:
         if module.optimizer_factory is not None:
             return module.optimizer_factory(groups)
         hp = self.settings
+        precision = module.state_precision
+        if precision.moments == "8bit":  # bitsandbytes' block-wise 8-bit AdamW, same settings
+            return adamw_8bit(groups, hp.lr, tuple(hp.betas), hp.weight_decay, precision.min_8bit_size)
         return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
 
     def owners(self, opt: Optimizer) -> list[int]:

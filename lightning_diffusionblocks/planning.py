@@ -36,6 +36,7 @@ from lightning_diffusionblocks.memory_plan import (
     refusal,
 )
 from lightning_diffusionblocks.module import DiffusionBlocksModule
+from lightning_diffusionblocks.precision import StatePrecision
 from lightning_diffusionblocks.schedules import RandomSchedule, Schedule, SequentialSchedule
 
 ScheduleSpec = Literal["random", "sequential"] | Schedule
@@ -43,8 +44,10 @@ ScheduleSpec = Literal["random", "sequential"] | Schedule
 #: settings a checkpoint records and a resume checks, each a name ``allow_changed`` may give
 RESUME_SETTINGS = (
     "schedule", "steps_per_phase", "schedule_seed", "groups_to_train", "seed", "gamma", "partition",
-    "accumulate_grad_batches", "parallelism", "world_size", "replicas",
+    "accumulate_grad_batches", "parallelism", "world_size", "replicas", "state_precision",
 )  # fmt: skip
+#: settings recorded only when they are not their default, so a record without them had the default
+RECORDED_WHEN_SET = ("state_precision",)
 
 if TYPE_CHECKING:  # a mixin of Lightning strategies: type-check its calls against theirs
     _StrategyBase = pl.strategies.Strategy
@@ -295,7 +298,12 @@ class GroupPlanning(_StrategyBase):
             )
             return
         now = {**module.training_settings(), **self.run_record()}
-        changed = [key for key in RESUME_SETTINGS if key in recorded and recorded[key] != now.get(key)]
+        changed = [
+            key for key in RESUME_SETTINGS
+            if (key in recorded or key in RECORDED_WHEN_SET) and recorded.get(key) != now.get(key)
+        ]  # fmt: skip
+        if "state_precision" in changed:
+            check_optimizer_kind(recorded.get("state_precision"), now.get("state_precision"))
         refused = [key for key in changed if key not in self.allow_changed]
         if refused:
             described = ", ".join(f"{key}={recorded[key]!r} (now {now.get(key)!r})" for key in refused)
@@ -435,6 +443,21 @@ class GroupPlanning(_StrategyBase):
                 f"Checkpoint {checkpoint_path} is corrupt or truncated ({type(err).__name__}: {err})."
                 f" It was not loaded and nothing was overwritten; resume from an earlier checkpoint.{hint}"
             ) from err
+
+
+def check_optimizer_kind(recorded: Mapping[str, Any] | None, now: Mapping[str, Any] | None) -> None:
+    """Refuse a resume between 8-bit and full-width Adam moments: bitsandbytes' state (``state1``/``state2``, uint8)
+    and torch's (``exp_avg``/``exp_avg_sq``) are not each other's, whatever ``allow_changed`` says."""
+    was, will = ((value or {}).get("moments") == "8bit" for value in (recorded, now))
+    if was != will:
+        saved = StatePrecision.of(recorded)
+        raise MisconfigurationException(
+            f"The checkpoint's optimizer state was made with StatePrecision(moments={saved.moments!r}) and cannot be"
+            f" loaded by the optimizer of moments={StatePrecision.of(now).moments!r} (8-bit and full-width Adam state"
+            f" differ). Resume with state_precision={saved.record()!r}, or start a new fit from its weights only:"
+            " DiffusionBlocksModule.load_from_checkpoint(path, state_precision=...), then trainer.fit(module) without"
+            " ckpt_path."
+        )
 
 
 def _epoch_used_up(epoch_loop: Any) -> bool:

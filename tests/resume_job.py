@@ -12,6 +12,7 @@ Checkpoints: ``OUT/ckpt`` every ``--every`` steps (and ``last.ckpt``), ``OUT/epo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -80,6 +81,7 @@ def main() -> None:
         help="stateful: the package's make_loader; plain: DataLoader(shuffle=True); ordered: DataLoader(shuffle=False)",
     )  # fmt: skip
     p.add_argument("--plain-loader", action="store_true", help="same as --loader plain")
+    p.add_argument("--state-precision", default=None, help="StatePrecision's fields as JSON (default fp32)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +106,7 @@ def main() -> None:
         gradient_clip_val=1.0,
         ema_decay=0.9,
         accumulate_grad_batches=args.accumulate,
+        state_precision=json.loads(args.state_precision) if args.state_precision else None,
     )
     every = args.every or (6 if args.block_parallel else 5)
     callbacks: list[Callback] = [

@@ -30,7 +30,12 @@ LAYOUTS = {
     "single": ["--samples", "128"],
     "data_parallel": ["--data-parallel", "2", "--samples", "256"],
     "block_parallel": ["--block-parallel", "2", "--num-blocks", "4", "--samples", "128"],  # 2 groups a process
-}
+    # one process, inactive groups' weights and EMA in bf16 (stochastic rounding), 8-bit moments for every tensor
+    "single_lowbit": [
+        "--samples", "128", "--state-precision",
+        '{"weights": "bf16", "moments": "8bit", "rounding": "stochastic", "min_8bit_size": 0}',
+    ],
+}  # fmt: skip
 #: where the run dies (optimizer step, micro-batch) and the checkpoint it resumes from
 KILLS = {
     "mid_epoch": (7, 0, "ckpt/last.ckpt"),  # resumes at step 6, the middle of epoch 1

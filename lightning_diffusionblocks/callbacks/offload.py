@@ -238,6 +238,8 @@ class BlockOffload(Callback):
         if group not in self._resident:
             return
         start = time.perf_counter()
+        if self._module.state_store is not None:  # what moves is the group's low-precision (stored) form
+            self._module.state_store.store(group)
         slots = self._slots(group)
         tensors = [self._get(s) for s in slots]
         moved = sum(t.numel() * t.element_size() for t in tensors)
