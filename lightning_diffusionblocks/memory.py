@@ -7,6 +7,8 @@ the memory monitor fills it and the dashboard's per-group table reads it, neithe
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 from collections.abc import Iterable, Iterator, Sequence
@@ -193,6 +195,19 @@ def checkpointed_activation_bytes(
     kept = [input_bytes[i] if i in checkpointed else b for i, b in enumerate(per_block_bytes)]
     recompute = max((sum(kept[:j]) + per_block_bytes[j] for j in checkpointed), default=0)
     return before + max(sum(kept) + after, recompute)
+
+
+def release_freed_memory() -> bool:
+    """Hand memory the C allocator keeps after large frees back to the system (glibc's ``malloc_trim``), so a process
+    that frees a group's tensors also shrinks; False where unsupported (another C library, another system)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
 
 
 def reset_peak_rss() -> bool:

@@ -311,7 +311,7 @@ def plan_memory(
 
     def weights(t: Tensors, active: bool) -> int:
         live = sum(prec.weight_bytes(n, active) for n in t.every)
-        ema = sum(prec.weight_bytes(n, False) for n in t.every) if network.ema else 0
+        ema = sum(prec.weight_bytes(n, active) for n in t.every) if network.ema else 0  # switched with the live copy
         return live + ema
 
     def steps(t: Tensors) -> int:

@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from lightning_diffusionblocks.dashboard import is_logging_row, log_metrics
 from lightning_diffusionblocks.files import atomic_write, tensor_digest
+from lightning_diffusionblocks.memory import release_freed_memory
 from lightning_diffusionblocks.memory_plan import Placement
 from lightning_diffusionblocks.module import DiffusionBlocksModule
 from lightning_diffusionblocks.planning import GroupPlanning
@@ -256,6 +257,8 @@ class BlockOffload(Callback):
             self._digests[group] = tensor_digest(*tensors)
             for slot, t in zip(slots, tensors):
                 self._set(slot, torch.empty(0, dtype=t.dtype, device=t.device))
+            tensors.clear()
+            release_freed_memory()  # the allocator would otherwise keep the group's pages: the process must shrink
         else:
             host = self._pinned.get(group, {})
             for i, t in enumerate(tensors):
