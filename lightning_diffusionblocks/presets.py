@@ -20,6 +20,7 @@ from lightning_diffusionblocks.data import MNISTDataModule
 from lightning_diffusionblocks.ddpm import DDPMSchedule
 from lightning_diffusionblocks.models import DiT
 from lightning_diffusionblocks.module import DiffusionBlocksModule
+from lightning_diffusionblocks.precision import StatePrecision
 from lightning_diffusionblocks.tasks import DDPM, FlowMatching, ImageGeneration, Task
 
 
@@ -119,6 +120,10 @@ class MNISTDemo:
     data_dir: str | None = None
     accelerator: str = "cpu"
     seed: int = 0
+    #: what inactive groups keep their weights and Adam moments in (:class:`StatePrecision`'s fields)
+    state_weights: str = "fp32"
+    state_moments: str = "fp32"
+    state_rounding: str = "nearest"
 
     @classmethod
     def from_dict(cls, settings: dict[str, Any]) -> MNISTDemo:
@@ -172,7 +177,12 @@ class MNISTDemo:
             lr_schedule=self.lr_schedule,  # type: ignore[arg-type]
             ema_decay=self.ema,
             seed=self.seed,
+            state_precision=self.state_precision,
         )
+
+    @property
+    def state_precision(self) -> StatePrecision:
+        return StatePrecision(self.state_weights, self.state_moments, self.state_rounding)  # type: ignore[arg-type]
 
     def datamodule(self) -> MNISTDataModule:
         return MNISTDataModule(self.data_dir, batch_size=self.batch_size, seed=self.seed)
