@@ -33,10 +33,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, dim: int, depth: int, h
 
 
 def build_module(
-    args: argparse.Namespace, num_blocks: int, lora: ldb.GroupLoRA | None = None
+    args: argparse.Namespace,
+    num_blocks: int,
+    lora: ldb.GroupLoRA | None = None,
+    state_precision: ldb.StatePrecision | None = None,
+    activation_checkpointing: str | int | None = None,
 ) -> ldb.DiffusionBlocksModule:
     """The benchmark model wrapped for ``num_blocks`` groups: a DiT (3-channel images, 10 classes) or a
-    decoder LM (autoregressive objective) of the same width and depth; fine-tuned with ``lora`` if given."""
+    decoder LM (autoregressive objective) of the same width and depth; fine-tuned with ``lora`` if given, with the
+    given per-group state precision and activation checkpointing."""
     torch.manual_seed(0)
     model = getattr(args, "model", "dit")
     if model == "dit":
@@ -55,7 +60,9 @@ def build_module(
                                              attn_implementation="sdpa")  # fmt: skip
             net = ldb.models.DecoderAdapter(transformers.GPT2Model(config), args.vocab, "autoregressive")
         task = ldb.tasks.AutoregressiveLM(args.vocab)
-    return ldb.DiffusionBlocksModule(net, task, num_blocks=num_blocks, stem="per_group", lora=lora)
+    return ldb.DiffusionBlocksModule(net, task, num_blocks=num_blocks, stem="per_group", lora=lora,
+                                     state_precision=state_precision,
+                                     activation_checkpointing=activation_checkpointing)  # fmt: skip
 
 
 def synthetic_loader(args: argparse.Namespace, batches: int) -> DataLoader:

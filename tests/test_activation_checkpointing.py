@@ -138,7 +138,7 @@ def test_hooks_run_once_and_only_training_checkpoints(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize("bad", ["all", 0, -2, True, 1.5, "2"])
-def test_bad_options_are_refused(bad: object) -> None:
+def test_bad_checkpointing_options_are_refused(bad: object) -> None:
     with pytest.raises(ValueError, match=r"activation_checkpointing=.*\"every\".*positive int"):
         make_module(activation_checkpointing=bad)
 
