@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import os
 import resource
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from types import TracebackType
@@ -74,8 +74,11 @@ class SavedTensorMeter:
     graph holds: that, for the worst block, or everything saved (backward's start), whichever is larger.
     """
 
-    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude if t.numel()}
+    def __init__(self, exclude: Iterable[Tensor] | Callable[[], Iterable[Tensor]] = ()) -> None:
+        #: the parameters' storages; a callable is read at the first saved tensor, so parameters whose storage is
+        #: replaced after the meter starts (a group made active in fp32 by the training step) are still excluded
+        self._exclude_from = exclude if callable(exclude) else None
+        self.exclude = set() if callable(exclude) else self._storages(exclude)
         self.storages: set[int] = set()
         self.bytes = 0
         #: the most bytes one checkpointed block saves when recomputed (beyond what is counted in ``bytes``)
@@ -90,7 +93,13 @@ class SavedTensorMeter:
         saved before it (its inputs included), whichever is larger."""
         return max(self.bytes, self.recompute_peak)
 
+    @staticmethod
+    def _storages(tensors: Iterable[Tensor]) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+
     def _new_storage(self, t: Tensor, seen: set[int]) -> int:
+        if self._exclude_from is not None:
+            self.exclude, self._exclude_from = self._storages(self._exclude_from()), None
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr in self.exclude or ptr in seen or not storage.nbytes():

@@ -324,3 +324,15 @@ def test_option_errors_name_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     trainer = L.Trainer(strategy=sequential(), max_steps=1, **trainer_kwargs(tmp_path))
     with pytest.raises(ValueError, match=r"parameters are \['torch.float64'\].*Keep the parameters in fp32"):
         trainer.fit(module, image_loader())
+
+
+def test_the_memory_monitor_counts_the_same_activations_with_bf16_weights(tmp_path: Path) -> None:
+    """The active group's fp32 masters are made by the training step, after the monitor starts its step: they are
+    parameters, not activations, so the activation term is the fp32 run's (it once counted the weights again)."""
+    terms = []
+    for option in ({}, {"weights": "bf16"}):
+        monitor = BlockMemoryMonitor(log=False)
+        run(tmp_path / str(len(terms)), option, steps=6, callbacks=[monitor])
+        terms.append({g: m.activations for g, m in monitor.groups.items()})
+    assert terms[0] == terms[1]
+    assert all(v > 0 for v in terms[0].values())

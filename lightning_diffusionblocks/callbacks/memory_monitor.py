@@ -111,7 +111,7 @@ class BlockMemoryMonitor(Callback):
             torch.cuda.reset_peak_memory_stats(device)
         else:
             reset_peak_rss()
-        self._meter = SavedTensorMeter(exclude=pl_module.parameters())
+        self._meter = SavedTensorMeter(exclude=pl_module.parameters)  # read when the step saves its first tensor
         self._meter.__enter__()
         self._started = time.perf_counter()
 
