@@ -342,3 +342,53 @@ def test_text_to_image_toy_run(tmp_path, mnist_dir):
     assert "| DiffusionBlocks B=3 |" in report["table"]
     assert "| 6 |" in report["table"]
     assert (tmp_path / "work" / "feature_net.pt").exists()  # the classifier is trained once and kept
+
+
+def _bench_module(name: str):  # noqa: ANN202
+    """A benchmark script imported as a module (its folder first on the path, as when it runs)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_largest_model_bisection_brackets_the_limit() -> None:
+    """The bisection grows the depth until a probe fails, then narrows to the largest that fits (within the
+    tolerance), probing each depth once; nothing fits: depth 0."""
+    lm = _bench_module("largest_model")
+    limit, seen = 37, []
+
+    def probe(args, mode, depth):  # noqa: ANN001, ANN202
+        seen.append(depth)
+        return {"mode": mode, "depth": depth, "fits": depth <= limit, "params": depth}
+
+    original, lm.probe = lm.probe, probe
+    try:
+        args = type("Args", (), {"tolerance": 0.0})()
+        depth, rows = lm.bisect(args, "end_to_end", 4, 8)
+        assert depth == limit
+        assert len(seen) == len(set(seen))
+        assert seen[:4] == [4, 8, 16, 32]
+        assert lm.bisect(args, "end_to_end", 40, 80)[0] == 0
+    finally:
+        lm.probe = original
+
+
+def test_state_quality_ratios_are_per_seed_against_fp32() -> None:
+    """Each configuration's ratio is taken against the fp32 run of the same seed, then averaged over seeds."""
+    sq = _bench_module("state_quality")
+    rows = [
+        {"config": c, "seed": s, "fid": fid, "class_accuracy": acc, "train_seconds": 10.0}
+        for c, s, fid, acc in [("fp32", 0, 10.0, 0.5), ("fp32", 1, 20.0, 0.8), ("8bit", 0, 12.0, 0.4),
+                               ("8bit", 1, 20.0, 0.8), ("bf16", 1, 30.0, 0.4)]
+    ]  # fmt: skip
+    summary = sq.summarize(rows)
+    assert summary["8bit"]["fid_ratio"]["per_seed"] == [1.2, 1.0]
+    assert abs(summary["8bit"]["fid_ratio"]["mean"] - 1.1) < 1e-12
+    assert summary["8bit"]["class_accuracy_ratio"]["per_seed"] == [0.8, 1.0]
+    assert summary["bf16"]["fid_ratio"]["per_seed"] == [1.5]
+    assert "fid_ratio" not in summary["fp32"]
+    assert "| 8bit |" in sq.markdown(summary)
