@@ -101,9 +101,10 @@ def child(args: argparse.Namespace) -> dict:
         "trainable_mib": sum(p.numel() * p.element_size() for p in module.network.parameters() if p.requires_grad)
         / MIB,
         "per_group": {
-            k: {f: v / MIB if f != "steps" else v for f, v in vars(g).items()} for k, g in monitor.groups.items()
+            k: {f: v / MIB if f not in ("steps", "step_time") else v for f, v in vars(g).items()}
+            for k, g in monitor.groups.items()
         },
-        "worst": {f: v / MIB if f != "steps" else v for f, v in vars(worst).items()},
+        "worst": {f: v / MIB if f not in ("steps", "step_time") else v for f, v in vars(worst).items()},
         "device": str(trainer.strategy.root_device),
         "seconds": seconds,
     }
