@@ -24,6 +24,8 @@ from typing import Any
 
 from common import machine, write_report
 
+from lightning_diffusionblocks.memory import proc_kib_field
+
 GIB = 2**30
 #: the block-wise variants: StatePrecision fields (None: end to end)
 MODES: dict[str, dict[str, str] | None] = {
@@ -68,14 +70,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_kib_field(f"/proc/{pid}/status", "VmRSS") or 0
 
 
 def probe(args: argparse.Namespace, mode: str, depth: int) -> dict[str, Any]:

@@ -229,15 +229,24 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size since start or the last :func:`reset_peak_rss`."""
+def proc_kib_field(path: str, key: str) -> int | None:
+    """Bytes of a ``key: N kB`` line of a Linux ``/proc`` file (``/proc/self/status``'s ``VmRSS``, ``/proc/meminfo``'s
+    ``MemAvailable``); None where the file or the line is missing."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size since start or the last :func:`reset_peak_rss`."""
+    peak_now = proc_kib_field("/proc/self/status", "VmHWM")
+    if peak_now is not None:
+        return peak_now
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if os.uname().sysname == "Darwin" else peak * 1024
 

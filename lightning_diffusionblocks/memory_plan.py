@@ -31,7 +31,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import IterableDataset, default_collate
 
-from lightning_diffusionblocks.memory import SavedTensorMeter, checkpointed_activation_bytes, peak_rss_bytes
+from lightning_diffusionblocks.memory import (
+    SavedTensorMeter,
+    checkpointed_activation_bytes,
+    peak_rss_bytes,
+    proc_kib_field,
+)
 from lightning_diffusionblocks.partition import split_layers
 from lightning_diffusionblocks.precision import StatePrecision
 
@@ -678,26 +683,13 @@ def module_tensor_bytes(module: nn.Module, device_type: str) -> int:
 
 def resident_bytes() -> int:
     """The process's current resident set size (``VmRSS``); its peak where the current size is not available."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
+    now = proc_kib_field("/proc/self/status", "VmRSS")
+    return now if now is not None else peak_rss_bytes()
 
 
 def available_bytes() -> int | None:
     """``MemAvailable`` of ``/proc/meminfo`` (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def baselines(module: nn.Module, device: torch.device, optimizer_bytes: int = 0) -> tuple[int, int]:

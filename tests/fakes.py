@@ -148,3 +148,13 @@ def bound(task: ldb.tasks.Task, net: nn.Module) -> ldb.tasks.Task:
 
 def router(net: nn.Module, schedule, boundaries: Tensor | None = None) -> Router:  # noqa: ANN001
     return Router(lambda group: net, schedule, boundaries)
+
+
+@torch.no_grad()
+def unzero_linears(net: nn.Module, std: float = 0.05) -> nn.Module:
+    """Give zero-initialised Linears (adaLN-Zero gates, heads) small random weights, so every conditioning path
+    reaches the output."""
+    for module in net.modules():
+        if isinstance(module, nn.Linear) and not module.weight.any():
+            module.weight.normal_(0, std)
+    return net

@@ -21,6 +21,7 @@ from lightning_diffusionblocks.memory import (
     checkpointed_activation_bytes,
 )
 from tests.conftest import fit, image_loader, make_module, tiny_dit, trainer_kwargs
+from tests.fakes import unzero_linears
 from tests.test_adapter import build as build_backbone
 from tests.test_diffusers_models import latent_loader, needs_diffusers, wrapped
 from tests.test_language import V, needs_hf, token_loader
@@ -36,11 +37,7 @@ def _vit(conditioning: str) -> tuple[nn.Module, ldb.tasks.Task]:
     family = "vit" if conditioning == "film" else "eva02"
     backbone = build_backbone(family, depth=3, proj_drop_rate=0.2, attn_drop_rate=0.2)  # dropout must be replayed
     net = ldb.models.ConditioningAdapter(backbone, num_classes=4, learn_embedding=False, conditioning=conditioning)
-    with torch.no_grad():  # leave zero initialisation so the conditioning paths matter
-        for module in net.modules():
-            if isinstance(module, nn.Linear) and not module.weight.any():
-                module.weight.normal_(0, 0.05)
-    return net, ldb.tasks.Classification(4)
+    return unzero_linears(net), ldb.tasks.Classification(4)  # leave zero initialisation: conditioning paths matter
 
 
 def _gpt2() -> tuple[nn.Module, ldb.tasks.Task]:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_diffusionblocks as ldb
 from tests.conftest import fit, image_loader, tiny_dit, trainer_kwargs
+from tests.fakes import unzero_linears
 from tests.test_adapter import build as build_backbone
 from tests.test_diffusers_models import infer as diffusers_infer
 from tests.test_diffusers_models import latent_loader, needs_diffusers, wrapped
@@ -69,11 +70,7 @@ def _adapter(family: str, conditioning: str) -> Callable[[], tuple[nn.Module, ld
     def make() -> tuple[nn.Module, ldb.tasks.Task]:
         backbone = build_backbone(family, depth=3)
         net = ldb.models.ConditioningAdapter(backbone, num_classes=4, learn_embedding=False, conditioning=conditioning)
-        with torch.no_grad():  # leave zero initialisation so the conditioning paths matter
-            for module in net.modules():
-                if isinstance(module, nn.Linear) and not module.weight.any():
-                    module.weight.normal_(0, 0.05)
-        return net, ldb.tasks.Classification(4)
+        return unzero_linears(net), ldb.tasks.Classification(4)  # leave zero initialisation: conditioning matters
 
     return make
 
