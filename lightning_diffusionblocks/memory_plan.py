@@ -148,7 +148,9 @@ class PlanOptions:
 
 @dataclass
 class GroupPlan:
-    """One group's figures (bytes). ``device`` is the peak while it trains, everything resident included."""
+    """One group's figures (bytes). ``device`` is the peak while it trains, everything resident included;
+    ``step_extra`` what the step needs beyond the saved activations at its peak (the gradients of the largest block's
+    activations at backward's start, or the optimizer's temporaries, or an arriving group, whichever is largest)."""
 
     group: int
     layers: int
@@ -365,7 +367,10 @@ def plan_memory(
         params, opt, grad = weights(t, True), moments(t, True), grads(t) + grads(shared)
         temporaries = step_temporaries(t + shared)
         prefetch = max((stored(h) for h in others), default=0) if options.offload == "cpu" and options.prefetch else 0
-        step_extra = max(activations, temporaries, prefetch) - activations
+        # backward starts with every saved tensor alive and materialises the gradients of the last block's
+        # activations (about as many bytes as it saved); the optimizer's temporaries or an arriving group come later
+        backward = max((network.blocks[i].saved.at(options.batch_size) for i in options.groups[g]), default=0)
+        step_extra = max(activations + backward, temporaries, prefetch) - activations
         resident = network.buffers + weights(shared, True) + moments(shared, True) + resident_others
         device = resident + params + opt + grad + activations + step_extra
         offloaded = stored(g) if options.offload != "none" else 0

@@ -50,9 +50,10 @@ def test_pure_core_bytes_from_element_counts() -> None:
     resident = 64 + 4 * len(trained)  # buffers, and the other group's step scalars (never offloaded)
     for g in plan.groups:
         assert (g.params, g.grads, g.optimizer, g.activations) == (weights + ema, grads, moments, activations)
-        assert g.step_extra == max(activations, temporaries) - activations
+        backward = 11 + 13 * n  # the gradients of one block's activations, at backward's start
+        assert g.step_extra == max(activations + backward, temporaries) - activations
         assert g.resident == resident
-        assert g.device == resident + weights + ema + grads + moments + max(activations, temporaries)
+        assert g.device == resident + weights + ema + grads + moments + max(activations + backward, temporaries)
         assert g.disk == weights + ema + sum(trained) * 2 * FP32
         assert g.host == 0
     assert plan.disk_total == 2 * plan.groups[0].disk
@@ -83,7 +84,7 @@ def test_pure_core_bytes_from_element_counts() -> None:
     assert g0.optimizer == moments8
     assert g0.host == stored
     assert gpu.host_total == 2 * stored
-    assert g0.step_extra == max(activations, stored) - activations  # the next group's copy arrives (no AdamW temps)
+    assert g0.step_extra == max(activations + 11 + 13 * n, stored) - activations  # or the next group's copy arrives
 
 
 def _graphs() -> int:
