@@ -611,6 +611,9 @@ def probe_activations(
     outside: dict[int, int] = {}
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     devices = [module.device] if module.device.type == "cuda" else []
+    # every block measured as it runs plainly: under activation checkpointing a block saves only its inputs, and what
+    # it recomputes at backward is the plan's to add (memory.checkpointed_activation_bytes)
+    every, network.checkpoint_every = getattr(network, "checkpoint_every", None), None
     with torch.random.fork_rng(devices=devices):
         try:
             for n in sizes:
@@ -634,6 +637,7 @@ def probe_activations(
                         outside.get(n, 0), meter.bytes - sum(r.get("saved", 0) for r in per_block.values())
                     )
         finally:
+            network.checkpoint_every = every
             with torch.no_grad():
                 for b, copy in buffers:
                     b.copy_(copy)

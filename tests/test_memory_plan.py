@@ -216,3 +216,18 @@ def test_predicted_peak_within_10_percent_of_measured_rss_large() -> None:
     result = _measured(1024, 8, 2, fixed_mmap_threshold=True)
     assert result["params"] > 150_000_000
     _check_within_10_percent(result)
+
+
+def test_the_probe_measures_plain_blocks_when_the_module_checkpoints() -> None:
+    """Under activation checkpointing a block saves only its inputs; the probe must see what each block saves when
+    run plainly (the plan adds the recomputation itself), and leave the module's option as it was."""
+    batch = next(iter(image_loader(n=4)))
+    measured = []
+    for option in (None, "every"):
+        torch.manual_seed(0)
+        module = make_module(activation_checkpointing=option)
+        saved, inputs, _ = mp.probe_activations(module, batch, groups=[0, 1, 2])
+        measured.append({i: (a.at(4), inputs[i].at(4)) for i, a in saved.items()})
+        assert module.network.checkpoint_every == (None if option is None else 1)
+    assert measured[0] == measured[1]
+    assert all(s > i for s, i in measured[0].values())  # a block saves more than its inputs
