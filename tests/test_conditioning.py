@@ -182,3 +182,44 @@ def test_sampling_conditioning_is_refused_when_it_cannot_be_served() -> None:
         ValueError, match=r"The conditioning `extra` in sample\(conditioning=\.\.\.\) has shape \(3, 5\)"
     ):
         module.sample(labels=[1, 0], conditioning={"extra": torch.zeros(3, 5)}, steps=1, shape=shape)
+
+
+class LabelledTextDenoiser(TextDenoiser):
+    """TextDenoiser that also takes class labels by name."""
+
+    diffusionblocks_takes_labels = True
+
+    def forward(
+        self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None, *, encoder_hidden_states: Tensor | None = None
+    ) -> Tensor:
+        assert labels is not None
+        self.calls.append({"labels": labels.clone()})
+        return super().forward(x, c_noise, encoder_hidden_states=encoder_hidden_states)
+
+
+def test_sampling_conditioning_labels_reach_the_labels_argument_only() -> None:
+    """A conditioning dict's 'labels' go to the network's labels argument, never as a keyword value as well."""
+    net = LabelledTextDenoiser()
+    module = ldb.DiffusionBlocksModule(net, ImageGeneration(), num_blocks=3)
+    states = torch.zeros(3, 2, 4)
+    module.sample(conditioning={"encoder_hidden_states": states, "labels": torch.tensor([1, 2, 0])}, steps=1, seed=0,
+                  shape=(1, 2, 2))  # fmt: skip
+    assert net.calls[0]["labels"].tolist() == [1, 2, 0]
+
+
+def test_sampling_label_refusals_say_exactly_what_to_pass() -> None:
+    """Float, boolean and one-hot labels are refused (the argmax hint only for 2-D rows); a column of ids (N, 1) is
+    read as N labels; num_samples is named in its own message."""
+    module = ldb.DiffusionBlocksModule(FakeDenoiser(), ImageGeneration(), num_blocks=3)
+    shape = (1, 2, 2)
+    with pytest.raises(TypeError, match=r"labels must be integer class ids[^\n]*torch\.float32[^\n]*\.$") as flat:
+        module.sample(labels=torch.tensor([1.0, 2.0]), steps=1, shape=shape)
+    assert "argmax" not in str(flat.value)
+    with pytest.raises(TypeError, match=r"\(3, 3\)\. For one-hot rows pass labels\.argmax\(-1\)\. E\.g\. sample\("):
+        module.sample(labels=torch.eye(3), steps=1, shape=shape)
+    with pytest.raises(TypeError, match=r"labels must be integer class ids[^\n]*torch\.bool"):
+        module.sample(labels=torch.tensor([True, False]), steps=1, shape=shape)
+    out = module.sample(labels=torch.tensor([[1], [2], [0]]), steps=1, seed=0, shape=shape)
+    assert out.shape[0] == 3
+    with pytest.raises(ValueError, match=r"^num_samples must be >= 1, got 0"):
+        module.sample(conditioning={"extra": torch.zeros(3, 5)}, num_samples=0, steps=1, shape=shape)

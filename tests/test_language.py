@@ -628,3 +628,10 @@ def test_generate_names_its_own_arguments_when_refusing_them() -> None:
         module.generate(prompt, steps=2.5, max_new_tokens=1)
     with pytest.raises(TypeError, match=r"^seed must be an integer, got '1' \(str\); e\.g\. generate\(seed="):
         module.generate(prompt, max_new_tokens=1, seed="1")
+
+
+def test_evaluate_batch_names_a_bad_seed() -> None:
+    """The evaluation chain refuses a non-integer seed naming the argument and the call it checks for."""
+    module = ldb.DiffusionBlocksModule(FakeARLM(), AutoregressiveLM(7), num_blocks=3)
+    with pytest.raises(TypeError, match=r"^seed must be an integer, got 1\.5 \(float\); e\.g\. generate\(seed="):
+        module.evaluate_batch(torch.tensor([[1, 4, 2], [2, 2, 6]]), seed=1.5)
