@@ -223,3 +223,26 @@ def test_sampling_label_refusals_say_exactly_what_to_pass() -> None:
     assert out.shape[0] == 3
     with pytest.raises(ValueError, match=r"^num_samples must be >= 1, got 0"):
         module.sample(conditioning={"extra": torch.zeros(3, 5)}, num_samples=0, steps=1, shape=shape)
+
+
+def test_sampling_label_messages_are_exact() -> None:
+    """Each label refusal's whole message, so its advice cannot drift: float ids, integer rows, no ids, and ids
+    that disagree with num_samples."""
+    module = ldb.DiffusionBlocksModule(FakeDenoiser(), ImageGeneration(), num_blocks=3)
+    shape = (1, 2, 2)
+    cases = [
+        ({"labels": torch.tensor([1.0, 2.0])}, TypeError,
+         "labels must be integer class ids (one per sample), got a torch.float32 tensor of shape (2,). E.g."
+         " sample(labels=torch.tensor([0, 1, 2]))."),
+        ({"labels": torch.tensor([[0, 1, 2], [1, 0, 0]])}, ValueError,
+         "labels must be a 1-D tensor of class ids, got shape (2, 3); for one-hot rows pass labels.argmax(-1)."),
+        ({"labels": torch.tensor([], dtype=torch.long)}, ValueError,
+         "labels is empty; pass at least one class id, or num_samples=N for unconditional samples."),
+        ({"labels": [1, 2], "num_samples": 3}, ValueError,
+         "sample() draws one sample per label, but got 2 labels and num_samples=3. Pass 3 labels (e.g."
+         " labels.repeat_interleave(k) for k samples of each) or leave out num_samples."),
+    ]  # fmt: skip
+    for kwargs, error, message in cases:
+        with pytest.raises(error) as refused:
+            module.sample(steps=1, shape=shape, **kwargs)
+        assert str(refused.value) == message
