@@ -382,3 +382,31 @@ def test_classification_refuses_float_labels_and_image_networks_by_name() -> Non
 
     with pytest.raises(ValueError, match=r"^ImageNet returns image-shaped outputs .* Train it with"):
         task.bind(ImageNet())
+
+
+def test_classification_preview_is_the_confusion_matrix_and_the_accuracy_after_each_sigma_step() -> None:
+    """The preview shows the bridge's chain on ``batch``: accuracy after each σ step (text and scalars), the last
+    step's confusion matrix (rows: true class, columns: predicted), B steps and seed 0 unless given."""
+    net = FakeClassifier()
+    module = ldb.DiffusionBlocksModule(net, Classification(5), num_blocks=3)
+    task, router = module.task, module.router()
+    inputs = torch.randn(12, 3, generator=gen(5))
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 4, 4])
+    for steps, seed, options in ((5, 2, {"steps": 5, "seed": 2}), (3, 0, {})):
+        chain = task.probability_chain(router, inputs, steps, seed)
+        preview = task.preview(router, (inputs, labels), **options)
+        assert len(chain) == steps
+        hits = [[int(p.argmax()) == int(y) for p, y in zip(probs, labels)] for _, probs in chain]
+        accuracy = [sum(h) / len(h) for h in hits]
+        assert preview.scalars == pytest.approx({f"accuracy_step_{i}": a for i, a in enumerate(accuracy)})
+        assert preview.text == [f"step {i}: sigma {s:.4g}, accuracy {a:.3f}" for i, ((s, _), a) in
+                                enumerate(zip(chain, accuracy))]  # fmt: skip
+        predicted = [int(p.argmax()) for p in chain[-1][1]]
+        counts = [[0] * 5 for _ in range(5)]
+        for y, p in zip(labels.tolist(), predicted):
+            counts[y][p] += 1
+        assert preview.table == (["true/predicted", "0", "1", "2", "3", "4"], [[str(c), *counts[c]] for c in range(5)])
+        assert preview.caption == f"Classification: 12 inputs, {steps} sigma steps"
+        assert (preview.images, preview.tokens) == (None, None)
+    assert any(counts[c][p] for c in range(5) for p in range(5) if c != p)  # the matrix is not a diagonal
+    assert counts != [list(row) for row in zip(*counts)]  # nor symmetric: a transposed matrix would differ

@@ -226,20 +226,6 @@ def test_validate_and_test_need_only_the_checkpoint(trained, tmp_path, monkeypat
     assert run.datamodule.batch_size == 2  # what the command line gives overrides what the checkpoint says
 
 
-def test_prediction_files_follow_the_form_of_the_prediction():
-    """The task reads its prediction (PredictionWriter knows no task): images, probabilities, ids, per-row metrics."""
-    task = ldb.tasks.ImageGeneration()
-    assert task.prediction_preview(torch.zeros(12, 1, 4, 4), None).rows == 2  # at most 8 a row: 2 rows of 6
-    columns, rows = task.prediction_preview(torch.tensor([[0.2, 0.8], [0.9, 0.1]]), None).table
-    assert columns == ["row", "argmax", "0", "1"]
-    assert [r[:2] for r in rows] == [[0, 1], [1, 0]]
-    assert task.prediction_preview(torch.tensor([[1, 2], [3, 4]]), None).tokens == [[1, 2], [3, 4]]
-    columns, rows = task.prediction_preview({"nelbo": torch.tensor([1.0, 2.0]), "total": torch.tensor(3.0)}, None).table
-    assert columns == ["row", "nelbo"]
-    assert rows == [[0, 1.0], [1, 2.0]]
-    assert task.prediction_preview("text", None) is None
-
-
 def test_a_checkpoint_written_from_python_needs_only_the_data(trained, tmp_path, monkeypatch):
     """No saved config: the model comes from the checkpoint's record and hyper-parameters; the data is asked for."""
     module = ldb.DiffusionBlocksModule.load_from_checkpoint(trained["ckpt"])

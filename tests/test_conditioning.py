@@ -246,3 +246,30 @@ def test_sampling_label_messages_are_exact() -> None:
         with pytest.raises(error) as refused:
             module.sample(steps=1, shape=shape, **kwargs)
         assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("net", [TextDenoiser, LabelledTextDenoiser])
+def test_image_preview_of_a_conditioned_batch_draws_one_row_per_conditioning_row(net: type[TextDenoiser]) -> None:
+    """A dict batch with keyword conditioning previews its first ``max_rows`` rows, each repeated ``per_row`` times
+    (their labels too, for a network that takes labels), by sample() with the preview's steps, guidance and seed."""
+    module = ldb.DiffusionBlocksModule(net(), ImageGeneration(), num_blocks=3)
+    task = module.task
+    task.sample_shape, task.data_range = [1, 2, 2], [-2.0, 0.5]
+    states = torch.arange(5 * 2 * 4, dtype=torch.float32).view(5, 2, 4)
+    labels = torch.tensor([1, 2, 0, 3, 1])
+    batch = {"images": torch.zeros(5, 1, 2, 2), "labels": labels, "encoder_hidden_states": states}
+    with module.evaluating() as router:
+        for max_rows, rows in ((2, 2), (7, 5)):
+            preview = task.preview(router, batch, per_row=3, max_rows=max_rows, steps=2, guidance=1.5, seed=4)
+            want = task.sample(
+                router, labels=labels[:rows].repeat_interleave(3) if net is LabelledTextDenoiser else None,
+                conditioning={"encoder_hidden_states": states[:rows].repeat_interleave(3, dim=0)}, steps=2,
+                guidance=1.5, seed=4,
+            )  # fmt: skip
+            assert preview.images is not None
+            assert torch.equal(preview.images, want)
+            assert (preview.rows, preview.value_range) == (rows, (-2.0, 0.5))
+            caption = "ImageGeneration: one row per conditioning of the batch, guidance 1.5, 2 sampling steps"
+            assert preview.caption == caption
+        task.data_range = None
+        assert task.preview(router, batch, per_row=1, max_rows=1, steps=1).value_range == (-1.0, 1.0)

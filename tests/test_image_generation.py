@@ -13,7 +13,7 @@ import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.ddpm import DDPMSchedule
 from lightning_diffusionblocks.tasks import DDPM, FlowMatching, ImageGeneration
 from lightning_diffusionblocks.tasks.flow_matching import EXPECTED_CALL as FLOW_CALL
-from lightning_diffusionblocks.tasks.image_generation import EXPECTED_CALL
+from lightning_diffusionblocks.tasks.image_generation import EXPECTED_CALL, CallConvention
 from tests.fakes import FakeDenoiser, FakeNet, Recorder, bound, router
 from tests.reference import close, coefficient_tensors, gen, linear_alpha_bar, weight
 
@@ -253,3 +253,72 @@ def test_guided_sampling_with_conditioning_pairs_each_row_with_its_null() -> Non
     module.sample(conditioning={"extra": torch.ones(3, 5), "labels": torch.tensor([1, 2, 0])}, guidance=2.0,
                   steps=1, seed=0, shape=(1, 2, 2))  # fmt: skip
     assert sorted(net.calls[-1]["labels"].tolist()) == sorted([1, 2, 0, null, null, null])
+
+
+class Unlabelled(FakeDenoiser):
+    """FakeDenoiser that declares it takes no class labels."""
+
+    diffusionblocks_takes_labels = False
+
+
+def test_image_preview_draws_one_row_per_class_of_the_batch() -> None:
+    """One row of ``per_row`` samples per class in the batch (sorted, the null label left out, at most ``max_rows``),
+    each drawn by sample() with the preview's steps, guidance and seed, shown over the data's range."""
+    module = ldb.DiffusionBlocksModule(FakeDenoiser(), ImageGeneration(), num_blocks=3)
+    task, null = module.task, module.task.null_label
+    task.sample_shape, task.data_range = [1, 2, 2], [-0.5, 2.0]
+    batch = (torch.zeros(7, 1, 2, 2), torch.tensor([3, 1, null, 3, 0, 2, null]))
+    with module.evaluating() as router:
+        preview = task.preview(router, batch, per_row=2, max_rows=3, steps=3, guidance=2.0, seed=5)
+        want = task.sample(router, labels=torch.tensor([0, 0, 1, 1, 2, 2]), steps=3, guidance=2.0, seed=5)
+    assert preview.images is not None
+    assert torch.equal(preview.images, want)
+    assert (preview.rows, preview.value_range) == (3, (-0.5, 2.0))
+    assert preview.caption == "ImageGeneration: one row per class (0, 1, 2), guidance 2.0, 3 sampling steps"
+    assert (preview.tokens, preview.text, preview.table, preview.scalars) == (None, None, None, {})
+
+
+def test_image_preview_defaults_are_eight_a_row_ten_rows_32_steps_unguided_seed_0() -> None:
+    module = ldb.DiffusionBlocksModule(FakeDenoiser(num_classes=12), ImageGeneration(), num_blocks=3)
+    task = module.task
+    task.sample_shape = [1, 2, 2]
+    batch = (torch.zeros(12, 1, 2, 2), torch.arange(11, -1, -1))
+    with module.evaluating() as router:
+        preview = task.preview(router, batch)
+        want = task.sample(router, labels=torch.arange(10).repeat_interleave(8), steps=32, guidance=1.0, seed=0)
+    assert preview.images is not None
+    assert torch.equal(preview.images, want)
+    assert (preview.rows, preview.value_range) == (10, (-1.0, 1.0))  # no data seen: the range images are scaled to
+    classes = ", ".join(map(str, range(10)))
+    assert preview.caption == f"ImageGeneration: one row per class ({classes}), guidance 1.0, 32 sampling steps"
+
+
+@pytest.mark.parametrize("case", ["images only", "only null labels", "network takes no labels"])
+def test_image_preview_without_classes_draws_max_rows_of_unconditional_samples(case: str) -> None:
+    module = ldb.DiffusionBlocksModule(Unlabelled() if case.startswith("network") else FakeDenoiser(),
+                                       ImageGeneration(), num_blocks=3)  # fmt: skip
+    task = module.task
+    task.sample_shape, task.data_range = [1, 2, 2], [0.0, 1.0]
+    images = torch.zeros(4, 1, 2, 2)
+    labels = torch.full((4,), task.null_label) if case == "only null labels" else torch.tensor([0, 1, 1, 2])
+    with module.evaluating() as router:
+        preview = task.preview(router, images if case == "images only" else (images, labels), per_row=3, max_rows=2,
+                               steps=4, guidance=3.0, seed=1)  # fmt: skip
+        want = task.sample(router, num_samples=6, steps=4, seed=1)
+    assert preview.images is not None
+    assert torch.equal(preview.images, want)
+    assert (preview.rows, preview.value_range) == (2, (0.0, 1.0))
+    assert preview.caption == "ImageGeneration: unconditional samples, 4 sampling steps"
+
+
+def test_a_network_that_declares_it_takes_no_labels_gets_none_whatever_its_signature() -> None:
+    """``diffusionblocks_takes_labels = False`` holds for a ``forward(x, c_noise, *args, **kwargs)`` too (0.3.0 read
+    it only from signatures it could parse slot by slot, and passed such a network labels)."""
+    assert CallConvention.of(FakeDenoiser()).takes_labels
+    assert not CallConvention.of(Unlabelled()).takes_labels
+    odd = FakeDenoiser()
+    odd.diffusionblocks_takes_labels = "no"  # not a bool: ignored
+    assert CallConvention.of(odd).takes_labels
+    module = ldb.DiffusionBlocksModule(Unlabelled(), ImageGeneration(), num_blocks=3)
+    module.sample(num_samples=2, steps=1, shape=(1, 2, 2))
+    assert module.network.net.calls[-1]["labels"] is None

@@ -635,3 +635,43 @@ def test_evaluate_batch_names_a_bad_seed() -> None:
     module = ldb.DiffusionBlocksModule(FakeARLM(), AutoregressiveLM(7), num_blocks=3)
     with pytest.raises(TypeError, match=r"^seed must be an integer, got 1\.5 \(float\); e\.g\. generate\(seed="):
         module.evaluate_batch(torch.tensor([[1, 4, 2], [2, 2, 6]]), seed=1.5)
+
+
+def test_masked_lm_preview_is_unconditional_samples_as_long_as_the_batchs_rows() -> None:
+    """``num_samples`` sequences by generate(), as long as the batch's rows (cut to the context) unless ``length`` is
+    given, 4·B unmasking steps and temperature 1 unless given."""
+    module = ldb.DiffusionBlocksModule(own("masked"), MaskedLM(V), num_blocks=3)
+    task, router = module.task, module.router()
+    tokens = torch.randint(0, V, (5, 40), generator=gen(0))
+    for batch, options, length, steps in (
+        (tokens, {}, 32, 12),  # 40 tokens a row, 32 in the context
+        (tokens[:, :10], {"num_samples": 2, "steps": 3, "temperature": 0.5, "seed": 7}, 10, 3),
+        (tokens[:, :10], {"num_samples": 3, "length": 6, "steps": 2, "temperature": 0.0}, 6, 2),
+    ):
+        preview = task.preview(router, batch, **options)
+        want = task.generate(router, num_samples=options.get("num_samples", 4), length=length, steps=steps,
+                             temperature=options.get("temperature", 1.0), seed=options.get("seed", 0))  # fmt: skip
+        assert preview.tokens == want.tolist()
+        assert preview.caption == f"MaskedLM: unconditional samples, {length} tokens, {steps} unmasking steps"
+        assert (preview.images, preview.prompt_length, preview.text) == (None, 0, None)
+
+
+def test_autoregressive_preview_continues_the_first_tokens_of_the_batchs_first_rows() -> None:
+    """The first ``prompt_length`` tokens (at least 1, at most the row and the context less one) of the batch's first
+    ``num_samples`` rows, continued by ``max_new_tokens`` tokens; B steps a token and greedy decoding unless given."""
+    module = ldb.DiffusionBlocksModule(own("autoregressive"), AutoregressiveLM(V), num_blocks=3)
+    task, router = module.task, module.router()
+    tokens = torch.randint(0, V, (6, 40), generator=gen(1))
+    for batch, options, prompt, steps, new in (
+        (tokens, {}, 16, 3, 48),
+        (tokens, {"prompt_length": 35, "max_new_tokens": 2}, 31, 3, 2),  # the context holds 32: 31 + the next
+        (tokens[:, :5], {"num_samples": 2, "prompt_length": 8, "max_new_tokens": 3, "steps": 2}, 5, 2, 3),
+        (tokens, {"num_samples": 3, "prompt_length": 0, "max_new_tokens": 4, "temperature": 0.8, "seed": 5}, 1, 3, 4),
+    ):
+        preview = task.preview(router, batch, **options)
+        rows = batch[: options.get("num_samples", 4)]
+        want = task.generate(router, rows[:, :prompt], max_new_tokens=new, steps=steps,
+                             temperature=options.get("temperature", 0.0), seed=options.get("seed", 0))  # fmt: skip
+        assert preview.tokens == want.tolist()
+        assert preview.prompt_length == prompt
+        assert preview.caption == f"AutoregressiveLM: prompt of {prompt} tokens | {new} generated, {steps} steps each"

@@ -1,5 +1,5 @@
-"""What tasks share: argument checks and defaults, refusals naming what a task offers, and the embedding bridge of
-Classification and AutoregressiveLM (σ_data from the schedule, the embeddings' dtype)."""
+"""What tasks share: argument checks and defaults, refusals naming what a task offers, how predictions are written, and
+the embedding bridge of Classification and AutoregressiveLM (σ_data from the schedule, the embeddings' dtype)."""
 
 from __future__ import annotations
 
@@ -101,3 +101,31 @@ def test_bridges_keep_the_embedding_dtype() -> None:
     run = Recorder(torch.zeros(2, 5, 3), table)
     AutoregressiveLM(3).loss(run, torch.randint(0, 3, (2, 5), generator=gen(2)), sigma, gen(3))
     assert run.calls[0][0][1].dtype == torch.bfloat16
+
+
+def test_prediction_files_follow_the_form_of_the_prediction() -> None:
+    """How ``PredictionWriter`` writes a batch of predictions is read from its form (the writer knows no task):
+    images as a grid of the largest row length up to 8 that divides the batch, over the data's range; float (N, K)
+    as a table with the arg-max; integer (N, L) as token lines; a dict's 1-D tensors as columns; else nothing."""
+    task = ImageGeneration()
+    for n, rows in ((12, 2), (16, 2), (7, 1), (9, 3), (1, 1), (11, 11)):
+        images = torch.rand(n, 1, 4, 4)
+        preview = task.prediction_preview(images, None)
+        assert preview is not None
+        assert preview.images is not None
+        assert torch.equal(preview.images, images)
+        assert (preview.rows, preview.value_range) == (rows, (-1.0, 1.0))
+    task.data_range = [0.0, 255.0]
+    assert task.prediction_preview(torch.zeros(2, 3, 4, 4), None).value_range == (0.0, 255.0)
+    probabilities = torch.tensor([[0.25, 0.5, 0.25], [0.625, 0.125, 0.25]], dtype=torch.float64)  # exact in fp32
+    assert task.prediction_preview(probabilities, None).table == (
+        ["row", "argmax", "0", "1", "2"],
+        [[0, 1, 0.25, 0.5, 0.25], [1, 0, 0.625, 0.125, 0.25]],
+    )
+    ids = task.prediction_preview(torch.tensor([[1, 2], [3, 4]]), None)
+    assert (ids.tokens, ids.table, ids.images) == ([[1, 2], [3, 4]], None, None)
+    metrics = {"nelbo": torch.tensor([1.0, 2.0]), "total": torch.tensor(3.0), "bits": torch.tensor([0.5, 0.25])}
+    assert task.prediction_preview(metrics, None).table == (["row", "nelbo", "bits"], [[0, 1.0, 0.5], [1, 2.0, 0.25]])
+    for nothing in ("text", {}, {"total": torch.tensor(3.0)}, {"nelbo": [1.0]}, torch.zeros(2, 3, 4),
+                    torch.zeros(2, 1, 4, 4, dtype=torch.long), torch.zeros(3)):  # fmt: skip
+        assert task.prediction_preview(nothing, None) is None

@@ -61,13 +61,15 @@ class CallConvention:
     def of(cls, net: nn.Module, expected: str = EXPECTED_CALL) -> CallConvention:
         """Read the convention from ``net.forward``'s signature; refuse shapes it cannot serve (quoting ``expected``,
         the task's own call)."""
+        declared = getattr(net, "diffusionblocks_takes_labels", None)  # a wrapper whose model takes no class labels
+        declared = declared if isinstance(declared, bool) else True
         try:
             params = list(inspect.signature(net.forward).parameters.values())
         except (TypeError, ValueError):
-            return cls()
+            return cls(takes_labels=declared)
         kinds = inspect.Parameter
         if any(p.kind is kinds.VAR_POSITIONAL for p in params):
-            return cls()
+            return cls(takes_labels=declared)
         positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
         keyword = [p for p in params if p.kind is kinds.KEYWORD_ONLY]
         has_var_kw = any(p.kind is kinds.VAR_KEYWORD for p in params)
@@ -97,10 +99,7 @@ class CallConvention:
             raise refuse(f"requires further arguments {required}")
         if slots[1] == "<absent>" and has_var_kw:
             slots[1] = "labels"
-        takes_labels = slots[1] != "<absent>"
-        declared = getattr(net, "diffusionblocks_takes_labels", None)  # a wrapper whose model takes no class labels
-        if isinstance(declared, bool):
-            takes_labels = takes_labels and declared
+        takes_labels = slots[1] != "<absent>" and declared
         names = None if has_var_kw else tuple(p.name for p in rest_pos + rest_kw)
         return cls(noise_keyword=slots[0], labels_keyword=slots[1], takes_labels=takes_labels, keywords=names)
 
