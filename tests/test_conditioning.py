@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import lightning_diffusionblocks as ldb
+from lightning_diffusionblocks.conditioning import Conditioning
 from lightning_diffusionblocks.tasks import ImageGeneration
 from lightning_diffusionblocks.tasks.image_generation import CallConvention
 from tests.fakes import FACTORS, FakeDenoiser, Recorder, Scale, labels_in_call
@@ -273,3 +274,89 @@ def test_image_preview_of_a_conditioned_batch_draws_one_row_per_conditioning_row
             assert preview.caption == caption
         task.data_range = None
         assert task.preview(router, batch, per_row=1, max_rows=1, steps=1).value_range == (-1.0, 1.0)
+
+
+def test_call_convention_reads_keyword_only_slots_and_names_unknown_conditioning() -> None:
+    """The noise level and the labels may be keyword-only (their names are used, in order); ``**kwargs`` gives an
+    absent labels slot the keyword ``labels``; conditioning a network does not take is refused by name."""
+
+    class KeywordOnly(nn.Module):
+        def forward(self, x: Tensor, *, timestep: Tensor, class_labels: Tensor | None = None, h: Any = None) -> Tensor:
+            return x
+
+    class Flexible(nn.Module):
+        def forward(self, x: Tensor, t: Tensor, **conditioning: Any) -> Tensor:
+            return x
+
+    class NoiseOnly(nn.Module):
+        def forward(self, x: Tensor, t: Tensor, *, scale: float = 1.0) -> Tensor:
+            return x
+
+    assert CallConvention.of(KeywordOnly()) == CallConvention("timestep", "class_labels", takes_labels=True)
+    assert CallConvention.of(KeywordOnly()).keywords == ("h",)  # what conditioning it can take
+    assert CallConvention.of(Flexible()) == CallConvention(None, "labels", takes_labels=True)
+    assert CallConvention.of(Flexible()).keywords is None
+    assert CallConvention.of(NoiseOnly()) == CallConvention(None, "scale", takes_labels=True)
+    run = Recorder(torch.zeros(2, 1))
+    x, c_noise, labels = torch.zeros(2, 1), torch.ones(2), torch.tensor([1, 0])
+    CallConvention.of(KeywordOnly()).call(run, x, c_noise, Conditioning(labels, {"h": torch.ones(2, 3)}))
+    args, kwargs = run.calls[-1]
+    assert (len(args), sorted(kwargs)) == (1, ["class_labels", "h", "timestep"])
+    with pytest.raises(
+        ValueError,
+        match=r"^The batches carry the conditioning \['extra', 'more'\] \(every key of a dict batch but 'images' and"
+        r" 'labels' is passed to the network by name\), but the network's forward takes no such argument \(it takes"
+        r" \['h'\]\)\. Remove those keys from the batches, or give the network those"
+        r" keyword arguments \(or \*\*conditioning\)\.$",
+    ):
+        CallConvention.of(KeywordOnly()).call(run, x, c_noise, Conditioning(labels, {"more": 1, "h": 2, "extra": 3}))
+    CallConvention.of(Flexible()).call(run, x, c_noise, Conditioning(labels, {"anything": 1}))
+    assert sorted(run.calls[-1][1]) == ["anything", "labels"]
+
+
+def test_sampled_labels_must_index_the_networks_label_embedding() -> None:
+    """Labels up to the embedding's last row (the null label included) are drawn; the ids beyond it are named."""
+    net = FakeDenoiser(num_classes=10)
+    net.label_embedding = nn.Embedding(11, 2)  # 11 rows: 10 classes and the null label (10)
+    module = ldb.DiffusionBlocksModule(net, ImageGeneration(), num_blocks=3)
+    assert module.sample(labels=[0, 9, 10], steps=1, shape=(1, 2, 2)).shape == (3, 1, 2, 2)
+    labels = [0] * 8 + [12, 11, 12] + list(range(13, 20))
+    with pytest.raises(
+        ValueError,
+        match=r"^sample\(\) got labels \[11, 12, 13, 14, 15, 16, 17, 18\] beyond the network's label embedding, which"
+        r" has 11 rows \(ids 0\.\.10; 10 means 'no label'\)\.$",
+    ):
+        module.sample(labels=labels, steps=1, shape=(1, 2, 2))
+
+
+@pytest.mark.parametrize("net", [TextDenoiser, LabelledTextDenoiser])
+def test_unconditional_samples_of_a_keyword_conditioned_network_get_its_null_conditioning(
+    net: type[TextDenoiser],
+) -> None:
+    """sample(num_samples=n) without conditioning gives the network the task's null conditioning, one row per sample
+    (and the null label, for a network that takes labels)."""
+    null = torch.tensor([[0.5, -1.0, 2.0, 0.25], [1.0, 1.0, 0.0, -0.5]])
+    denoiser = net()
+    module = ldb.DiffusionBlocksModule(denoiser, ImageGeneration(null_conditioning={"encoder_hidden_states": null}),
+                                       num_blocks=3)  # fmt: skip
+    out = module.sample(num_samples=3, steps=2, seed=0, shape=(1, 2, 2))
+    assert out.shape == (3, 1, 2, 2)
+    states = [call["states"] for call in denoiser.calls if "states" in call]
+    assert len(states) == 2
+    for seen in states:
+        assert torch.equal(seen, null.expand(3, 2, 4))
+    if net is LabelledTextDenoiser:
+        assert [call["labels"].tolist() for call in denoiser.calls if "labels" in call] == [[-1] * 3] * 2
+
+
+def test_a_network_without_labels_trains_on_dict_batches_whatever_their_labels_hold() -> None:
+    """A captioned batch's labels are only data for a network that takes none: observing such a batch checks its
+    conditioning rows, not its labels (float scores, say, or ids beyond any embedding)."""
+    task = ldb.DiffusionBlocksModule(TextDenoiser(), ImageGeneration(), num_blocks=3).task
+    batch = {
+        "images": torch.zeros(2, 1, 2, 2),
+        "labels": torch.tensor([0.25, 7.5]),
+        "encoder_hidden_states": torch.ones(2, 2, 4),
+    }
+    task.observe(batch)
+    assert (task.sample_shape, task.data_range) == ([1, 2, 2], [0.0, 0.0])

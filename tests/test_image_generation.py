@@ -4,6 +4,7 @@ inherit, prediction, and what it refuses. Expected values come from ``tests/refe
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -322,3 +323,91 @@ def test_a_network_that_declares_it_takes_no_labels_gets_none_whatever_its_signa
     module = ldb.DiffusionBlocksModule(Unlabelled(), ImageGeneration(), num_blocks=3)
     module.sample(num_samples=2, steps=1, shape=(1, 2, 2))
     assert module.network.net.calls[-1]["labels"] is None
+
+
+def test_training_batches_it_would_misread_are_refused_with_the_conversion_to_make() -> None:
+    """Integer images, labels that are not one integer id per image (floats, booleans, one-hot or other 2-D rows)
+    and a label count other than the image count: each refused with its own exact message."""
+    task = DDPM()  # the messages name the task that refuses
+    images = torch.zeros(3, 1, 2, 2)
+    with pytest.raises(
+        ValueError,
+        match=r"^DDPM got torch\.uint8 images \(pixel values such as 0–255\), but it denoises float images scaled to"
+        r" about \[-1, 1\]\. Convert them in the data pipeline: images\.float\(\) / 127\.5 - 1 \(or torchvision's"
+        r" ToTensor\(\) then Normalize\(0\.5, 0\.5\)\)\.$",
+    ):
+        task.observe(images.to(torch.uint8))
+    one_hot = r"For one-hot labels pass labels\.argmax\(-1\)\."
+    column = r"For a column of class ids pass labels\.squeeze\(1\)"
+    to_long, per_image = r"Convert them with labels\.long\(\)\.", r"Pass one class id per image\."
+    refusals = (
+        (torch.zeros(3, 4), r"torch\.float32 of shape \(3, 4\)\. " + one_hot),
+        (torch.zeros(3), r"torch\.float32 of shape \(3,\)\. " + to_long),
+        (torch.zeros(3, dtype=torch.bool), r"torch\.bool of shape \(3,\)\. " + to_long),
+        (torch.zeros(3, 4, dtype=torch.bool), r"torch\.bool of shape \(3, 4\)\. " + one_hot),
+        (torch.zeros(3, 1, dtype=torch.long), r"torch\.int64 of shape \(3, 1\)\. " + column + r"\."),
+        (torch.zeros(3, 1), r"torch\.float32 of shape \(3, 1\)\. " + column + r"\.long\(\)\."),
+        (torch.zeros(2, 3, dtype=torch.long), r"torch\.int64 of shape \(2, 3\)\. " + per_image),
+        (torch.zeros(3, 2, 2, dtype=torch.long), r"torch\.int64 of shape \(3, 2, 2\)\. " + per_image),
+        (torch.zeros(2, 3), r"torch\.float32 of shape \(2, 3\)\. " + to_long),
+    )
+    for labels, rest in refusals:
+        with pytest.raises(ValueError, match=r"^DDPM expects labels as a 1-D integer tensor of class ids, one per"
+                           r" image; got " + rest + "$"):  # fmt: skip
+            task.observe((images, labels))
+    with pytest.raises(
+        ValueError,
+        match=r"^DDPM got 2 labels for 3 images; a batch is \(images, labels\) with one class id per image\.$",
+    ):
+        task.observe((images, torch.tensor([0, 1])))
+    with pytest.raises(
+        ValueError,
+        match=r"^DDPM got a dict batch with keys \['labels', 'x'\] but no 'images': a dict batch is \{'images': x,"
+        r" 'labels': y \(optional\), <network keyword>: <one row per sample>, \.\.\.\}\.$",
+    ):
+        task.observe({"x": images, "labels": torch.tensor([0, 1, 2])})
+
+
+def test_observing_batches_keeps_their_union_range_and_warns_once_about_unscaled_images() -> None:
+    """The data range is the union over every batch seen; images beyond ±20 (0–255 pixels as floats) warn once, with
+    the scaling to apply; exactly ±20 does not warn."""
+    task = ImageGeneration()
+    task.observe(torch.full((2, 1, 2, 2), -20.0))
+    assert task.data_range == [-20.0, -20.0]
+    task.observe(torch.full((2, 1, 2, 2), 20.0))
+    assert task.data_range == [-20.0, 20.0]
+    unscaled = torch.tensor([0.0, 255.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
+    message = (
+        r"^Training images range over \[0, 255\], but ImageGeneration expects images scaled to about \[-1, 1\] \(its"
+        r" noise levels and loss weights assume it\)\. Scale them in the data pipeline, e\.g\. images / 127\.5 - 1"
+        r" for 0–255 pixels\.$"
+    )
+    with pytest.warns(UserWarning, match=message):
+        task.observe(unscaled)
+    assert task.data_range == [-20.0, 255.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.observe(unscaled + 1)  # warned once already
+    assert task.data_range == [-20.0, 256.0]
+    fresh = ImageGeneration()
+    fresh.observe(torch.full((1, 1, 2, 2), 0.5))
+    fresh.observe(torch.full((1, 1, 2, 2), -0.25))
+    assert fresh.data_range == [-0.25, 0.5]
+
+
+def test_dict_batches_split_into_images_and_the_networks_conditioning() -> None:
+    """'images' are the images; 'labels' are labels, never conditioning; other keys are conditioning (only the
+    ``conditioning_keys`` when given). A dict of images and labels alone is a labelled batch."""
+    images, labels, h, other = torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), torch.ones(2, 3), torch.ones(2)
+    task = ImageGeneration()
+    assert task.split({"images": images})[1] is None
+    got_images, got_labels = task.split({"images": images, "labels": labels})
+    assert got_images is images
+    assert got_labels is labels
+    cond = task.split({"images": images, "labels": labels, "h": h, "other": other})[1]
+    assert cond.labels is labels
+    assert list(cond.values) == ["h", "other"]
+    keyed = ImageGeneration(conditioning_keys=["h"]).split({"images": images, "labels": labels, "h": h, "other": other})
+    assert keyed[1].labels is labels
+    assert list(keyed[1].values) == ["h"]
+    assert ImageGeneration(conditioning_keys=["h"]).split({"images": images, "other": other})[1] is None

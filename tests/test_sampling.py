@@ -89,8 +89,6 @@ def test_guidance_doubles_the_batch_and_mixes():
         module.sample(labels=[1], steps=0)
 
 
-
-
 def test_steps_are_not_stored_and_end_to_end_models_sample_whole(tmp_path):
     module, calls = counting_module()
     trainer = L.Trainer(strategy="auto", max_steps=2, **trainer_kwargs(tmp_path))
@@ -200,3 +198,35 @@ def test_image_sampling_is_routed_euler_with_guidance(guidance: float, steps: in
             documented = getattr(module.task, "null_label", None)
             assert documented is None or int(uncond[0]) == documented
     close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_argument_checks_name_the_call_and_show_an_example() -> None:
+    """check_integer/check_count name the argument and the call (``sample`` unless given) with an example value
+    (``...`` for a name without one); check_clip takes False, True or an increasing pair and says why it refuses."""
+    from lightning_diffusionblocks.sampling import check_clip, check_count, check_integer
+
+    assert check_integer(3, "steps") == 3
+    with pytest.raises(TypeError, match=r"^steps must be an integer, got 2\.5 \(float\); e\.g\. sample\(steps=50\)\.$"):
+        check_integer(2.5, "steps")
+    with pytest.raises(TypeError, match=r"^width must be an integer, got True \(bool\); e\.g\. grow\(width=\.{3}\)\.$"):
+        check_integer(True, "width", "grow")
+    with pytest.raises(ValueError, match=r"^num_samples must be >= 1, got 0; e\.g\. sample\(num_samples=8\)\.$"):
+        check_count(0, "num_samples")
+    with pytest.raises(ValueError, match=r"^width must be >= 1, got -2; e\.g\. grow\(width=\.\.\.\)\.$"):
+        check_count(-2, "width", "grow")
+    with pytest.raises(TypeError, match=r"^length must be an integer, got '4' \(str\); e\.g\. generate\(length=64\)"):
+        check_count("4", "length", "generate")
+    assert (check_clip(False), check_clip(True), check_clip([-1, 2]), check_clip((0.5, 0.75))) == (
+        False, True, (-1.0, 2.0), (0.5, 0.75),
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^clip=\(1, 1\) is not an increasing range: clamping to it would turn every pixel into one value\. Pass"
+        r" clip=\(lo, hi\) with lo < hi, e\.g\. clip=\(1\.0, 1\.0\)\.$",
+    ):
+        check_clip((1, 1))
+    refused = r"^clip takes False, True \(the training data's range\) or a \(lo, hi\) pair, got "
+    shown_as = (((0, 1, 2), r"\(0, 1, 2\)"), ((0, "1"), r"\(0, '1'\)"), ("(0, 1)", r"'\(0, 1\)'"), (None, "None"))
+    for bad, shown in shown_as:
+        with pytest.raises(TypeError, match=refused + shown + r"\.$"):
+            check_clip(bad)

@@ -322,12 +322,17 @@ class ImageGeneration(Task):
             )
         if labels is None:
             return
-        if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1:
-            one_hot = labels.ndim == 2 and labels.shape[0] == images.shape[0]
+        not_ids = labels.is_floating_point() or labels.dtype == torch.bool
+        if not_ids or labels.ndim != 1:
+            if labels.ndim == 2 and labels.shape[0] == images.shape[0] and labels.shape[1] == 1:
+                hint = f" For a column of class ids pass labels.squeeze(1){'.long()' if not_ids else ''}."
+            elif labels.ndim == 2 and labels.shape[0] == images.shape[0]:
+                hint = " For one-hot labels pass labels.argmax(-1)."
+            else:
+                hint = " Convert them with labels.long()." if not_ids else " Pass one class id per image."
             raise ValueError(
                 f"{name} expects labels as a 1-D integer tensor of class ids, one per image; got {labels.dtype} of"
-                f" shape {tuple(labels.shape)}."
-                + (" For one-hot labels pass labels.argmax(-1)." if one_hot else " Convert them with labels.long().")
+                f" shape {tuple(labels.shape)}.{hint}"
             )
         if labels.shape[0] != images.shape[0]:
             raise ValueError(
@@ -547,8 +552,9 @@ class ImageGeneration(Task):
             if not self.convention.takes_labels:
                 raise ValueError("The network takes no labels; call sample(num_samples=...) without labels.")
             if self.label_rows is not None and bool((labels >= self.label_rows).any()):
+                beyond = sorted(set(labels[labels >= self.label_rows].tolist()))
                 raise ValueError(
-                    f"sample() got labels {labels.tolist()[:8]}, but the network's label embedding has"
+                    f"sample() got labels {beyond[:8]} beyond the network's label embedding, which has"
                     f" {self.label_rows} rows (ids 0..{self.label_rows - 1}; {self.null_label} means 'no label')."
                 )
         elif guidance != 1.0:
