@@ -12,8 +12,7 @@ to the task, which is given a :class:`~lightning_diffusionblocks.routing.Router`
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +37,7 @@ from lightning_diffusionblocks.checks import (
     non_finite_loss,
 )
 from lightning_diffusionblocks.dashboard import GroupLossLog, log_group_summary, log_run_config
+from lightning_diffusionblocks.inference import Inference
 from lightning_diffusionblocks.lora import GroupLoRA
 from lightning_diffusionblocks.noise import Partition
 from lightning_diffusionblocks.optimisation import SHARED as SHARED  # re-exported from their former home
@@ -46,7 +46,6 @@ from lightning_diffusionblocks.optimisation import warmup_cosine as warmup_cosin
 from lightning_diffusionblocks.partition import BlockwiseNetwork, StemMode
 from lightning_diffusionblocks.precision import GroupStateStore, StatePrecision
 from lightning_diffusionblocks.records import trusting
-from lightning_diffusionblocks.routing import Router
 from lightning_diffusionblocks.schedules import Schedule, step_seed
 from lightning_diffusionblocks.tasks.base import Task
 
@@ -54,7 +53,7 @@ RANK_SALT = 1_000_003
 MICRO_SALT = 101  #: seed salt of the j-th micro-batch of an accumulated step (j = 0 draws the plain step's noise)
 
 
-class DiffusionBlocksModule(L.LightningModule):
+class DiffusionBlocksModule(Inference, L.LightningModule):
     """Wrap ``net`` (a model with a block stack) and a :class:`~lightning_diffusionblocks.tasks.Task`.
 
     Args:
@@ -174,11 +173,6 @@ class DiffusionBlocksModule(L.LightningModule):
     def num_blocks(self) -> int:
         return self.network.num_groups
 
-    @property
-    def blockwise(self) -> bool:
-        """True when each noise level is served by its own group (the model was, or is being, trained block-wise)."""
-        return bool(self.trained_blockwise)
-
     def _uniform_weights(self) -> None:
         """Every group's weights in fp32 before a pass that runs every group (exact upcasts of the stored bf16
         ones; the next training step stores them again without rounding)."""
@@ -191,10 +185,6 @@ class DiffusionBlocksModule(L.LightningModule):
     def _optimizer_or_none(self) -> Optimizer | None:
         trainer = self._trainer
         return trainer.optimizers[0] if trainer is not None and trainer.optimizers else None
-
-    @property
-    def sampling_network(self) -> BlockwiseNetwork:
-        return self.ema_network if self.ema_network is not None else self.network
 
     def use_schedule(
         self, schedule: Schedule | None, reduce_gradients: Callable[[list[Tensor]], None] | None = None
@@ -215,52 +205,7 @@ class DiffusionBlocksModule(L.LightningModule):
             return None
         return self._schedule.group_at(int(self.step_count) if step is None else step)
 
-    # ------------------------------------------------------------------ routing and evaluation
-    def router(self, network: BlockwiseNetwork | None = None) -> Router:
-        """Noise level → the runner of its group (one entry for an end-to-end model)."""
-        network = self.sampling_network if network is None else network
-        boundaries = self.boundaries if self.blockwise else None
-        return Router(lambda group: partial(network, group=group), self.task.noise, boundaries, self.device)
-
-    @contextmanager
-    def evaluating(self) -> Iterator[Router]:
-        """Eval mode and no gradients for the sampling network (EMA if any); yields its router."""
-        self._uniform_weights()
-        network = self.sampling_network
-        was_training = network.training
-        network.eval()
-        try:
-            with torch.no_grad():
-                yield self.router(network)
-        finally:
-            network.train(was_training)
-
-    def _infer(self, call: str, *args: Any, **kwargs: Any) -> Any:
-        """The front door of inference: the task's method ``call`` with the sampling network's router, in eval mode
-        without gradients. Its signature and documentation are the task's own (one place)."""
-        if call not in self.task.inference:
-            raise self.task.unsupported(call)
-        with self.evaluating() as router:
-            return getattr(self.task, call)(router, *args, **kwargs)
-
-    def sample(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Generate images, each level served by its group: the task's ``sample`` (:meth:`ImageGeneration.sample`)."""
-        return self._infer("sample", *args, **kwargs)
-
-    def predict_proba(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Class probabilities: the task's ``predict_proba`` (:meth:`Classification.predict_proba`)."""
-        return self._infer("predict_proba", *args, **kwargs)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Token ids from a language-model task's ``generate`` (:meth:`AutoregressiveLM.generate`,
-        :meth:`MaskedLM.generate`); every diffusion step calls only its group."""
-        return self._infer("generate", *args, **kwargs)
-
-    def evaluate_batch(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        """Per-sequence metrics of one batch from a language-model task's ``evaluate_batch``
-        (:meth:`AutoregressiveLM.evaluate_batch`, :meth:`MaskedLM.evaluate_batch`); a keyword left None is the task's
-        default."""
-        return self._infer("evaluate_batch", *args, **{k: v for k, v in kwargs.items() if v is not None})
+    # routing, evaluation mode and the inference front door (sample, predict_proba, ...): see inference.py
 
     # ------------------------------------------------------------------ optimisation (see optimisation.py)
     def param_groups(self) -> list[dict[str, Any]]:
