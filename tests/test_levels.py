@@ -321,3 +321,40 @@ def test_masking_cdf_is_the_clamped_uniform_cdf() -> None:
     """t is uniform on [0, 1]: its CDF is 0 below, t inside, 1 above."""
     got = MaskingSchedule().cdf(torch.tensor([-0.5, 0.0, 0.25, 1.0, 1.5]))
     assert got.tolist() == [0.0, 0.0, 0.25, 1.0, 1.0]
+
+
+def test_quantiles_boundaries_and_the_grid_end_are_exact_in_float64() -> None:
+    """The equal-probability cut, ``quantile`` and the grid's end are computed in float64 throughout: a fraction such
+    as 1/3 is not rounded to float32 first (a 3e-8 relative error in every inner boundary), and a ``level_end`` that
+    float32 cannot hold (0.1) ends the grid exactly."""
+    levels = LogUniformSigma(0.5, 2.0)
+    reference = [math.exp(math.log(0.5) + k / 3 * math.log(4.0)) for k in range(4)]
+    got = levels.boundaries(3).tolist()
+    assert got[0] == 0.5
+    assert got[3] == 2.0
+    for k in (1, 2):
+        assert got[k] == pytest.approx(reference[k], rel=1e-13)
+    assert float(levels.quantile(1 / 3)) == pytest.approx(reference[1], rel=1e-13)
+
+    class EndsAtATenth(LogUniformSigma):
+        level_end = 0.1
+
+    grid = EndsAtATenth().sampling_grid(3)
+    assert grid.dtype == torch.float64
+    assert grid[-1].item() == 0.1
+
+
+def test_a_partition_the_base_class_does_not_know_is_refused_by_name() -> None:
+    """A formulation written against the interface, with no partitions of its own, refuses any other than
+    ``equiprobable`` and ``linear``, naming the one asked for (DDPM and masking say why in their own words)."""
+    with pytest.raises(ValueError, match=r"^Unknown partition 'bogus'; use 'equiprobable' or 'linear'\.$"):
+        LogUniformSigma().boundaries(3, "bogus")
+
+
+def test_masking_inverse_cdf_is_the_identity_in_float64() -> None:
+    q = torch.tensor([0.0, 0.25, 1 / 3, 1.0], dtype=torch.float32)
+    got = MaskingSchedule().icdf(q)
+    assert got.dtype == torch.float64
+    assert got.tolist() == q.double().tolist()
+    assert MaskingSchedule().icdf(0.1).item() == 0.1  # a Python float: not through float32
+    assert got is not q

@@ -129,3 +129,34 @@ def test_prediction_files_follow_the_form_of_the_prediction() -> None:
     for nothing in ("text", {}, {"total": torch.tensor(3.0)}, {"nelbo": [1.0]}, torch.zeros(2, 3, 4),
                     torch.zeros(2, 1, 4, 4, dtype=torch.long), torch.zeros(3)):  # fmt: skip
         assert task.prediction_preview(nothing, None) is None
+
+
+def test_a_network_declaring_what_another_task_reads_is_refused_naming_the_tasks_that_read_it() -> None:
+    """``diffusionblocks_outputs`` other than what the task reads is refused at bind: the message names the tasks
+    that read it (else says to pair it with one), and the task's own call when it has one; an empty or non-string
+    declaration declares nothing."""
+    image_reads = "image-shaped outputs (a denoised image, a velocity or a noise estimate)"
+    call = (
+        ": ImageGeneration calls the network as forward(x, c_noise, labels=None) (x = c_in·z, c_noise = ¼·ln σ,"
+        " labels = class ids)."
+    )
+    cases = (
+        (ImageGeneration(), "class logits",
+         f"Declares returns class logits (its `diffusionblocks_outputs`), but the ImageGeneration task reads"
+         f" {image_reads} from the network{call} Train it with Classification, or give ImageGeneration a network made"
+         " for it."),
+        (ImageGeneration(), "spectra",
+         f"Declares returns spectra (its `diffusionblocks_outputs`), but the ImageGeneration task reads {image_reads}"
+         f" from the network{call} Pair it with a task that reads spectra, or give ImageGeneration a network made for"
+         " it."),
+        (Classification(3), image_reads,
+         f"Declares returns {image_reads} (its `diffusionblocks_outputs`), but the Classification task reads class"
+         " logits from the network. Train it with DDPM or FlowMatching or ImageGeneration, or give Classification a"
+         " network made for it."),
+    )  # fmt: skip
+    for task, declared, message in cases:
+        with pytest.raises(ValueError, match=r"^Declares returns ") as refused:
+            task.bind(Declares(diffusionblocks_outputs=declared))
+        assert str(refused.value) == message
+    for nothing in ("", 3, None):
+        ImageGeneration().bind(Declares(diffusionblocks_outputs=nothing))

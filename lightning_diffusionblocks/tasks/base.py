@@ -48,7 +48,7 @@ class Task(RecordsInitArgs, ABC):
         """Refuse a network that declares it returns something this task does not read (e.g. a classifier's logits
         given to an image task), before a shape error deep in the first step; called by a task's :meth:`bind`."""
         declared = getattr(net, "diffusionblocks_outputs", None)
-        if not (isinstance(declared, str) and self.reads) or declared == self.reads:
+        if not (isinstance(declared, str) and declared and self.reads) or declared == self.reads:
             return
         readers = sorted({task.__name__ for task in _task_classes() if task.reads == declared})
         call = getattr(self, "expected_call", "")
