@@ -329,15 +329,17 @@ def test_sampled_labels_must_index_the_networks_label_embedding() -> None:
         module.sample(labels=labels, steps=1, shape=(1, 2, 2))
 
 
+@pytest.mark.parametrize("leading_one", [False, True])
 @pytest.mark.parametrize("net", [TextDenoiser, LabelledTextDenoiser])
 def test_unconditional_samples_of_a_keyword_conditioned_network_get_its_null_conditioning(
-    net: type[TextDenoiser],
+    net: type[TextDenoiser], leading_one: bool
 ) -> None:
     """sample(num_samples=n) without conditioning gives the network the task's null conditioning, one row per sample
-    (and the null label, for a network that takes labels)."""
+    (and the null label, for a network that takes labels); the null may be given with a leading 1 or without."""
     null = torch.tensor([[0.5, -1.0, 2.0, 0.25], [1.0, 1.0, 0.0, -0.5]])
     denoiser = net()
-    module = ldb.DiffusionBlocksModule(denoiser, ImageGeneration(null_conditioning={"encoder_hidden_states": null}),
+    given = null[None] if leading_one else null
+    module = ldb.DiffusionBlocksModule(denoiser, ImageGeneration(null_conditioning={"encoder_hidden_states": given}),
                                        num_blocks=3)  # fmt: skip
     out = module.sample(num_samples=3, steps=2, seed=0, shape=(1, 2, 2))
     assert out.shape == (3, 1, 2, 2)

@@ -14,7 +14,7 @@ import lightning_diffusionblocks as ldb
 from lightning_diffusionblocks.ddpm import DDPMSchedule
 from lightning_diffusionblocks.tasks import DDPM, FlowMatching, ImageGeneration
 from lightning_diffusionblocks.tasks.flow_matching import EXPECTED_CALL as FLOW_CALL
-from lightning_diffusionblocks.tasks.image_generation import EXPECTED_CALL, CallConvention
+from lightning_diffusionblocks.tasks.image_generation import EXPECTED_CALL, CallConvention, discover_null_label
 from tests.fakes import FakeDenoiser, FakeNet, Recorder, bound, router
 from tests.reference import close, coefficient_tensors, gen, linear_alpha_bar, weight
 
@@ -411,3 +411,9 @@ def test_dict_batches_split_into_images_and_the_networks_conditioning() -> None:
     assert keyed[1].labels is labels
     assert list(keyed[1].values) == ["h"]
     assert ImageGeneration(conditioning_keys=["h"]).split({"images": images, "other": other})[1] is None
+
+
+def test_the_null_label_is_discovered_from_what_the_network_declares() -> None:
+    """``discover_null_label``: the network's ``num_classes`` (the extra row of its embedding), or None."""
+    assert discover_null_label(FakeDenoiser(num_classes=6)) == 6
+    assert discover_null_label(nn.Linear(2, 2)) is None
