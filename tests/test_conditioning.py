@@ -269,6 +269,9 @@ def test_image_preview_of_a_conditioned_batch_draws_one_row_per_conditioning_row
             )  # fmt: skip
             assert preview.images is not None
             assert torch.equal(preview.images, want)
+            if net is LabelledTextDenoiser:  # the rows' own labels reach the network, not only the null one
+                seen = {int(v) for call in module.network.net.calls if "labels" in call for v in call["labels"]}
+                assert set(labels[:rows].tolist()) <= seen
             assert (preview.rows, preview.value_range) == (rows, (-2.0, 0.5))
             caption = "ImageGeneration: one row per conditioning of the batch, guidance 1.5, 2 sampling steps"
             assert preview.caption == caption

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -417,3 +418,30 @@ def test_the_null_label_is_discovered_from_what_the_network_declares() -> None:
     """``discover_null_label``: the network's ``num_classes`` (the extra row of its embedding), or None."""
     assert discover_null_label(FakeDenoiser(num_classes=6)) == 6
     assert discover_null_label(nn.Linear(2, 2)) is None
+
+
+def test_where_the_null_label_comes_from_is_said_in_words() -> None:
+    """find_null_label: the network's own ``null_label`` or ``num_classes`` (positive), then a label-named submodule's,
+    then the last row of a label embedding; each with the words the refusals quote."""
+    from lightning_diffusionblocks.tasks.image_generation import find_null_label
+
+    class Net(nn.Module):
+        def __init__(self, **declared: Any) -> None:
+            super().__init__()
+            for name, value in declared.items():
+                setattr(self, name, value)
+
+    assert find_null_label(Net(null_label=0)) == (0, "declared as the network's null_label")
+    assert find_null_label(Net(num_classes=1)) == (1, "the extra row after the network's num_classes=1")
+    assert find_null_label(Net(num_classes=0, null_label=None)) == (None, "none declared")
+    inner = Net(label_head=Net(num_classes=5), other=Net(num_classes=9))
+    assert find_null_label(inner) == (5, "the extra row after `label_head.`num_classes=5")
+    assert find_null_label(Net(class_table=Net(null_label=2))) == (2, "declared as `class_table.`null_label")
+    table = Net(y_embedder=nn.Embedding(7, 2))
+    assert find_null_label(table) == (
+        6,
+        "guessed as the last row of the label embedding `y_embedder` (Embedding(7, ...)), as the network declares no"
+        " `num_classes` or `null_label`",
+    )
+    assert ImageGeneration().null_label_origin == "none declared"
+    assert ImageGeneration(null_label=3).null_label_origin == "given as null_label=3"
