@@ -445,3 +445,52 @@ def test_where_the_null_label_comes_from_is_said_in_words() -> None:
     )
     assert ImageGeneration().null_label_origin == "none declared"
     assert ImageGeneration(null_label=3).null_label_origin == "given as null_label=3"
+
+
+def test_binding_reads_the_networks_declarations_and_refuses_a_null_label_beyond_its_embedding() -> None:
+    """bind hands a network that maps noise levels itself (``diffusionblocks_noise_input``) the task's convention,
+    and refuses a declared null label its label embedding has no row for, saying exactly why; a label equal to the
+    embedding's row count is refused when sampling."""
+    seen: list[Any] = []
+    net = FakeDenoiser(num_classes=4)
+    net.diffusionblocks_noise_input = seen.append
+    task = ImageGeneration(label_dropout=0.1)
+    task.bind(net)
+    assert seen == [task.noise_input()]
+    net = FakeDenoiser(num_classes=4)
+    net.label_table = nn.Embedding(4, 2)  # no row for the null label 4
+    with pytest.raises(ValueError) as refused:  # noqa: PT011 - the whole message is compared below
+        DDPM(label_dropout=0.1).bind(net)
+    assert str(refused.value) == (
+        "DDPM feeds label 4 for 'no label' (the extra row after the network's num_classes=4): a share"
+        " label_dropout=0.1 of training labels and every unguided sample get it. But the label embedding `label_table`"
+        " has 4 rows (ids 0..3), so that id would fail with an IndexError. Give the network a row for 'no label'"
+        " (nn.Embedding(num_classes + 1, dim)), or tell the task which id the network reads as 'no label':"
+        " DDPM(null_label=<id>)."
+    )
+    net.label_table = nn.Embedding(5, 2)
+    module = ldb.DiffusionBlocksModule(net, ImageGeneration(), num_blocks=3)
+    with pytest.raises(ValueError, match=r"^sample\(\) got labels \[5\] beyond"):
+        module.sample(labels=[5], steps=1, shape=(1, 2, 2))
+    with pytest.raises(
+        ValueError,
+        match=r"^conditioning_keys must be a list of dict-batch keys, got 'h'; e\.g\. conditioning_keys=\["
+        r"'encoder_hidden_states', 'pooled_projections'\]\.$",
+    ):
+        ImageGeneration(conditioning_keys="h")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"got \['h', 3\]"):
+        ImageGeneration(conditioning_keys=["h", 3])  # type: ignore[list-item]
+
+
+def test_a_training_label_equal_to_the_null_label_is_refused_with_the_whole_reason() -> None:
+    task = ImageGeneration()
+    task.bind(FakeDenoiser(num_classes=4))
+    with pytest.raises(ValueError) as refused:  # noqa: PT011 - the whole message is compared below
+        task.observe((torch.zeros(2, 1, 2, 2), torch.tensor([4, 1])))
+    assert str(refused.value) == (
+        "The training labels include 4, the id ImageGeneration feeds for 'no label' (classifier-free guidance; the"
+        " extra row after the network's num_classes=4). That class would be treated as 'no label': its images"
+        " unconditional and unguided samples of that class. Give the network a row for 'no label'"
+        " (nn.Embedding(num_classes + 1, dim) and a `num_classes` attribute), or tell the task which id no class"
+        " uses: ImageGeneration(null_label=<id>)."
+    )
