@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_diffusionblocks.noise import NoiseSchedule
 from lightning_diffusionblocks.tasks import AutoregressiveLM, Classification, ImageGeneration, MaskedLM
-from lightning_diffusionblocks.tasks.base import Task
+from lightning_diffusionblocks.tasks.base import Task, _task_classes
 from tests.fakes import Declares, Recorder
 from tests.reference import close, cross_entropy, gen
 
@@ -140,10 +140,16 @@ def test_a_network_declaring_what_another_task_reads_is_refused_naming_the_tasks
         ": ImageGeneration calls the network as forward(x, c_noise, labels=None) (x = c_in·z, c_noise = ¼·ln σ,"
         " labels = class ids)."
     )
+    # every task class that reads images, test-defined subclasses included (the suite defines a few)
+    readers = sorted({c.__name__ for c in _task_classes() if c.reads == image_reads})
+    assert {"DDPM", "FlowMatching", "ImageGeneration"} <= set(readers)
+    image_tasks = " or ".join(readers)
+    logit_tasks = " or ".join(sorted({c.__name__ for c in _task_classes() if c.reads == "class logits"}))
+    assert logit_tasks.startswith("Classification")
     cases = (
         (ImageGeneration(), "class logits",
          f"Declares returns class logits (its `diffusionblocks_outputs`), but the ImageGeneration task reads"
-         f" {image_reads} from the network{call} Train it with Classification, or give ImageGeneration a network made"
+         f" {image_reads} from the network{call} Train it with {logit_tasks}, or give ImageGeneration a network made"
          " for it."),
         (ImageGeneration(), "spectra",
          f"Declares returns spectra (its `diffusionblocks_outputs`), but the ImageGeneration task reads {image_reads}"
@@ -151,8 +157,7 @@ def test_a_network_declaring_what_another_task_reads_is_refused_naming_the_tasks
          " it."),
         (Classification(3), image_reads,
          f"Declares returns {image_reads} (its `diffusionblocks_outputs`), but the Classification task reads class"
-         " logits from the network. Train it with DDPM or FlowMatching or ImageGeneration, or give Classification a"
-         " network made for it."),
+         f" logits from the network. Train it with {image_tasks}, or give Classification a network made for it."),
     )  # fmt: skip
     for task, declared, message in cases:
         with pytest.raises(ValueError, match=r"^Declares returns ") as refused:
