@@ -324,9 +324,10 @@ class ImageGeneration(Task):
             return
         not_ids = labels.is_floating_point() or labels.dtype == torch.bool
         if not_ids or labels.ndim != 1:
-            if labels.ndim == 2 and labels.shape[0] == images.shape[0] and labels.shape[1] == 1:
+            per_image_rows = labels.ndim == 2 and labels.shape[0] == images.shape[0]
+            if per_image_rows and labels.shape[1] == 1:
                 hint = f" For a column of class ids pass labels.squeeze(1){'.long()' if not_ids else ''}."
-            elif labels.ndim == 2 and labels.shape[0] == images.shape[0]:
+            elif per_image_rows:
                 hint = " For one-hot labels pass labels.argmax(-1)."
             else:
                 hint = " Convert them with labels.long()." if not_ids else " Pass one class id per image."
